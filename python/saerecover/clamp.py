@@ -1,0 +1,135 @@
+"""Clamps: what the defender does to a feature set at one or more sites.
+
+A clamp replaces the selected features' activations and keeps the SAE's error term
+(PAPER_NOTES, "The question"):  h_def = h + D(clamp_S(E(h))) - D(E(h)).
+Nothing is detached, so gradients through a clamped site are exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .sites import Site, at_least_f32
+
+ClampMode = Literal["set", "multiply", "zero"]
+ClampWhere = Literal["all", "active"]
+CLAMP_MODES = ("set", "multiply", "zero")
+CLAMP_WHERE = ("all", "active")
+
+
+@dataclass(frozen=True, eq=False)
+class SiteClamp:
+    """The clamp at one site: ``features`` (1-D long) set to / multiplied by ``value``."""
+
+    site: Site
+    features: torch.Tensor
+    mode: ClampMode = "set"
+    value: float = 0.0
+    where: ClampWhere = "all"
+
+    def apply(self, z: torch.Tensor) -> torch.Tensor:
+        """clamp_S(z): z (..., d_sae) -> a new tensor with the clamped features replaced."""
+        if self.features.numel() == 0:
+            return z
+        idx = self.features.to(z.device)
+        selected = z[..., idx]
+        if self.mode == "multiply":
+            replacement = selected * self.value
+        else:
+            fill = 0.0 if self.mode == "zero" else self.value
+            replacement = torch.full_like(selected, fill)
+        if self.where == "active":
+            replacement = torch.where(selected > 0, replacement, selected)
+        out = z.clone()
+        out[..., idx] = replacement
+        return out
+
+    def defend(self, h: torch.Tensor) -> torch.Tensor:
+        """h_def = h + D(clamp(E(h))) - D(E(h)), in h's dtype, differentiable in h."""
+        if self.features.numel() == 0:
+            return h
+        z = self.site.encode(h)
+        correction = self.site.decode(self.apply(z)) - self.site.decode(z)
+        return (at_least_f32(h) + correction).to(h.dtype)
+
+    def describe(self) -> dict:
+        return {
+            "hook_name": self.site.hook_name,
+            "features": [int(i) for i in self.features.tolist()],
+            "mode": self.mode,
+            "value": float(self.value),
+            "where": self.where,
+            "sae": self.site.source,
+        }
+
+
+class Clamp:
+    """A defender's intervention over any number of sites.
+
+    >>> clamp = Clamp({site: [3, 17, 42]}, value=-5.0, where="active")
+
+    features: a mapping from Site to feature indices. mode: "set" (to ``value``),
+    "multiply" (by ``value``) or "zero" (zero-ablation). where: "all" positions or only where
+    the feature is "active" (> 0). Use :meth:`combine` for different settings per site.
+    """
+
+    def __init__(
+        self,
+        features: Mapping[Site, Iterable[int] | torch.Tensor] | None = None,
+        *,
+        value: float = 0.0,
+        mode: ClampMode = "set",
+        where: ClampWhere = "all",
+    ) -> None:
+        if mode not in CLAMP_MODES:
+            raise ValueError(f"unknown clamp mode {mode!r}; valid: {', '.join(CLAMP_MODES)}")
+        if where not in CLAMP_WHERE:
+            raise ValueError(f"unknown clamp where {where!r}; valid: {', '.join(CLAMP_WHERE)}")
+        value = float(value)
+        if not torch.isfinite(torch.tensor(value)):
+            raise ValueError(f"clamp value must be finite, got {value}")
+        self.site_clamps: list[SiteClamp] = []
+        for site, feats in (features or {}).items():
+            if not isinstance(site, Site):
+                raise TypeError(f"clamp keys must be Site objects (see saerecover.load_site), got {type(site).__name__}")
+            idx = site.check_features(torch.as_tensor(list(feats) if not isinstance(feats, torch.Tensor) else feats, dtype=torch.long))
+            self._add(SiteClamp(site, idx, mode, value, where))
+
+    def _add(self, sc: SiteClamp) -> None:
+        if any(existing.site.hook_name == sc.site.hook_name for existing in self.site_clamps):
+            raise ValueError(f"site {sc.site.hook_name!r} is clamped twice; merge its features into one clamp")
+        self.site_clamps.append(sc)
+
+    @classmethod
+    def combine(cls, *clamps: "Clamp") -> "Clamp":
+        """One clamp from several (each may use its own mode and value)."""
+        out = cls()
+        for c in clamps:
+            for sc in c.site_clamps:
+                out._add(sc)
+        return out
+
+    @property
+    def sites(self) -> list[Site]:
+        return [sc.site for sc in self.site_clamps]
+
+    def at(self, hook_name: str) -> SiteClamp | None:
+        for sc in self.site_clamps:
+            if sc.site.hook_name == hook_name:
+                return sc
+        return None
+
+    def __len__(self) -> int:
+        return len(self.site_clamps)
+
+    def describe(self) -> list[dict]:
+        return [sc.describe() for sc in self.site_clamps]
+
+    def __repr__(self) -> str:
+        parts = [f"{sc.site.hook_name}: {sc.features.numel()} features {sc.mode} {sc.value} ({sc.where})"
+                 for sc in self.site_clamps]
+        return f"Clamp({'; '.join(parts)})"

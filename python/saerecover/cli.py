@@ -1,0 +1,257 @@
+"""The ``saerecover`` command line: demo, run, report, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+
+#: `saerecover run ioi` defaults: the paper's IOI setting (GPT-2 small, gpt2-small-res-jb).
+IOI_DEFAULTS: dict[str, Any] = {
+    "model": "gpt2",
+    "sae": "gpt2-small-res-jb/blocks.4.hook_resid_pre",
+    "hook": None,
+    "backend": "hf",
+    "device": None,
+    "dtype": None,
+    "n": 64,
+    "patterns": "BABA",
+    "top_k": 64,
+    "features": None,
+    "clamp_mode": "set",
+    "clamp_value": -5.0,
+    "clamp_where": "active",
+    "modes": "none,encoder",
+    "steps": 100,
+    "lr": 0.1,
+    "budget": 20.0,
+    "optimizer": "adam",
+    "positions": "answer",
+    "reclamp": False,
+    "early_stop": False,
+    "lambda_act": 0.0,
+    "lambda_decode": 0.0,
+    "lambda_delta": 0.0,
+    "batch_size": 32,
+    "seed": 0,
+    "out": None,
+}
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or TOML run config (flat keys, the flag names with underscores)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".toml":
+        import tomllib
+
+        data = tomllib.loads(text)
+    elif path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    elif path.suffix.lower() == ".json":
+        data = json.loads(text)
+    else:
+        raise CLIError(f"config file {path} must end in .yaml, .yml, .toml or .json")
+    if not isinstance(data, dict):
+        raise CLIError(f"config file {path} must hold a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def resolve_options(defaults: dict[str, Any], file_opts: dict[str, Any], flag_opts: dict[str, Any]) -> dict[str, Any]:
+    """defaults < config file < flags given on the command line. Unknown keys are an error."""
+    unknown = sorted(set(file_opts) - set(defaults))
+    if unknown:
+        import difflib
+
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, defaults, 1)) else k
+                 for k in unknown]
+        raise CLIError(f"unknown config key(s): {', '.join(hints)}; valid keys: {', '.join(sorted(defaults))}")
+    opts = dict(defaults)
+    opts.update(file_opts)
+    opts.update({k: v for k, v in flag_opts.items() if v is not None})
+    return opts
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML/TOML file with any of the options below (flags win)")
+    p.add_argument("--model", help="HF hub name or local directory (default: gpt2)")
+    p.add_argument("--sae", help="sae_lens RELEASE/ID or a local SAE directory")
+    p.add_argument("--hook", help="site hook name (default: the SAE's own hook_name)")
+    p.add_argument("--backend", choices=["hf", "tlens"])
+    p.add_argument("--device")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"])
+    p.add_argument("--n", type=int, help="number of prompts")
+    p.add_argument("--patterns", help="IOI name orders: BABA, ABBA or BABA,ABBA")
+    p.add_argument("--top-k", type=int, help="features selected by attribution")
+    p.add_argument("--features", help="explicit comma-separated feature indices (skips selection)")
+    p.add_argument("--clamp-mode", choices=["set", "multiply", "zero"])
+    p.add_argument("--clamp-value", type=float)
+    p.add_argument("--clamp-where", choices=["all", "active"])
+    p.add_argument("--modes", help="projection modes, comma-separated: none,encoder")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--budget", type=float, help="C4: ||delta||_F <= budget")
+    p.add_argument("--optimizer", choices=["adam", "sgd"])
+    p.add_argument("--positions", choices=["answer", "all"])
+    p.add_argument("--reclamp", action="store_true", default=None, help="re-apply the clamp after delta")
+    p.add_argument("--early-stop", action="store_true", default=None)
+    p.add_argument("--lambda-act", type=float)
+    p.add_argument("--lambda-decode", type=float)
+    p.add_argument("--lambda-delta", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", help="run directory (resumes if it exists with the same config)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _parse_features(text: Any) -> list[int] | None:
+    if text is None:
+        return None
+    if isinstance(text, (list, tuple)):
+        return [int(x) for x in text]
+    try:
+        return [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError as err:
+        raise CLIError(f"--features must be comma-separated integers, got {text!r}") from err
+
+
+def run_ioi(opts: dict[str, Any], *, quiet: bool = False, world: Any = None) -> Any:
+    """Build model, site, task and clamp from resolved options and run the recovery."""
+    import torch
+
+    from .clamp import Clamp
+    from .features import select_by_attribution
+    from .pipeline import recover
+    from .sites import load_site
+    from .tasks.ioi import IOI
+
+    if opts["out"] is None:
+        raise CLIError("--out DIR is required (the run directory to write)")
+    if world is not None:
+        model, site = world.model, world.site(opts["hook"])
+        task = world.ioi_task(n=opts["n"], seed=opts["seed"], patterns=opts["patterns"].split(","))
+    else:
+        from .models import load_model
+
+        dtype = getattr(torch, opts["dtype"]) if opts["dtype"] else None
+        model = load_model(opts["model"], backend=opts["backend"], device=opts["device"], dtype=dtype)
+        site = load_site(opts["sae"], hook_name=opts["hook"], model=model)
+        task = IOI(model.tokenizer, n=opts["n"], seed=opts["seed"], patterns=opts["patterns"].split(","))
+    features = _parse_features(opts["features"])
+    if features is None:
+        features = select_by_attribution(model, site, task, task.examples(), top_k=int(opts["top_k"]))
+    clamp = Clamp({site: features}, value=opts["clamp_value"], mode=opts["clamp_mode"], where=opts["clamp_where"])
+    modes = [m.strip() for m in str(opts["modes"]).split(",") if m.strip()]
+    return recover(
+        model, clamp, task, projection=modes, out=opts["out"], batch_size=int(opts["batch_size"]),
+        progress=not quiet, steps=int(opts["steps"]), lr=float(opts["lr"]), budget=float(opts["budget"]),
+        optimizer=opts["optimizer"], positions=opts["positions"], reclamp=bool(opts["reclamp"]),
+        early_stop=bool(opts["early_stop"]), lambda_act=float(opts["lambda_act"]),
+        lambda_decode=float(opts["lambda_decode"]), lambda_delta=float(opts["lambda_delta"]),
+        seed=int(opts["seed"]),
+        extra_config={"source": {"model": opts["model"], "sae": opts["sae"], "top_k": opts["top_k"]}},
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.task != "ioi":
+        raise CLIError(f"unknown task {args.task!r}; available: ioi")
+    file_opts = load_config_file(args.config) if args.config else {}
+    flags = {k: v for k, v in vars(args).items() if k in IOI_DEFAULTS}
+    opts = resolve_options(IOI_DEFAULTS, file_opts, flags)
+    result = run_ioi(opts, quiet=args.quiet)
+    print(result.table())
+    print(f"\nrun directory: {result.path}  ({result.seconds:.1f} s)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import toy
+
+    t0 = time.perf_counter()
+    world = toy.load()
+    out = args.out or "runs/demo"
+    opts = dict(IOI_DEFAULTS)
+    opts.update(toy.DEMO_OPTIONS)
+    opts["out"] = out
+    print(f"saerecover {__version__} demo: toy IOI at {opts['hook']}, top-{opts['top_k']} features "
+          f"clamped to {opts['clamp_value']} where active; modes none and encoder")
+    result = run_ioi(opts, quiet=args.quiet, world=world)
+    print(result.table())
+    print(f"\nrun directory: {result.path} (report: {Path(result.path) / 'report.md'})")
+    print(f"wall time: {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import summary_table, write_report
+    from .runs import open_run
+
+    run = open_run(args.run_dir)
+    path = write_report(run.path)
+    print(summary_table(run.read_summary()))
+    print(f"\nreport: {path}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    from .bench import projection
+
+    return int(projection.main(rest) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saerecover", description="Stress-test SAE feature clamps by post-intervention recovery.")
+    parser.add_argument("--version", action="version", version=f"saerecover {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="the whole method on the shipped toy model (CPU, ~1 min)")
+    demo.add_argument("--out", help="run directory (default runs/demo)")
+    demo.add_argument("--quiet", action="store_true")
+    run = sub.add_parser("run", help="recover a clamped behavior and write a run directory")
+    run.add_argument("task", help="task name: ioi")
+    _add_run_flags(run)
+    rep = sub.add_parser("report", help="regenerate report.md and plots of a run directory")
+    rep.add_argument("run_dir")
+    sub.add_parser("bench", help="projection benchmark (Rust core vs NumPy vs torch vs per-row solve)",
+                   add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] == "bench":
+        return cmd_bench(argparse.Namespace(), argv[1:])
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            return cmd_demo(args)
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "report":
+            return cmd_report(args)
+    except CLIError as err:
+        print(f"saerecover: error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"saerecover: error: {err}", file=sys.stderr)
+        return 2
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

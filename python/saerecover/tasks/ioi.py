@@ -1,0 +1,119 @@
+"""Indirect object identification (IOI): "When Mary and John went to the store, John gave a
+drink to" -> " Mary". Behavior: logit(IO) - logit(S) > 0 at the final position."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .base import Examples, answer_logits, pad_right
+
+#: Templates with {N1} {N2} (the two names of the first clause, order set by the pattern),
+#: {S} (the repeated subject), {PLACE} and {OBJECT}; the prompt ends right before the answer.
+GPT2_TEMPLATES: tuple[str, ...] = (
+    "When {N1} and {N2} went to the {PLACE}, {S} gave a {OBJECT} to",
+    "Then, {N1} and {N2} went to the {PLACE}. {S} gave a {OBJECT} to",
+    "After {N1} and {N2} went to the {PLACE}, {S} handed a {OBJECT} to",
+    "While {N1} and {N2} were working at the {PLACE}, {S} gave a {OBJECT} to",
+)
+GPT2_NAMES: tuple[str, ...] = (
+    "Mary", "John", "Tom", "James", "Dan", "Sid", "Martin", "Amy", "Kate", "Lisa", "Anne", "Paul",
+    "Mark", "Sarah", "Laura", "David", "Michael", "Kevin", "Steve", "Eric", "Rachel", "Jessica",
+    "Ben", "Sam", "Alex", "Max", "Adam", "Emma", "Jack", "Lucy", "Peter", "Rose",
+)
+GPT2_PLACES: tuple[str, ...] = ("store", "garden", "restaurant", "school", "hospital", "office", "station", "park")
+GPT2_OBJECTS: tuple[str, ...] = ("drink", "ring", "bone", "kiss", "basketball", "computer", "necklace", "snack")
+PATTERNS = ("BABA", "ABBA")
+
+
+@dataclass
+class IOI:
+    """IOI prompts from templates, with names that are single tokens for ``tokenizer``.
+
+    patterns: "BABA" (S named first) and/or "ABBA" (IO named first).
+    """
+
+    tokenizer: Any
+    n: int = 256
+    seed: int = 0
+    patterns: Sequence[str] = PATTERNS
+    templates: Sequence[str] = GPT2_TEMPLATES
+    names: Sequence[str] = GPT2_NAMES
+    places: Sequence[str] = GPT2_PLACES
+    objects: Sequence[str] = GPT2_OBJECTS
+    name: str = "ioi"
+    _examples: Examples | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        bad = [p for p in self.patterns if p not in PATTERNS]
+        if bad or not self.patterns:
+            raise ValueError(f"unknown IOI patterns {bad}; valid: {', '.join(PATTERNS)}")
+        self.names = [nm for nm in self.names if self._name_token(nm) is not None]
+        if len(self.names) < 2:
+            raise ValueError("fewer than two names are single tokens for this tokenizer")
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def _name_token(self, name: str) -> int | None:
+        ids = self.tokenizer(" " + name, add_special_tokens=False)["input_ids"]
+        return int(ids[0]) if len(ids) == 1 else None
+
+    def examples(self) -> Examples:
+        if self._examples is not None:
+            return self._examples
+        rng = random.Random(self.seed)
+        seqs, io_ids, s_ids, ids, meta = [], [], [], [], []
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+        tries = 0
+        while len(seqs) < self.n:
+            tries += 1
+            if tries > 50 * self.n:
+                raise RuntimeError("could not build IOI prompts whose answer is a single next token")
+            template = rng.choice(list(self.templates))
+            pattern = rng.choice(list(self.patterns))
+            io_name, s_name = rng.sample(list(self.names), 2)
+            n1, n2 = (s_name, io_name) if pattern == "BABA" else (io_name, s_name)
+            prompt = template.format(N1=n1, N2=n2, S=s_name, PLACE=rng.choice(list(self.places)),
+                                     OBJECT=rng.choice(list(self.objects)))
+            toks = self._encode(prompt)
+            io_tok, s_tok = self._name_token(io_name), self._name_token(s_name)
+            full = self._encode(prompt + " " + io_name)
+            if full[: len(toks)] != toks or full[len(toks):] != [io_tok]:
+                continue  # the answer would not be one clean next token after this prompt
+            seqs.append(toks)
+            io_ids.append(io_tok)
+            s_ids.append(s_tok)
+            ids.append(f"ioi-{len(seqs) - 1:05d}")
+            meta.append({"prompt": prompt, "io": io_name, "s": s_name, "pattern": pattern})
+        input_ids, mask = pad_right(seqs, int(pad))
+        self._examples = Examples(
+            input_ids=input_ids,
+            attention_mask=mask,
+            answer_pos=mask.sum(dim=1) - 1,
+            ids=ids,
+            targets={"io": torch.tensor(io_ids), "s": torch.tensor(s_ids)},
+            meta=meta,
+        )
+        return self._examples
+
+    def score(self, logits: torch.Tensor, ex: Examples) -> torch.Tensor:
+        """logit(IO) - logit(S) at the answer position, (n,)."""
+        last = answer_logits(logits, ex).float()
+        rows = torch.arange(last.shape[0], device=last.device)
+        return last[rows, ex.targets["io"].to(last.device)] - last[rows, ex.targets["s"].to(last.device)]
+
+    def loss(self, logits: torch.Tensor, ex: Examples) -> torch.Tensor:
+        """The paper's loss: minus the IO-minus-S logit difference."""
+        return -self.score(logits, ex)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "n": self.n, "seed": self.seed, "patterns": list(self.patterns),
+                "templates": list(self.templates), "names": list(self.names)}

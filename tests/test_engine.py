@@ -1,0 +1,218 @@
+"""The recovery engine on tiny local models: clamp semantics, exact C1, batching, gradients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from sae_lens import SAE
+
+from saerecover.clamp import Clamp
+from saerecover.defense import DefendedModel
+from saerecover.metrics import c1_residual
+from saerecover.models import load_model
+from saerecover.recovery import RecoveryConfig, recover_batch
+from saerecover.sites import Site
+from saerecover.tasks.base import Examples, answer_logits, pad_right
+from saerecover.testing import tiny_gpt2
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+def make_sae(d_in: int, d_sae: int, arch: str = "standard", *, seed: int = 0, dtype: str = "float32",
+             hook: str = HOOK) -> SAE:
+    torch.manual_seed(seed)
+    cfg = {"architecture": arch, "d_in": d_in, "d_sae": d_sae, "dtype": dtype, "device": "cpu",
+           "apply_b_dec_to_input": True, "normalize_activations": "none", "metadata": {"hook_name": hook}}
+    if arch == "topk":
+        cfg["k"] = 8
+    sae = SAE.from_dict(cfg)
+    with torch.no_grad():
+        sae.b_enc.add_(0.05)
+        if arch == "jumprelu":
+            sae.threshold.fill_(0.02)
+    return sae
+
+
+@dataclass
+class TokenMargin:
+    """A toy behavior: logit(a) - logit(b) at the answer position."""
+
+    a: int
+    b: int
+    name: str = "margin"
+
+    def score(self, logits: torch.Tensor, ex: Examples) -> torch.Tensor:
+        last = answer_logits(logits, ex).float()
+        return last[:, self.a] - last[:, self.b]
+
+    def loss(self, logits: torch.Tensor, ex: Examples) -> torch.Tensor:
+        return -self.score(logits, ex)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "a": self.a, "b": self.b}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tiny_gpt2(tmp_path_factory.mktemp("models"), n_layers=2, d_model=32)
+    return load_model(str(path))
+
+
+def random_examples(n: int, seed: int = 0, vocab: int = 60) -> Examples:
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(4, vocab, (int(torch.randint(4, 9, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+    ids, mask = pad_right(seqs, 0)
+    return Examples(input_ids=ids, attention_mask=mask, answer_pos=mask.sum(1) - 1,
+                    ids=[f"ex-{i:03d}" for i in range(n)])
+
+
+def clamp_for(model, arch="standard", k=6, **kw) -> tuple[Clamp, Site]:
+    site = Site(HOOK, make_sae(model.d_model, 128, arch))
+    kw.setdefault("value", 0.0)
+    return Clamp({site: list(range(0, 2 * k, 2))}, **kw), site
+
+
+def test_clamping_nothing_reproduces_base_logits_exactly(model):
+    ex = random_examples(5)
+    base, _ = model.forward(ex.input_ids, ex.attention_mask)
+    site = Site(HOOK, make_sae(model.d_model, 64))
+    for clamp in (Clamp({site: []}), Clamp({site: [1, 2, 3]}, mode="multiply", value=1.0)):
+        out = DefendedModel(model, clamp).forward(ex).logits
+        assert torch.equal(out, base)
+
+
+def test_clamp_changes_logits_and_sets_features(model):
+    ex = random_examples(4)
+    clamp, site = clamp_for(model, value=0.0, mode="zero")
+    dm = DefendedModel(model, clamp)
+    res = dm.forward(ex, track=(HOOK,))
+    base, _ = model.forward(ex.input_ids, ex.attention_mask)
+    assert not torch.allclose(res.logits, base)
+    sc = clamp.site_clamps[0]
+    z = site.encode(res.sites[HOOK].h_def)
+    zc = sc.apply(site.encode(res.sites[HOOK].h_def))
+    # re-encoding h_def is not exactly the clamp value (the error term moves it), but the clamp's
+    # own output is: check the clamp semantics directly.
+    assert torch.all(zc[..., sc.features] == 0)
+    assert z.shape[-1] == site.d_sae
+
+
+@pytest.mark.parametrize("mode,where", [("set", "all"), ("set", "active"), ("multiply", "all"), ("zero", "active")])
+def test_clamp_modes(mode, where):
+    site = Site(HOOK, make_sae(8, 16))
+    z = torch.tensor([[0.0, 2.0, -1.0, 3.0]]).repeat(1, 4)
+    sc = Clamp({site: [0, 1, 2]}, mode=mode, value=-5.0 if mode != "multiply" else 3.0, where=where).site_clamps[0]
+    out = sc.apply(z)
+    sel, rep = z[0, :3], out[0, :3]
+    expect = {"set": torch.full((3,), -5.0), "multiply": sel * 3.0, "zero": torch.zeros(3)}[mode]
+    if where == "active":
+        expect = torch.where(sel > 0, expect, sel)
+    assert torch.equal(rep, expect)
+    assert torch.equal(out[0, 3:], z[0, 3:])
+
+
+def test_gradient_through_clamp_matches_finite_differences():
+    torch.manual_seed(0)
+    site = Site(HOOK, make_sae(6, 24, dtype="float64"))
+    sc = Clamp({site: [0, 3, 5, 7]}, value=0.7, where="all").site_clamps[0]
+    h = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(sc.defend, (h,), eps=1e-6, atol=1e-7)
+
+    # the detached-error variant (what sae_lens' use_error_term does) has a different gradient
+    def detached(x):
+        z = site.encode(x)
+        return site.decode(sc.apply(z)).double() + (x - site.decode(z).double()).detach()
+
+    w = torch.randn(3, 6, dtype=torch.float64)
+    (g_exact,) = torch.autograd.grad((sc.defend(h) * w).sum(), h)
+    (g_detached,) = torch.autograd.grad((detached(h) * w).sum(), h)
+    assert not torch.allclose(g_exact, g_detached)
+
+
+@pytest.mark.parametrize("arch", ["standard", "jumprelu"])
+def test_encoder_mode_keeps_c1_at_every_step_and_zero_drift(model, arch):
+    ex = random_examples(6, seed=1)
+    clamp, site = clamp_for(model, arch=arch, k=8, value=0.0)
+    dm = DefendedModel(model, clamp)
+    a = site.encoder_columns(clamp.site_clamps[0].features)
+    ratios = []
+
+    def on_step(step, delta, mask):
+        ratios.append(c1_residual(a, delta[mask]))
+
+    cfg = RecoveryConfig(steps=25, lr=0.1, budget=5.0, positions="all")
+    outs = recover_batch(dm, TokenMargin(5, 6), ex, mode="encoder", cfg=cfg, on_step=on_step)
+    assert len(ratios) == 25
+    assert max(ratios) <= 1e-5
+    assert any(o.metrics["delta_norm"] > 1e-3 for o in outs)
+    for o in outs:
+        assert o.metrics["c1_residual"] <= 1e-5
+        assert o.metrics["activation_drift"] <= 1e-4
+        assert o.metrics["delta_norm"] <= 5.0 * (1 + 1e-5)
+
+
+def test_none_mode_moves_clamped_features(model):
+    ex = random_examples(6, seed=2)
+    clamp, _ = clamp_for(model, k=8, value=0.0)
+    cfg = RecoveryConfig(steps=25, lr=0.2, budget=8.0, positions="all")
+    outs = recover_batch(DefendedModel(model, clamp), TokenMargin(5, 6), ex, mode="none", cfg=cfg)
+    assert max(o.metrics["c1_residual"] for o in outs) > 1e-3
+    assert max(o.metrics["activation_drift"] for o in outs) > 1e-3
+
+
+def test_budget_is_respected(model):
+    ex = random_examples(4, seed=3)
+    clamp, _ = clamp_for(model)
+    cfg = RecoveryConfig(steps=30, lr=1.0, budget=0.5, positions="all")
+    outs = recover_batch(DefendedModel(model, clamp), TokenMargin(5, 6), ex, mode="none", cfg=cfg)
+    assert all(o.metrics["delta_norm"] <= 0.5 * (1 + 1e-5) for o in outs)
+    assert max(o.metrics["delta_norm"] for o in outs) > 0.45
+
+
+@pytest.mark.parametrize("mode", ["none", "encoder"])
+def test_batched_equals_one_at_a_time(model, mode):
+    ex = random_examples(5, seed=4)
+    clamp, _ = clamp_for(model, k=6)
+    dm = DefendedModel(model, clamp)
+    cfg = RecoveryConfig(steps=15, lr=0.1, budget=3.0, positions="all", early_stop=True, stop_margin=0.5)
+    task = TokenMargin(7, 8)
+    batched = recover_batch(dm, task, ex, mode=mode, cfg=cfg)
+    for i in range(len(ex)):
+        single = recover_batch(dm, task, ex.select([i]), mode=mode, cfg=cfg)[0]
+        b = batched[i]
+        assert b.example_id == single.example_id
+        assert b.steps == single.steps
+        assert b.recovered == single.recovered
+        torch.testing.assert_close(b.tensors["delta"], single.tensors["delta"], atol=1e-4, rtol=1e-4)
+        assert b.recovered_score == pytest.approx(single.recovered_score, abs=1e-3)
+
+
+def test_reclamp_defender_is_applied(model):
+    ex = random_examples(3, seed=5)
+    clamp, _ = clamp_for(model, k=8)
+    dm = DefendedModel(model, clamp)
+    delta = torch.randn(3, ex.input_ids.shape[1], model.d_model)
+    plain = dm.forward(ex, {HOOK: delta}).logits
+    strong = dm.forward(ex, {HOOK: delta}, reclamp=True).logits
+    assert not torch.allclose(plain, strong)
+
+
+def test_bad_inputs_are_named(model):
+    site = Site(HOOK, make_sae(model.d_model, 32))
+    with pytest.raises(ValueError, match="out of range"):
+        Clamp({site: [40]})
+    with pytest.raises(ValueError, match="duplicate"):
+        Clamp({site: [1, 1]})
+    with pytest.raises(ValueError, match="clamp mode"):
+        Clamp({site: [1]}, mode="bogus")
+    wrong = Site(HOOK, make_sae(model.d_model + 1, 32))
+    with pytest.raises(ValueError, match="SAE width does not match"):
+        DefendedModel(model, Clamp({wrong: [1]}))
+    missing = Site("blocks.9.hook_resid_post", make_sae(model.d_model, 32))
+    with pytest.raises(ValueError, match="hook"):
+        DefendedModel(model, Clamp({missing: [1]}))
+    with pytest.raises(ValueError, match="budget"):
+        RecoveryConfig(budget=0).validate()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .runs import RunDirectoryError
 
 #: `saerecover run ioi` defaults: the paper's IOI setting (GPT-2 small, gpt2-small-res-jb).
 IOI_DEFAULTS: dict[str, Any] = {
@@ -114,6 +115,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--out", help="run directory (resumes if it exists with the same config)")
+    p.add_argument("--shard", help="run only shard i of n (format i/n); join shards with `saerecover merge`")
+    p.add_argument("--overwrite", action="store_true", help="empty an existing run directory first")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -128,7 +131,20 @@ def _parse_features(text: Any) -> list[int] | None:
         raise CLIError(f"--features must be comma-separated integers, got {text!r}") from err
 
 
-def run_ioi(opts: dict[str, Any], *, quiet: bool = False, world: Any = None) -> Any:
+def _parse_shard(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        i, n = (int(x) for x in str(text).split("/"))
+    except ValueError as err:
+        raise CLIError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from err
+    if n < 1 or not 0 <= i < n:
+        raise CLIError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def run_ioi(opts: dict[str, Any], *, quiet: bool = False, world: Any = None, shard: tuple[int, int] | None = None,
+            overwrite: bool = False) -> Any:
     """Build model, site, task and clamp from resolved options and run the recovery."""
     import torch
 
@@ -161,7 +177,7 @@ def run_ioi(opts: dict[str, Any], *, quiet: bool = False, world: Any = None) -> 
         optimizer=opts["optimizer"], positions=opts["positions"], reclamp=bool(opts["reclamp"]),
         early_stop=bool(opts["early_stop"]), lambda_act=float(opts["lambda_act"]),
         lambda_decode=float(opts["lambda_decode"]), lambda_delta=float(opts["lambda_delta"]),
-        seed=int(opts["seed"]),
+        seed=int(opts["seed"]), shard=shard, overwrite=overwrite,
         extra_config={"source": {"model": opts["model"], "sae": opts["sae"], "top_k": opts["top_k"]}},
     )
 
@@ -172,7 +188,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     file_opts = load_config_file(args.config) if args.config else {}
     flags = {k: v for k, v in vars(args).items() if k in IOI_DEFAULTS}
     opts = resolve_options(IOI_DEFAULTS, file_opts, flags)
-    result = run_ioi(opts, quiet=args.quiet)
+    result = run_ioi(opts, quiet=args.quiet, shard=_parse_shard(args.shard), overwrite=args.overwrite)
     print(result.table())
     print(f"\nrun directory: {result.path}  ({result.seconds:.1f} s)")
     return 0
@@ -246,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as err:
         print(f"saerecover: error: {err}", file=sys.stderr)
         return 2
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, RunDirectoryError) as err:
         print(f"saerecover: error: {err}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command!r}")

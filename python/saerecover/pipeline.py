@@ -129,12 +129,16 @@ def recover(
     progress: bool = True,
     extra_config: dict[str, Any] | None = None,
     report: bool = True,
+    shard: tuple[int, int] | None = None,
+    overwrite: bool = False,
     **overrides: Any,
 ) -> RunResult:
     """Stress-test ``clamp`` on ``task``: recover every valid flip in each projection mode.
 
     overrides: RecoveryConfig fields (steps, lr, budget, optimizer, positions, ...).
-    out: a run directory; an existing one with the same config resumes where it stopped.
+    out: a run directory; an existing one with the same config resumes where it stopped
+    (``overwrite=True`` empties it first). shard: ``(i, n)`` runs only examples i, i+n, i+2n, ...
+    so that n processes can share the work; ``saerecover merge`` joins their run directories.
     """
     t0 = time.perf_counter()
     modes = [projection] if isinstance(projection, str) else list(projection)
@@ -156,6 +160,11 @@ def recover(
         raise ValueError(f"delta site {delta_site!r} is not clamped; clamped sites: "
                          f"{[sc.site.hook_name for sc in clamp.site_clamps]}")
     ex = task.examples()
+    if shard is not None:
+        index, count = (int(shard[0]), int(shard[1]))
+        if count < 1 or not 0 <= index < count:
+            raise ValueError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
+        ex = ex.select(list(range(index, len(ex), count)))
 
     resolved = {
         "task": task.describe(),
@@ -166,11 +175,13 @@ def recover(
         "delta_site": delta_site or clamp.site_clamps[0].site.hook_name,
         **(extra_config or {}),
     }
+    if shard is not None:
+        resolved["shard"] = {"index": index, "count": count}
     run_dir = None
     if out is not None:
         from .runs import RunDirectory
 
-        run_dir = RunDirectory(out, config=resolved)
+        run_dir = RunDirectory(out, config=resolved, overwrite=overwrite)
     try:
         flips = find_flips(defended, task, ex, batch_size=batch_size)
         done = run_dir.done() if run_dir is not None else set()

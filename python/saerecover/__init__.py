@@ -37,7 +37,7 @@ _LAZY = {
     "EncoderNullProjector": "linalg",
     "jacobian_null_project": "linalg",
 }
-_SUBMODULES = ("linalg", "toy", "tasks", "models", "metrics", "stats", "runs", "report", "cli")
+_SUBMODULES = ("linalg", "toy", "tasks", "models", "metrics", "stats", "runs", "report", "analysis", "merge", "cli")
 
 __all__ = ["__version__", *_LAZY, *_SUBMODULES]
 

@@ -64,6 +64,7 @@ class SiteClamp:
             "value": float(self.value),
             "where": self.where,
             "sae": self.site.source,
+            "center_input": self.site.center_input,
         }
 
 

@@ -1,4 +1,4 @@
-"""The ``saerecover`` command line: demo, run, report, bench."""
+"""The ``saerecover`` command line: demo, run, report, analyze, merge, bench."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .cli_analysis import add_analyze_parser, add_merge_parser, cmd_analyze, cmd_merge
 from .runs import RunDirectoryError
 
 #: `saerecover run ioi` defaults: the paper's IOI setting (GPT-2 small, gpt2-small-res-jb).
@@ -241,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(run)
     rep = sub.add_parser("report", help="regenerate report.md and plots of a run directory")
     rep.add_argument("run_dir")
+    add_analyze_parser(sub)
+    add_merge_parser(sub)
     sub.add_parser("bench", help="projection benchmark (Rust core vs NumPy vs torch vs per-row solve)",
                    add_help=False)
     return parser
@@ -259,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "report":
             return cmd_report(args)
+        if args.command == "analyze":
+            return cmd_analyze(args)
+        if args.command == "merge":
+            return cmd_merge(args)
     except CLIError as err:
         print(f"saerecover: error: {err}", file=sys.stderr)
         return 2

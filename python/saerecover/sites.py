@@ -169,7 +169,7 @@ def load_site(
                     "format: cfg.json + sae_weights.safetensors)"
                 )
             sae = SAE.load_from_disk(path, device=device, dtype=dtype)
-            source = str(path)
+            source = str(path.resolve())
         else:
             text = str(spec)
             if "/" not in text:

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-import saerecover.recovery as recovery
+import saerecover.projection as projection
 from saerecover import toy
 from saerecover.clamp import Clamp
 from saerecover.defense import DefendedModel
@@ -25,11 +25,11 @@ from saerecover.recovery import RecoveryConfig, recover_batch
 
 
 class ProjectionTimer:
-    """Wraps Projector.__call__ to add up the time spent projecting."""
+    """Wraps EncoderNull.__call__ (the Rust projections) to add up the time spent projecting."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        self._orig = recovery.Projector.__call__
+        self._orig = projection.EncoderNull.__call__
 
     def __enter__(self) -> "ProjectionTimer":
         timer, orig = self, self._orig
@@ -40,11 +40,11 @@ class ProjectionTimer:
             timer.seconds += time.perf_counter() - t
             return out
 
-        recovery.Projector.__call__ = timed
+        projection.EncoderNull.__call__ = timed
         return self
 
     def __exit__(self, *exc) -> None:
-        recovery.Projector.__call__ = self._orig
+        projection.EncoderNull.__call__ = self._orig
 
 
 def main(argv: list[str] | None = None) -> int:

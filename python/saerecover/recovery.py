@@ -17,12 +17,21 @@ from typing import Any
 import torch
 
 from . import linalg
-from .clamp import SiteClamp
 from .defense import DefendedModel
-from .metrics import SiteFeatures, clamped_features, example_metrics
+from .metrics import c1_residual, clamped_features, example_metrics
+from .projection import (
+    PROJECTIONS,
+    EncoderNull,
+    batched_vjp_jacobian,
+    defended_features,
+    example_jacobians,
+    flatten_example,
+    project_out_basis,
+    sketch_basis,
+    unflatten_example,
+)
 from .tasks.base import Examples, Task
 
-PROJECTIONS = ("none", "encoder")
 OPTIMIZERS = ("adam", "sgd")
 
 
@@ -43,6 +52,8 @@ class RecoveryConfig:
     stop_margin: float = 0.0
     eta: float = 0.0
     rcond: float | None = None
+    sketch_probes: int = 4
+    sketch_drift_probe: bool = True
     seed: int = 0
     history: bool = True
 
@@ -78,32 +89,28 @@ class ExampleOutcome:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-class Projector:
-    """Row-wise projection of (n, seq, d) tensors at the masked rows for one mode."""
-
-    def __init__(self, mode: str, sc: SiteClamp, rcond: float | None) -> None:
-        if mode not in PROJECTIONS:
-            raise ValueError(f"unknown projection {mode!r}; valid: {', '.join(PROJECTIONS)}")
-        self.mode = mode
-        self.encoder = None
-        if mode == "encoder":
-            a = sc.site.encoder_columns(sc.features)
-            self.encoder = linalg.EncoderNullProjector(a, rcond=rcond)
-
-    def __call__(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self.encoder is None:
-            return x * mask.unsqueeze(-1)
-        out = torch.zeros_like(x)
-        rows = x[mask]
-        if rows.numel():
-            out[mask] = self.encoder.apply(rows.contiguous())
-        return out
-
-
-def _optimizer(cfg: RecoveryConfig, param: torch.Tensor) -> torch.optim.Optimizer:
+def _optimizer(cfg: RecoveryConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
-        return torch.optim.Adam([param], lr=cfg.lr)
-    return torch.optim.SGD([param], lr=cfg.lr)
+        return torch.optim.Adam(params, lr=cfg.lr)
+    return torch.optim.SGD(params, lr=cfg.lr)
+
+
+def _site_order(model) -> dict[str, int]:
+    return {name: i for i, name in enumerate(model.site_names())}
+
+
+def _shrink_to_budget(old: torch.Tensor, step: torch.Tensor, budget: float) -> float:
+    """Largest alpha in [0, 1] with ||old + alpha step|| <= budget (C4 without leaving J's null
+    space: the step is shortened, never rotated)."""
+    ss = float(step @ step)
+    if ss == 0.0:
+        return 1.0
+    os_ = float(old @ step)
+    slack = budget * budget - float(old @ old)
+    if float((old + step) @ (old + step)) <= budget * budget:
+        return 1.0
+    disc = max(os_ * os_ + ss * max(slack, 0.0), 0.0)
+    return max(0.0, min(1.0, (-os_ + disc ** 0.5) / ss))
 
 
 def recover_batch(
@@ -113,114 +120,203 @@ def recover_batch(
     *,
     mode: str,
     cfg: RecoveryConfig,
-    delta_site: str | None = None,
+    delta_site: str | list[str] | None = None,
     budget: torch.Tensor | None = None,
-    on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    on_step: Callable[[int, dict[str, torch.Tensor], torch.Tensor], None] | None = None,
 ) -> list[ExampleOutcome]:
     """Search a delta for every example of ``ex`` at once, then evaluate with the clamp active.
 
+    delta_site: the site(s) where delta is added (default: the first clamped site).
     budget: optional per-example budgets (n,); defaults to ``cfg.budget`` for all.
-    on_step: called after every step with (step, delta (n, seq, d) as applied next, row mask).
+    on_step: called after every step with (step, {site: delta (n, seq, d)} as applied next, row mask).
     """
     cfg.validate()
-    model = defended.model
-    sc = defended.clamp.at(delta_site) if delta_site else defended.clamp.site_clamps[0]
-    if sc is None:
-        raise ValueError(f"delta site {delta_site!r} is not a clamped site; clamped: "
-                         f"{[s.site.hook_name for s in defended.clamp.site_clamps]}")
-    site_name = sc.site.hook_name
+    if mode not in PROJECTIONS:
+        raise ValueError(f"unknown projection {mode!r}; valid: {', '.join(PROJECTIONS)}")
+    model, clamp = defended.model, defended.clamp
+    order = _site_order(model)
+    sites = [delta_site] if isinstance(delta_site, str) else list(delta_site or [clamp.site_clamps[0].site.hook_name])
+    for name in sites:
+        defended.check_delta_site(name)
+    sites = sorted(dict.fromkeys(sites), key=order.__getitem__)
+    first = order[sites[0]]
+    phi_sites = sorted((sc.site.hook_name for sc in clamp.site_clamps if order[sc.site.hook_name] >= first),
+                       key=order.__getitem__)
+    primary = clamp.at(sites[0])
+    if primary is None:
+        raise ValueError(f"the first delta site {sites[0]!r} must be clamped; clamped: "
+                         f"{[sc.site.hook_name for sc in clamp.site_clamps]}")
+
     ex = ex.to(model.device)
     n, seq = ex.input_ids.shape
+    dev = model.device
     mask = ex.position_mask(cfg.positions)
-    budgets = (budget if budget is not None else torch.full((n,), cfg.budget)).to(model.device, torch.float32)
-    project = Projector(mode, sc, cfg.rcond)
+    pos = torch.arange(seq, device=dev).expand(n, seq)
+    first_row = torch.where(mask, pos, seq).min(dim=1).values
+    phi_mask = ex.attention_mask.bool() & (pos >= first_row.unsqueeze(1))
+    budgets = (budget if budget is not None else torch.full((n,), cfg.budget)).to(dev, torch.float32)
+    encoder = EncoderNull(clamp, sites, cfg.rcond) if mode == "encoder" else None
     torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
 
     with torch.no_grad():
-        ref = defended.forward(ex, reclamp=False, track=(site_name,)).sites[site_name]
-        z_ref = sc.site.encode(ref.h_def)[..., sc.features.to(model.device)]
-    z_ref_norm = z_ref.mul(mask.unsqueeze(-1)).flatten(1).norm(dim=1)
+        ref_states = defended.forward(ex, track=tuple(phi_sites)).sites
+        phi_ref = defended_features(clamp, ref_states, phi_sites, phi_mask)
+    phi_ref_norm = phi_ref.norm(dim=1)
 
-    delta = torch.zeros(n, seq, model.d_model, device=model.device, dtype=torch.float32, requires_grad=True)
-    opt = _optimizer(cfg, delta)
-    active = torch.ones(n, dtype=torch.bool, device=model.device)
+    deltas = {s: torch.zeros(n, seq, model.d_model, device=dev, dtype=torch.float32, requires_grad=True)
+              for s in sites}
+    opt = _optimizer(cfg, list(deltas.values()))
+    active = torch.ones(n, dtype=torch.bool, device=dev)
     steps_taken = torch.zeros(n, dtype=torch.long)
+    first_order = torch.zeros(n, dtype=torch.float64)
     histories: list[list[dict[str, float]]] = [[] for _ in range(n)]
+    needs_phi = mode in ("jacobian", "sketch") or cfg.lambda_act > 0 or cfg.lambda_decode > 0
+    coords = torch.nonzero(torch.cat([phi_mask.any(0).repeat_interleave(clamp.at(s).features.numel())
+                                      for s in phi_sites])).flatten() if phi_sites else torch.zeros(0, dtype=torch.long)
 
     for step in range(cfg.steps):
-        out = defended.forward(ex, {site_name: delta}, reclamp=cfg.reclamp)
+        out = defended.forward(ex, deltas, reclamp=cfg.reclamp, track=tuple(phi_sites))
         score = task.score(out.logits, ex)
         if cfg.early_stop:
             active = active & ~(score.detach() > cfg.stop_margin)
             if not bool(active.any()):
                 break
         loss_vec = task.loss(out.logits, ex)
-        penalty_needed = cfg.lambda_act > 0 or cfg.lambda_decode > 0
-        if penalty_needed:
-            z_cur = sc.site.encode(out.sites[site_name].h_rec)[..., sc.features.to(model.device)]
-            dz = (z_cur - z_ref) * mask.unsqueeze(-1)
-            if cfg.lambda_act > 0:
-                loss_vec = loss_vec + cfg.lambda_act * dz.flatten(1).norm(dim=1) / (z_ref_norm + 1e-8)
-            if cfg.lambda_decode > 0:
-                dec = sc.site.decode_features(dz, sc.features.to(model.device))
-                loss_vec = loss_vec + cfg.lambda_decode * dec.flatten(1).norm(dim=1)
+        phi = defended_features(clamp, out.sites, phi_sites, phi_mask) if needs_phi else None
+        if cfg.lambda_act > 0:
+            loss_vec = loss_vec + cfg.lambda_act * (phi - phi_ref).norm(dim=1) / (phi_ref_norm + 1e-8)
+        if cfg.lambda_decode > 0:
+            loss_vec = loss_vec + cfg.lambda_decode * _decode_drift(clamp, phi - phi_ref, phi_sites, phi_mask)
         if cfg.lambda_delta > 0:
-            loss_vec = loss_vec + cfg.lambda_delta * delta.flatten(1).norm(dim=1)
+            loss_vec = loss_vec + cfg.lambda_delta * torch.sqrt(sum(d.pow(2).flatten(1).sum(1) for d in deltas.values()))
         loss = (loss_vec * active).sum()
-        (grad,) = torch.autograd.grad(loss, delta)
-        if not torch.isfinite(grad).all():
-            bad = (~torch.isfinite(grad.flatten(1))).any(dim=1)
+        grads = dict(zip(sites, torch.autograd.grad(loss, list(deltas.values()), retain_graph=mode in ("jacobian", "sketch"))))
+        if any(not torch.isfinite(g).all() for g in grads.values()):
+            bad = torch.zeros(n, dtype=torch.bool, device=dev)
+            for g in grads.values():
+                bad |= ~torch.isfinite(g.flatten(1)).all(dim=1)
             raise FloatingPointError(f"non-finite gradient for examples {[ex.ids[i] for i in bad.nonzero().flatten().tolist()]}")
-        old = delta.detach().clone()
-        delta.grad = project(grad, mask)  # the paper's projected gradient
+        grads = {s: g * mask.unsqueeze(-1) for s, g in grads.items()}
+        jacs = bases = None
+        if mode == "encoder":
+            grads = encoder(grads, mask)
+        elif mode == "jacobian":
+            jacs = example_jacobians(batched_vjp_jacobian(phi, deltas, coords), mask)
+            projected = {s: torch.zeros_like(g) for s, g in grads.items()}
+            for b in range(n):
+                g_b = flatten_example(grads, b, mask)
+                unflatten_example(linalg.jacobian_null_project(jacs[b], g_b, rcond=cfg.rcond), grads, b, mask, projected)
+            grads = projected
+        elif mode == "sketch":
+            bases = sketch_basis(phi, phi_ref, deltas, mask, probes=cfg.sketch_probes,
+                                 drift_probe=cfg.sketch_drift_probe, generator=gen)
+            projected = {s: torch.zeros_like(g) for s, g in grads.items()}
+            for b in range(n):
+                unflatten_example(project_out_basis(flatten_example(grads, b, mask), bases[b]), grads, b, mask, projected)
+            grads = projected
+        old = {s: d.detach().clone() for s, d in deltas.items()}
+        for s, d in deltas.items():
+            d.grad = grads[s]  # the paper's projected gradient
         opt.step()
         with torch.no_grad():
-            new = project(delta, mask)  # the step actually taken stays in the null space (C1)
-            keep = active.view(n, 1, 1)
-            new = torch.where(keep, new, old)
-            norms = new.flatten(1).norm(dim=1)
-            scale = torch.clamp(budgets / (norms + 1e-12), max=1.0)  # C4
-            new = new * scale.view(n, 1, 1)
-            delta.copy_(new)
+            new = {s: d.detach() * mask.unsqueeze(-1) for s, d in deltas.items()}
+            if mode == "encoder":
+                new = encoder(new, mask)  # the delta actually applied stays in the null space (C1)
+            final = {s: old[s].clone() for s in sites}
+            for b in torch.nonzero(active).flatten().tolist():
+                o = flatten_example(old, b, mask)
+                v = flatten_example(new, b, mask)
+                if mode == "jacobian":  # the step actually taken is orthogonal to J's row space
+                    st = linalg.jacobian_null_project(jacs[b], v - o, rcond=cfg.rcond)
+                    alpha = _shrink_to_budget(o.double(), st.double(), float(budgets[b]))
+                    v = o + alpha * st
+                    taken = (v - o).double()
+                    jb = jacs[b].double()
+                    if float(taken.norm()) > 0:
+                        spectral = torch.linalg.matrix_norm(jb, ord=2) if jb.numel() else torch.tensor(0.0)
+                        ratio = float((jb @ taken).norm() / (spectral * taken.norm() + 1e-30)) if jb.numel() else 0.0
+                        first_order[b] = max(float(first_order[b]), ratio)
+                else:  # C4 by rescaling, as the paper (keeps encoder-null rows in the null space)
+                    norm = float(v.norm())
+                    if norm > float(budgets[b]):
+                        v = v * (float(budgets[b]) / norm)
+                unflatten_example(v, new, b, mask, final)
+            for s, d in deltas.items():
+                d.copy_(final[s])
             if on_step is not None:
-                on_step(step, delta.detach(), mask)
+                on_step(step, {s: d.detach() for s, d in deltas.items()}, mask)
         steps_taken += active.cpu().long()
         if cfg.history:
-            s = score.detach().cpu()
+            sc_ = score.detach().cpu()
             lv = loss_vec.detach().cpu()
-            dn = delta.detach().flatten(1).norm(dim=1).cpu()
+            dn = torch.sqrt(sum(d.detach().pow(2).flatten(1).sum(1) for d in deltas.values())).cpu()
             for i in torch.nonzero(active.cpu()).flatten().tolist():
-                histories[i].append({"step": step, "score": float(s[i]), "loss": float(lv[i]), "delta_norm": float(dn[i])})
+                histories[i].append({"step": step, "score": float(sc_[i]), "loss": float(lv[i]), "delta_norm": float(dn[i])})
 
+    return _evaluate(defended, task, ex, deltas, mask, phi_mask, phi_sites, phi_ref, sites, mode, cfg,
+                     steps_taken, first_order, histories)
+
+
+def _decode_drift(clamp, dphi: torch.Tensor, phi_sites: list[str], phi_mask: torch.Tensor) -> torch.Tensor:
+    """Per-example ||D_S(dz_S)|| summed over the phi sites, from a Phi difference (n, m)."""
+    n, seq = phi_mask.shape
+    total = dphi.new_zeros(n)
+    offset = 0
+    for name in phi_sites:
+        sc = clamp.at(name)
+        k = sc.features.numel()
+        dz = dphi[:, offset:offset + seq * k].reshape(n, seq, k)
+        total = total + sc.site.decode_features(dz, sc.features.to(dz.device)).flatten(1).norm(dim=1)
+        offset += seq * k
+    return total
+
+
+def _evaluate(defended, task, ex, deltas, mask, phi_mask, phi_sites, phi_ref, sites, mode, cfg,
+              steps_taken, first_order, histories) -> list[ExampleOutcome]:
+    """Final pass with the clamp active: behavior, then every metric on what was applied."""
+    clamp = defended.clamp
+    primary = clamp.at(sites[0])
     with torch.no_grad():
-        final = defended.forward(ex, {site_name: delta.detach()}, reclamp=cfg.reclamp)
+        fixed = {s: d.detach() for s, d in deltas.items()}
+        final = defended.forward(ex, fixed, reclamp=cfg.reclamp, track=tuple(phi_sites))
         scores = task.score(final.logits, ex).float().cpu()
-        state = final.sites[site_name]
-        a = sc.site.encoder_columns(sc.features)
-
+        phi = defended_features(clamp, final.sites, phi_sites, phi_mask)
+        state = final.sites[sites[0]]
+        a = primary.site.encoder_columns(primary.features)
     outcomes = []
-    for i in range(n):
+    for i in range(len(ex)):
         rows = mask[i].nonzero().flatten()
-        d_rows = delta.detach()[i, rows].float()
+        d_rows = fixed[sites[0]][i, rows].float()
         hd = state.h_def[i, rows].float()
-        hr = state.h_rec[i, rows] if not cfg.reclamp else (state.h_def[i, rows].float() + d_rows)
-        feats: SiteFeatures = clamped_features(sc.site, sc.features, hd, hr.float())
+        # with reclamp the model sees the clamp re-applied; drift is measured on what the attacker added
+        hr = state.h_rec[i, rows].float() if not cfg.reclamp else hd + d_rows
+        feats = clamped_features(primary.site, primary.features, hd, hr)
         recovered = bool(scores[i] > 0)
-        metrics = example_metrics(site=sc.site, features=sc.features, feats=feats, delta_rows=d_rows,
+        metrics = example_metrics(site=primary.site, features=primary.features, feats=feats, delta_rows=d_rows,
                                   h_def_rows=hd, a=a, recovered=recovered, eta=cfg.eta)
+        if len(sites) > 1:
+            all_rows = torch.cat([fixed[s][i, rows].reshape(-1) for s in sites])
+            metrics["delta_norm"] = float(all_rows.norm())
+            c1s = [c1_residual(clamp.at(s).site.encoder_columns(clamp.at(s).features), fixed[s][i, rows])
+                   for s in sites if clamp.at(s) is not None]
+            metrics["c1_residual"] = max(c1s) if c1s else 0.0
+        dphi = (phi[i] - phi_ref[i])
+        ref_norm = float(phi_ref[i].norm())
+        metrics["phi_relative_drift"] = float(dphi.norm()) / (ref_norm + 1e-8)
+        metrics["phi_floor_violation"] = float(torch.clamp(-dphi, min=0).norm()) / (ref_norm + 1e-8)
+        if mode == "jacobian":
+            metrics["jacobian_step_residual"] = float(first_order[i])
+        tensors = {
+            "delta": d_rows.cpu().contiguous(),
+            "rows": rows.cpu().contiguous(),
+            "h_def": hd.cpu().contiguous(),
+            "z_def": feats.z_def.cpu().contiguous(),
+            "z_rec": feats.z_rec.cpu().contiguous(),
+        }
+        for s in sites[1:]:
+            tensors[f"delta@{s}"] = fixed[s][i, rows].float().cpu().contiguous()
         outcomes.append(ExampleOutcome(
-            example_id=ex.ids[i],
-            recovered=recovered,
-            recovered_score=float(scores[i]),
-            steps=int(steps_taken[i]),
-            metrics=metrics,
-            tensors={
-                "delta": d_rows.cpu().contiguous(),
-                "rows": rows.cpu().contiguous(),
-                "h_def": hd.cpu().contiguous(),
-                "z_def": feats.z_def.cpu().contiguous(),
-                "z_rec": feats.z_rec.cpu().contiguous(),
-            },
-            history=histories[i],
-        ))
+            example_id=ex.ids[i], recovered=recovered, recovered_score=float(scores[i]),
+            steps=int(steps_taken[i]), metrics=metrics, tensors=tensors, history=histories[i]))
     return outcomes

@@ -1,1 +1,54 @@
-pub fn placeholder() {}
+//! saerecover-core: the projection math of saerecover (see docs/linalg.md).
+//!
+//! - [`EncoderNullProjector`]: factor the selected encoder columns `A_S` once, then remove
+//!   their span from whole batches of rows (constraint C1 of PAPER_NOTES.md).
+//! - [`jacobian_null_project`]: remove the row space of a Jacobian `J` from a batch.
+//! - [`SpanBasis`]: the orthonormal basis with a rank tolerance that both are built on.
+//!
+//! Pure Rust over faer views; parallelism is an explicit argument. The Python binding lives
+//! in `python.rs`, behind the `python` feature.
+
+mod checks;
+mod encoder_null;
+mod error;
+mod jacobian_null;
+mod scalar;
+mod span_basis;
+
+#[cfg(feature = "python")]
+mod python;
+#[cfg(test)]
+mod testing;
+
+pub use encoder_null::EncoderNullProjector;
+pub use error::ProjectionError;
+pub use jacobian_null::{jacobian_null_project, jacobian_null_project_in_place};
+pub use scalar::Real;
+pub use span_basis::{Factorization, SpanBasis};
+
+/// `Par::Seq` on one rayon thread, else all threads of rayon's global pool (which honours
+/// `RAYON_NUM_THREADS`).
+pub fn default_par() -> faer::Par {
+    match rayon::current_num_threads() {
+        0 | 1 => faer::Par::Seq,
+        n => faer::Par::rayon(n),
+    }
+}
+
+/// Parallelism for factoring an `nrows x ncols` matrix: `Par::Seq` when the smaller side is at
+/// most 256 (faer's SVD loses time to threads there: 768 x 64 took 4.8 ms on 4 threads and 7.0
+/// ms on 16, see docs/linalg.md), else [`default_par`].
+pub fn factor_par(nrows: usize, ncols: usize) -> faer::Par {
+    if nrows.min(ncols) <= 256 {
+        faer::Par::Seq
+    } else {
+        default_par()
+    }
+}
+
+/// The extension module `saerecover._core`.
+#[cfg(feature = "python")]
+#[pyo3::pymodule]
+fn _core(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
+    python::register(m)
+}

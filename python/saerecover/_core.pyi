@@ -1,0 +1,43 @@
+# Hand-kept stub for the Rust extension (rust_core/python.rs). Use saerecover.linalg instead:
+# it is the only module that imports this one.
+from typing import final
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+_Float = np.float32 | np.float64
+
+@final
+class EncoderNullBasis:
+    """The factored basis of span(A) for A (d, k); apply(X) = X - (X U_r) U_r^T."""
+
+    @staticmethod
+    def from_matrix(a: npt.NDArray[_Float], rcond: float | None = None) -> EncoderNullBasis:
+        """Thin SVD of a (d, k) in float64; drops singular values <= rcond * sigma_max
+        (rcond=None: max(d, k) * 2.2e-16). ValueError on NaN/Inf or a bad rcond, TypeError on
+        a dtype other than float32/float64."""
+    def apply(self, x: npt.NDArray[_Float]) -> npt.NDArray[_Float]:
+        """x (n, d), float32 or float64, any strides -> a new C-ordered (n, d) array of x's
+        dtype. ValueError when x does not have d columns or holds NaN/Inf."""
+    @property
+    def d(self) -> int: ...
+    @property
+    def k(self) -> int: ...
+    @property
+    def rank(self) -> int: ...
+    @property
+    def rcond(self) -> float: ...
+    @property
+    def tolerance(self) -> float: ...
+    def basis(self) -> npt.NDArray[np.float64]:
+        """A float64 copy of U_r, shape (d, rank)."""
+    def singular_values(self) -> npt.NDArray[np.float64]:
+        """The min(d, k) singular values of A, nonincreasing (empty if A is zero)."""
+
+def jacobian_null_project(
+    j: npt.NDArray[_Float], g: npt.NDArray[_Float], rcond: float | None = None
+) -> tuple[npt.NDArray[_Float], int]:
+    """(G - (J^T (J J^T)^+ J G^T)^T, rank of J) for j (m, n) and g (b, n); the result has g's
+    dtype, J is factored in float64 by a thin SVD of J^T."""

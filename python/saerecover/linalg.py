@@ -1,0 +1,365 @@
+"""Null-space projections that keep delta off the defended features (PAPER_NOTES.md C1, J).
+
+Two verbs, for NumPy arrays and torch tensors alike, each returning what it was given (same
+kind, dtype, device and shape):
+
+- ``EncoderNullProjector(A).apply(X)``: ``X - (X U_r) U_r^T`` per row, i.e.
+  ``(I - A (A^T A)^+ A^T) x``, with ``A = A_S`` the selected encoder columns, ``W_enc[:, S]``
+  of shape ``(d, k)``; ``X`` has shape ``(..., d)``.
+- ``jacobian_null_project(J, G)``: ``G - (J^T (J J^T)^+ J G^T)^T`` per row, for ``J``
+  ``(m, n)`` and ``G`` ``(n,)`` or ``(b, n)``.
+
+``U_r`` is an orthonormal basis of span(A) (or of J's row space) from a thin SVD computed in
+float64; singular values ``<= rcond * sigma_max`` are dropped, and ``rcond=None`` means
+``max(rows, cols) * 2.2e-16`` (numpy.linalg.matrix_rank's rule). See docs/linalg.md.
+
+Where the work runs: NumPy arrays and CPU tensors go through the Rust core
+(``saerecover._core``; no copies for float32/float64 input of any strides, GIL released);
+tensors on another device (CUDA) are projected there with torch, using the same float64 basis
+(encoder) or the same float64 SVD rule (Jacobian). float16/bfloat16 input is projected in
+float32 and cast back. Outputs are new arrays, never views of the input, and carry no
+autograd history.
+
+This is the only module that imports ``saerecover._core``; torch is imported only when a
+tensor is passed.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import sys
+from typing import TYPE_CHECKING, Any, Union, overload
+
+import numpy as np
+
+from saerecover import _core
+
+if TYPE_CHECKING:
+    import torch
+
+    ArrayLike = Union[np.ndarray, torch.Tensor]
+else:
+    ArrayLike = Any
+
+__all__ = ["EncoderNullProjector", "jacobian_null_project", "default_rcond"]
+
+_EPS64 = float(np.finfo(np.float64).eps)
+
+
+def default_rcond(nrows: int, ncols: int) -> float:
+    """The default relative rank tolerance for a ``(nrows, ncols)`` matrix:
+    ``max(nrows, ncols) * eps(float64)``."""
+    return max(nrows, ncols, 1) * _EPS64
+
+
+class EncoderNullProjector:
+    """``P_perp = I - A (A^T A)^+ A^T`` for the encoder columns ``A`` (d, k) of a feature set.
+
+    ``A`` is factored once (thin SVD in float64, on the CPU); ``apply`` then removes span(A)
+    from every row of a batch, so that ``A^T y = 0`` to round-off (constraint C1). Any ``k``
+    works: 0 (identity), ``k >= d``, duplicate, parallel or zero columns (pseudo-inverse
+    semantics). ``A`` may be a NumPy array or a torch tensor of any float dtype and device;
+    its dtype does not matter (the basis is kept in float64 and float32 and used in the dtype of
+    the batch it is applied to).
+    """
+
+    def __init__(self, A: ArrayLike, *, rcond: float | None = None) -> None:
+        _check_rcond(rcond)
+        a = _to_numpy_for_factor(A, "A")
+        self._core = _core.EncoderNullBasis.from_matrix(a, rcond)
+        self._device_bases: dict[tuple[Any, Any], Any] = {}
+
+    @property
+    def d(self) -> int:
+        """Length of the vectors projected (rows of A)."""
+        return self._core.d
+
+    @property
+    def k(self) -> int:
+        """Number of columns of A."""
+        return self._core.k
+
+    @property
+    def rank(self) -> int:
+        """Numerical rank of A: the number of directions removed."""
+        return self._core.rank
+
+    @property
+    def rcond(self) -> float:
+        """The relative tolerance used (the default filled in)."""
+        return self._core.rcond
+
+    @property
+    def tolerance(self) -> float:
+        """The absolute tolerance ``rcond * sigma_max(A)``."""
+        return self._core.tolerance
+
+    def basis(self) -> np.ndarray:
+        """A float64 copy of the orthonormal basis ``U_r`` of span(A), shape (d, rank)."""
+        return self._core.basis()
+
+    def singular_values(self) -> np.ndarray:
+        """The min(d, k) singular values of A, nonincreasing (empty if A is zero)."""
+        return self._core.singular_values()
+
+    @overload
+    def apply(self, X: np.ndarray) -> np.ndarray: ...
+    @overload
+    def apply(self, X: torch.Tensor) -> torch.Tensor: ...
+
+    def apply(self, X: ArrayLike) -> ArrayLike:
+        """``X - (X U_r) U_r^T`` over the last axis: X (..., d) -> same shape, kind, dtype,
+        device. Raises ValueError for a wrong last axis or NaN/Inf in X, TypeError for a
+        non-float dtype."""
+        d = self.d
+        if _is_tensor(X):
+            _check_last_axis(X, d, "X", f"the projector was built for d={d}", min_ndim=1)
+            if X.device.type != "cpu":
+                return self._apply_torch_device(X)
+            flat, restore = _tensor_rows(X, "X", d)
+            return restore(self._core.apply(flat))
+        x = _as_float_ndarray(X, "X")
+        _check_last_axis(x, d, "X", f"the projector was built for d={d}", min_ndim=1)
+        flat, restore = _ndarray_rows(x, d)
+        return restore(self._core.apply(flat))
+
+    __call__ = apply
+
+    def _apply_torch_device(self, X: torch.Tensor) -> torch.Tensor:
+        torch = _torch()
+        compute = _compute_dtype(X.dtype, "X", torch)
+        _check_finite_tensor(X.detach(), "X")
+        x = X.detach().reshape(-1, self.d).to(compute)
+        with torch.no_grad():
+            if self.rank == 0:
+                y = x.clone()
+            elif self.rank == self.d:
+                y = torch.zeros_like(x)
+            else:
+                u = self._device_basis(X.device, compute)
+                y = x - (x @ u) @ u.T
+        return y.reshape(X.shape).to(X.dtype)
+
+    def _device_basis(self, device: Any, dtype: Any) -> torch.Tensor:
+        key = (device, dtype)
+        if key not in self._device_bases:
+            torch = _torch()
+            self._device_bases[key] = torch.from_numpy(self.basis()).to(device=device, dtype=dtype)
+        return self._device_bases[key]
+
+    def __repr__(self) -> str:
+        return f"EncoderNullProjector(d={self.d}, k={self.k}, rank={self.rank}, rcond={self.rcond:.3g})"
+
+
+@overload
+def jacobian_null_project(
+    J: ArrayLike, G: np.ndarray, *, rcond: float | None = None
+) -> np.ndarray: ...
+@overload
+def jacobian_null_project(
+    J: ArrayLike, G: torch.Tensor, *, rcond: float | None = None
+) -> torch.Tensor: ...
+
+
+def jacobian_null_project(J: ArrayLike, G: ArrayLike, *, rcond: float | None = None) -> ArrayLike:
+    """``G - (J^T (J J^T)^+ J G^T)^T``: each row of G with the row space of J removed.
+
+    J: (m, n), the Jacobian of the defended features w.r.t. delta (m = 0 returns a copy of G);
+    G: (n,) or (b, n). Returns G's kind, dtype, shape and device (J is moved to G's device if
+    it is elsewhere). The row-space basis comes from a thin SVD of J^T in float64 (never the
+    Gram matrix J J^T, which squares the condition number); singular values
+    ``<= rcond * sigma_max(J)`` count as zero, ``rcond=None`` meaning ``max(m, n) * 2.2e-16``.
+    """
+    _check_rcond(rcond)
+    if _is_tensor(G) and G.device.type != "cpu":
+        return _jacobian_torch_device(J, G, rcond)
+    j = _to_numpy_for_factor(J, "J")
+    if _is_tensor(G):
+        _check_jacobian_shapes(j.shape, G)
+        flat, restore = _tensor_rows(G, "G", j.shape[1])
+    else:
+        g = _as_float_ndarray(G, "G")
+        _check_jacobian_shapes(j.shape, g)
+        flat, restore = _ndarray_rows(g, j.shape[1])
+    out, _rank = _core.jacobian_null_project(j, flat, rcond)
+    return restore(out)
+
+
+def _jacobian_torch_device(J: ArrayLike, G: torch.Tensor, rcond: float | None) -> torch.Tensor:
+    torch = _torch()
+    if _is_tensor(J):
+        if not J.is_floating_point():
+            raise TypeError(f"J must be a floating-point tensor, got {J.dtype}")
+        j = J.detach().to(device=G.device, dtype=torch.float64)
+    else:
+        j = torch.from_numpy(_as_float_ndarray(J, "J").astype(np.float64)).to(G.device)
+    if j.ndim != 2:
+        raise ValueError(f"J must be 2-D (m, n), got shape {tuple(j.shape)}")
+    _check_jacobian_shapes(tuple(j.shape), G)
+    compute = _compute_dtype(G.dtype, "G", torch)
+    _check_finite_tensor(j, "J")
+    _check_finite_tensor(G.detach(), "G")
+    g = G.detach().reshape(-1, j.shape[1]).to(compute)
+    with torch.no_grad():
+        u = _torch_row_space_basis(j, rcond, torch)
+        if u.shape[1] == 0:
+            y = g.clone()
+        else:
+            u = u.to(compute)
+            y = g - (g @ u) @ u.T
+    return y.reshape(G.shape).to(G.dtype)
+
+
+def _torch_row_space_basis(j: torch.Tensor, rcond: float | None, torch: Any) -> torch.Tensor:
+    """Orthonormal basis (n, r) of the row space of ``j`` (m, n, float64), same rule as Rust."""
+    m, n = j.shape
+    if rcond is None:
+        rcond = default_rcond(m, n)
+    empty = j.new_zeros((n, 0))
+    if m == 0 or n == 0:
+        return empty
+    max_abs = j.abs().max()
+    if max_abs == 0:
+        return empty
+    # scale by a power of two (exact) so that the largest entry lies in [0.5, 1)
+    e = int(torch.frexp(max_abs).exponent)
+    scaled = j * 2.0 ** (-(e // 2)) * 2.0 ** (-(e - e // 2))
+    u, s, _ = torch.linalg.svd(scaled.T, full_matrices=False)
+    rank = int((s > rcond * s[0]).sum())
+    return u[:, :rank]
+
+
+# --- input handling -------------------------------------------------------------------------
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+def _is_tensor(x: object) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _check_rcond(rcond: object) -> None:
+    if rcond is None:
+        return
+    if isinstance(rcond, bool) or not isinstance(rcond, numbers.Real):
+        raise TypeError(f"rcond must be a float or None, got {type(rcond).__name__}")
+    if not (math.isfinite(float(rcond)) and rcond >= 0):
+        raise ValueError(f"rcond must be a finite number >= 0 (or None for the default), got {rcond}")
+
+
+def _as_float_ndarray(x: object, name: str) -> np.ndarray:
+    """``x`` as a float ndarray in native byte order (no copy unless it must)."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray or a torch.Tensor, got {type(x).__name__}")
+    if x.dtype.kind != "f" or x.dtype.itemsize not in (2, 4, 8):
+        raise TypeError(
+            f"{name} must have a floating-point dtype (float16, float32 or float64), got {x.dtype}"
+        )
+    if not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))
+    return x
+
+
+def _to_numpy_for_factor(m: object, name: str) -> np.ndarray:
+    """A matrix to be factored (A or J) as a 2-D float32/float64 ndarray on the CPU."""
+    if _is_tensor(m):
+        if not m.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {m.dtype}")
+        t = m.detach()
+        if t.dtype not in (_torch().float32, _torch().float64):
+            t = t.float()  # float16 / bfloat16 widen exactly
+        a = t.cpu().numpy()
+    else:
+        a = _as_float_ndarray(m, name)
+        if a.dtype == np.float16:
+            a = a.astype(np.float32)
+    if a.ndim != 2:
+        rows = "(d, k)" if name == "A" else "(m, n)"
+        raise ValueError(f"{name} must be 2-D {rows}, got shape {a.shape}")
+    return _aligned(a)
+
+
+def _aligned(a: np.ndarray) -> np.ndarray:
+    """``a`` itself unless it is misaligned (e.g. a view at an odd byte offset)."""
+    return a if a.flags.aligned else np.require(a, requirements="A")
+
+
+def _check_last_axis(x: Any, n: int, name: str, reason: str, *, min_ndim: int) -> None:
+    shape = tuple(x.shape)
+    if len(shape) < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {shape}")
+    if shape[-1] != n:
+        raise ValueError(f"{name} has shape {shape}: {shape[-1]} columns, but {reason} ({name} needs {n} columns)")
+
+
+def _check_jacobian_shapes(j_shape: tuple[int, ...], g: Any) -> None:
+    g_shape = tuple(g.shape)
+    if len(g_shape) not in (1, 2):
+        raise ValueError(f"G must be 1-D (n,) or 2-D (b, n), got shape {g_shape}")
+    _check_last_axis(g, j_shape[1], "G", f"J has shape {tuple(j_shape)}", min_ndim=1)
+
+
+def _ndarray_rows(x: np.ndarray, n: int) -> tuple[np.ndarray, Any]:
+    """``x`` (..., n) as a 2-D float32/float64 (rows, n) array, and the function that turns a
+    projected (rows, n) array back into ``x``'s shape and dtype."""
+    shape, dtype = x.shape, x.dtype
+    if dtype == np.float16:
+        x = x.astype(np.float32)
+    flat = _aligned(x.reshape(-1, n) if x.ndim != 2 else x)
+
+    def restore(y: np.ndarray) -> np.ndarray:
+        return y.reshape(shape).astype(dtype, copy=False)
+
+    return flat, restore
+
+
+def _tensor_rows(x: torch.Tensor, name: str, n: int) -> tuple[np.ndarray, Any]:
+    """A CPU tensor (..., n) as a 2-D NumPy view (or a float32 copy for float16/bfloat16), and
+    the function that turns the projected array back into a tensor like ``x``."""
+    torch = _torch()
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+            f"got {x.dtype}"
+        )
+    t = x.detach()
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.to(_compute_dtype(t.dtype, name, torch))
+    flat = t.reshape(-1, n) if t.ndim != 2 else t
+    shape, dtype = x.shape, x.dtype
+
+    def restore(y: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(y).reshape(shape).to(dtype)
+
+    return flat.numpy(), restore
+
+
+def _compute_dtype(dtype: Any, name: str, torch: Any) -> Any:
+    """float64 stays float64; float32, float16 and bfloat16 are projected in float32."""
+    if dtype == torch.float64:
+        return torch.float64
+    if dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.float32
+    raise TypeError(
+        f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+        f"got {dtype}"
+    )
+
+
+def _check_finite_tensor(t: torch.Tensor, name: str) -> None:
+    """The Rust core's NaN/Inf error, for tensors projected with torch on their device."""
+    torch = _torch()
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        value = float(t[where])
+        raise ValueError(
+            f"{name} contains a non-finite value ({value}) at {list(where)}; "
+            f"{name} has shape {tuple(t.shape)}"
+        )

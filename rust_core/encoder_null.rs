@@ -1,0 +1,391 @@
+//! The encoder null-space projector of constraint C1 (PAPER_NOTES.md):
+//! `P_perp = I - A (A^T A)^+ A^T`, with `A = A_S` the selected encoder columns (`d x k`, the
+//! columns of sae_lens' `W_enc[:, S]`). Factor `A` once, apply `P_perp` to every row of many
+//! batches: `Y = X - (X U_r) U_r^T`, so that `A^T y = 0` to round-off.
+
+use crate::checks::{check_cols, check_finite, check_output_shape};
+use crate::error::ProjectionError;
+use crate::scalar::Real;
+use crate::span_basis::{Factorization, SpanBasis};
+use faer::reborrow::Reborrow;
+use faer::{MatMut, MatRef, Par};
+
+/// `P_perp = I - A A^+` for a fixed `A` (`d x k`), factored once (see [`SpanBasis`]).
+#[derive(Debug, Clone)]
+pub struct EncoderNullProjector {
+    basis: SpanBasis,
+}
+
+impl EncoderNullProjector {
+    /// Factors `a` (`d x k`; any `k`, including 0 and `k >= d`; duplicate, parallel or zero
+    /// columns are fine) with a thin SVD in f64. Directions with singular value `<= rcond *
+    /// sigma_max` are treated as absent; `rcond = None` means
+    /// [`SpanBasis::default_rcond`]`(d, k)` = `max(d, k) * f64::EPSILON`.
+    ///
+    /// Errors: a NaN or infinity in `a`; `rcond` negative or NaN.
+    pub fn from_matrix<T: Real>(
+        a: MatRef<'_, T>,
+        rcond: Option<f64>,
+        par: Par,
+    ) -> Result<Self, ProjectionError> {
+        Self::from_matrix_with(a, rcond, Factorization::Svd, par)
+    }
+
+    /// [`Self::from_matrix`] with a chosen factorization.
+    pub fn from_matrix_with<T: Real>(
+        a: MatRef<'_, T>,
+        rcond: Option<f64>,
+        method: Factorization,
+        par: Par,
+    ) -> Result<Self, ProjectionError> {
+        Ok(Self {
+            basis: SpanBasis::from_columns("A", a, rcond, method, par)?,
+        })
+    }
+
+    /// Length of the vectors it projects (rows of `A`).
+    pub fn d(&self) -> usize {
+        self.basis.nrows()
+    }
+
+    /// Number of columns of `A`.
+    pub fn k(&self) -> usize {
+        self.basis.ncols()
+    }
+
+    /// Numerical rank of `A` under the tolerance: the dimension that is projected out.
+    pub fn rank(&self) -> usize {
+        self.basis.rank()
+    }
+
+    /// The factored basis of `span(A)`.
+    pub fn span_basis(&self) -> &SpanBasis {
+        &self.basis
+    }
+
+    /// `dst <- x - (x U_r) U_r^T` per row; `x` is `n x d` (any `n`, any strides) and `dst`
+    /// has the same shape. The arithmetic runs in `T` with the basis rounded to `T`.
+    ///
+    /// Errors: `x` without `d` columns, `dst` of another shape, a NaN or infinity in `x`.
+    pub fn apply<T: Real>(
+        &self,
+        dst: MatMut<'_, T>,
+        x: MatRef<'_, T>,
+        par: Par,
+    ) -> Result<(), ProjectionError> {
+        self.check_input(x)?;
+        check_output_shape(dst.shape(), x.shape())?;
+        self.basis.project_out(dst, x, par);
+        Ok(())
+    }
+
+    /// [`Self::apply`] in place: `x <- x - (x U_r) U_r^T` per row.
+    pub fn apply_in_place<T: Real>(
+        &self,
+        x: MatMut<'_, T>,
+        par: Par,
+    ) -> Result<(), ProjectionError> {
+        self.check_input(x.rb())?;
+        self.basis.project_out_in_place(x, par);
+        Ok(())
+    }
+
+    fn check_input<T: Real>(&self, x: MatRef<'_, T>) -> Result<(), ProjectionError> {
+        let d = self.d();
+        check_cols("X", x, d, || format!("the projector was built for d={d}"))?;
+        check_finite("X", x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::*;
+    use faer::Mat;
+
+    fn bar<T: Real>() -> f64 {
+        if T::NAME == "float32" {
+            1e-5
+        } else {
+            1e-12
+        }
+    }
+
+    /// Applies the projector built from `a` (in `T`) to `x` (in `T`) and checks the ratio bar,
+    /// idempotence and agreement with the Gram-Schmidt reference `q` (to `agree` times the
+    /// bar, times `max |x|`: the span of an ill-conditioned `A` is itself only determined to
+    /// about `eps * cond(A)`). Returns the ratio.
+    fn check_case<T: Real>(
+        a: &Mat<f64>,
+        x: &Mat<f64>,
+        q: &Mat<f64>,
+        rcond: Option<f64>,
+        agree: f64,
+    ) -> f64 {
+        let (at, xt) = (cast::<T>(a.as_ref()), cast::<T>(x.as_ref()));
+        let p = EncoderNullProjector::from_matrix(at.as_ref(), rcond, Par::Seq).unwrap();
+        assert_eq!(p.rank(), q.ncols(), "rank ({} x {})", a.nrows(), a.ncols());
+        let mut y = Mat::<T>::zeros(x.nrows(), x.ncols());
+        p.apply(y.as_mut(), xt.as_ref(), Par::Seq).unwrap();
+        let ratio = orthogonality_ratio(widen(at.as_ref()).as_ref(), xt.as_ref(), y.as_ref());
+        assert!(ratio <= bar::<T>(), "{}: ratio {ratio:e}", T::NAME);
+        // idempotent
+        let mut yy = y.clone();
+        p.apply_in_place(yy.as_mut(), Par::rayon(2)).unwrap();
+        let scale = x.norm_max().max(f64::MIN_POSITIVE);
+        let tol = 50.0 * bar::<T>();
+        assert!(max_abs_diff(yy.as_ref(), y.as_ref()) <= tol * scale);
+        // agrees with the reference projector of the same span
+        let reference = reference_project(q.as_ref(), widen(xt.as_ref()).as_ref());
+        let diff = max_abs_diff(widen(y.as_ref()).as_ref(), reference.as_ref());
+        assert!(
+            diff <= agree * bar::<T>() * scale,
+            "{}: differs by {diff:e}",
+            T::NAME
+        );
+        ratio
+    }
+
+    #[test]
+    fn random_full_rank() {
+        let mut rng = rng(10);
+        for &(d, k, n) in &[(64, 16, 33), (100, 99, 7), (8, 1, 300), (37, 5, 1)] {
+            let a = gaussian(&mut rng, d, k);
+            let x = gaussian(&mut rng, n, d);
+            let q = gram_schmidt(a.as_ref(), 1e-10);
+            check_case::<f64>(&a, &x, &q, None, 50.0);
+            check_case::<f32>(&a, &x, &q, None, 50.0);
+        }
+    }
+
+    #[test]
+    fn rank_deficient_duplicates_and_zero_columns() {
+        let mut rng = rng(11);
+        let (d, r) = (48, 6);
+        let b = gaussian(&mut rng, d, r);
+        let c = gaussian(&mut rng, r, 20);
+        let mut a = &b * &c; // rank 6, 20 columns
+        for i in 0..d {
+            a[(i, 3)] = a[(i, 0)]; // duplicate
+            a[(i, 4)] = -2.5 * a[(i, 1)]; // parallel
+            a[(i, 5)] = 0.0; // zero
+        }
+        let q = gram_schmidt(b.as_ref(), 1e-10);
+        // x mostly inside span(A): the hardest case for cancellation
+        let inside = gaussian(&mut rng, 40, r) * b.transpose();
+        let x = Mat::from_fn(40, d, |i, j| 1e3 * inside[(i, j)]) + gaussian(&mut rng, 40, d);
+        check_case::<f64>(&a, &x, &q, None, 50.0);
+        // in f32 the product B C is not exactly rank 6; with f32 input and the default tolerance
+        // every direction the f32 numbers express is kept, so give a tolerance above f32 noise.
+        check_case::<f32>(&a, &x, &q, Some(1e-5), 50.0);
+    }
+
+    #[test]
+    fn ill_conditioned() {
+        let mut rng = rng(12);
+        for cond in [1e4f64, 1e8, 1e12] {
+            let s: Vec<f64> = (0..10).map(|i| cond.powf(-(i as f64) / 9.0)).collect();
+            let a = with_singular_values(&mut rng, 30, &s);
+            let q = gram_schmidt(a.as_ref(), 1e-14);
+            assert_eq!(q.ncols(), 10);
+            let x = gaussian(&mut rng, 20, 30);
+            check_case::<f64>(&a, &x, &q, None, 0.05 * cond);
+            // f32 rounding of A moves its small singular directions by up to eps32 * cond; the
+            // ratio is measured against the f32 A that was factored, so it holds regardless.
+            let a32 = cast::<f32>(a.as_ref());
+            let p = EncoderNullProjector::from_matrix(a32.as_ref(), None, Par::Seq).unwrap();
+            let x32 = cast::<f32>(x.as_ref());
+            let mut y = Mat::<f32>::zeros(20, 30);
+            p.apply(y.as_mut(), x32.as_ref(), Par::Seq).unwrap();
+            let ratio = orthogonality_ratio(widen(a32.as_ref()).as_ref(), x32.as_ref(), y.as_ref());
+            assert!(ratio <= 1e-5, "cond {cond:e}: ratio {ratio:e}");
+        }
+    }
+
+    #[test]
+    fn tiny_and_huge_scales() {
+        let mut rng = rng(13);
+        let a0 = gaussian(&mut rng, 24, 7);
+        let x0 = gaussian(&mut rng, 9, 24);
+        let q = gram_schmidt(a0.as_ref(), 1e-10);
+        for (sa, sx) in [
+            (1e-30, 1.0),
+            (1e30, 1.0),
+            (1.0, 1e-25),
+            (1.0, 1e25),
+            (1e-20, 1e20),
+        ] {
+            let a = Mat::from_fn(24, 7, |i, j| a0[(i, j)] * sa);
+            let x = Mat::from_fn(9, 24, |i, j| x0[(i, j)] * sx);
+            check_case::<f64>(&a, &x, &q, None, 50.0);
+            check_case::<f32>(&a, &x, &q, None, 50.0);
+        }
+        for (sa, sx) in [(1e-250, 1e150), (1e250, 1e-150)] {
+            let a = Mat::from_fn(24, 7, |i, j| a0[(i, j)] * sa);
+            let x = Mat::from_fn(9, 24, |i, j| x0[(i, j)] * sx);
+            let p = EncoderNullProjector::from_matrix(a.as_ref(), None, Par::Seq).unwrap();
+            let mut y = Mat::<f64>::zeros(9, 24);
+            p.apply(y.as_mut(), x.as_ref(), Par::Seq).unwrap();
+            let expected = reference_project(q.as_ref(), x0.as_ref());
+            let y_unit = Mat::from_fn(9, 24, |i, j| y[(i, j)] / sx);
+            assert!(max_abs_diff(y_unit.as_ref(), expected.as_ref()) < 1e-12);
+        }
+    }
+
+    #[test]
+    fn k_zero_is_identity_and_full_rank_is_zero() {
+        let mut rng = rng(14);
+        let x = gaussian(&mut rng, 5, 12);
+        let p =
+            EncoderNullProjector::from_matrix(Mat::<f64>::zeros(12, 0).as_ref(), None, Par::Seq)
+                .unwrap();
+        assert_eq!((p.d(), p.k(), p.rank()), (12, 0, 0));
+        let mut y = Mat::<f64>::zeros(5, 12);
+        p.apply(y.as_mut(), x.as_ref(), Par::Seq).unwrap();
+        assert_eq!(y, x);
+
+        let a = gaussian(&mut rng, 12, 30); // k >= d
+        let p = EncoderNullProjector::from_matrix(a.as_ref(), None, Par::Seq).unwrap();
+        assert_eq!(p.rank(), 12);
+        p.apply(y.as_mut(), x.as_ref(), Par::Seq).unwrap();
+        assert_eq!(y, Mat::<f64>::zeros(5, 12));
+    }
+
+    #[test]
+    fn empty_batch_and_strided_views() {
+        let mut rng = rng(15);
+        let a = gaussian(&mut rng, 16, 3);
+        let p = EncoderNullProjector::from_matrix(a.as_ref(), None, Par::Seq).unwrap();
+        let empty = Mat::<f32>::zeros(0, 16);
+        let mut out = Mat::<f32>::zeros(0, 16);
+        p.apply(out.as_mut(), empty.as_ref(), Par::Seq).unwrap();
+
+        // x given as the transpose of a column-major matrix (row-major rows), with reversed rows
+        let xt = gaussian(&mut rng, 16, 11);
+        let x = xt.as_ref().transpose().reverse_rows();
+        let mut y = Mat::<f64>::zeros(11, 16);
+        p.apply(y.as_mut(), x, Par::Seq).unwrap();
+        let expected = reference_project(
+            gram_schmidt(a.as_ref(), 1e-10).as_ref(),
+            x.to_owned().as_ref(),
+        );
+        assert!(max_abs_diff(y.as_ref(), expected.as_ref()) < 1e-13);
+        // and written into a transposed destination
+        let mut yt = Mat::<f64>::zeros(16, 11);
+        p.apply(yt.as_mut().transpose_mut(), x, Par::Seq).unwrap();
+        assert!(max_abs_diff(yt.as_ref().transpose(), expected.as_ref()) < 1e-13);
+    }
+
+    #[test]
+    fn large_batches_span_several_blocks() {
+        let mut rng = rng(16);
+        let a = gaussian(&mut rng, 32, 20);
+        let x = gaussian(&mut rng, 70_000, 32);
+        let p = EncoderNullProjector::from_matrix(a.as_ref(), None, Par::rayon(0)).unwrap();
+        let mut y = Mat::<f64>::zeros(70_000, 32);
+        p.apply(y.as_mut(), x.as_ref(), Par::rayon(0)).unwrap();
+        assert!(orthogonality_ratio(a.as_ref(), x.as_ref(), y.as_ref()) < 1e-13);
+    }
+
+    #[test]
+    fn errors_name_the_argument_and_shape() {
+        let a = Mat::<f64>::from_fn(8, 2, |i, j| (i + j) as f64);
+        let p = EncoderNullProjector::from_matrix(a.as_ref(), None, Par::Seq).unwrap();
+        let x = Mat::<f64>::zeros(3, 7);
+        let mut y = Mat::<f64>::zeros(3, 7);
+        let msg = p
+            .apply(y.as_mut(), x.as_ref(), Par::Seq)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("X has shape (3, 7)") && msg.contains("built for d=8"),
+            "{msg}"
+        );
+
+        let x = Mat::<f64>::zeros(3, 8);
+        let msg = p
+            .apply(y.as_mut(), x.as_ref(), Par::Seq)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("dst has shape (3, 7)"), "{msg}");
+
+        let mut x = Mat::<f32>::zeros(3, 8);
+        x[(2, 5)] = f32::NEG_INFINITY;
+        let mut y = Mat::<f32>::zeros(3, 8);
+        let msg = p
+            .apply(y.as_mut(), x.as_ref(), Par::Seq)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("X contains a non-finite value (-inf) at [2, 5]"),
+            "{msg}"
+        );
+
+        let mut bad = a.clone();
+        bad[(1, 1)] = f64::NAN;
+        let msg = EncoderNullProjector::from_matrix(bad.as_ref(), None, Par::Seq)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("A contains a non-finite value (NaN) at [1, 1]"),
+            "{msg}"
+        );
+        for rcond in [-1.0, f64::NAN] {
+            let err = EncoderNullProjector::from_matrix(a.as_ref(), Some(rcond), Par::Seq);
+            assert!(matches!(err, Err(ProjectionError::InvalidRcond { .. })));
+        }
+    }
+}
+
+#[cfg(test)]
+mod measure {
+    //! `cargo test --release -- --ignored --nocapture measure`: the worst ratios on
+    //! adversarial inputs at model sizes, as quoted in docs/linalg.md.
+    use super::*;
+    use crate::testing::*;
+    use faer::Mat;
+
+    fn worst<T: Real>(a: &Mat<f64>, x: &Mat<f64>) -> f64 {
+        let (at, xt) = (cast::<T>(a.as_ref()), cast::<T>(x.as_ref()));
+        let p = EncoderNullProjector::from_matrix(at.as_ref(), None, Par::rayon(0)).unwrap();
+        let mut y = Mat::<T>::zeros(x.nrows(), x.ncols());
+        p.apply(y.as_mut(), xt.as_ref(), Par::rayon(0)).unwrap();
+        orthogonality_ratio(widen(at.as_ref()).as_ref(), xt.as_ref(), y.as_ref())
+    }
+
+    #[test]
+    #[ignore]
+    fn measure_worst_ratios() {
+        let mut rng = rng(99);
+        let d = 2304;
+        for k in [16, 256, 1024] {
+            let a = gaussian(&mut rng, d, k);
+            let s: Vec<f64> = (0..k)
+                .map(|i| 1e10f64.powf(-(i as f64) / (k - 1) as f64))
+                .collect();
+            let ill = with_singular_values(&mut rng, d, &s);
+            let mut dup = a.clone();
+            for j in (1..k).step_by(2) {
+                for i in 0..d {
+                    dup[(i, j)] = dup[(i, j - 1)] * 3.0;
+                }
+            }
+            // x mostly inside span(A), plus a little noise: maximal cancellation
+            let inside = gaussian(&mut rng, 256, k) * a.transpose();
+            let x_in = inside + Mat::from_fn(256, d, |_, _| 1e-6);
+            let x = gaussian(&mut rng, 256, d);
+            for (name, a, x) in [
+                ("random", &a, &x),
+                ("inside-span", &a, &x_in),
+                ("cond 1e10", &ill, &x),
+                ("duplicates", &dup, &x),
+            ] {
+                println!(
+                    "d={d} k={k:5} {name:12}  f64 {:9.2e}  f32 {:9.2e}",
+                    worst::<f64>(a, x),
+                    worst::<f32>(a, x)
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! The one error type of the projection core. Every message names the argument and its shape,
+//! so that a caller several layers up (Python) can show it unchanged.
+
+use std::fmt;
+
+/// Why a projection could not be built or applied.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProjectionError {
+    /// `arg` has the wrong number of columns for the basis it is used with.
+    ColumnMismatch {
+        /// the argument's name as the caller sees it (`"X"`, `"G"`)
+        arg: &'static str,
+        /// its shape, `(rows, cols)`
+        shape: (usize, usize),
+        /// the number of columns it needed
+        expected: usize,
+        /// what fixed `expected`, e.g. "the projector was built for d=64"
+        reason: String,
+    },
+    /// The output buffer does not have the shape of the input.
+    OutputShape {
+        /// the output argument's name (`"dst"`)
+        arg: &'static str,
+        /// the shape it has
+        got: (usize, usize),
+        /// the shape it needs
+        expected: (usize, usize),
+    },
+    /// `arg` holds a NaN or an infinity.
+    NonFinite {
+        /// the argument's name (`"A"`, `"J"`, `"X"`, `"G"`)
+        arg: &'static str,
+        /// its shape
+        shape: (usize, usize),
+        /// the (row, column) of the first offending entry
+        at: (usize, usize),
+        /// the offending value, as f64
+        value: f64,
+    },
+    /// The relative rank tolerance is negative or not a number.
+    InvalidRcond {
+        /// the value that was passed
+        value: f64,
+    },
+    /// The singular value decomposition did not converge (not seen in practice for finite input).
+    NoConvergence {
+        /// the factored argument's name
+        arg: &'static str,
+        /// its shape
+        shape: (usize, usize),
+    },
+}
+
+impl fmt::Display for ProjectionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ColumnMismatch { arg, shape, expected, reason } => write!(
+                f,
+                "{arg} has shape ({}, {}): {} columns, but {reason} ({arg} needs {expected} columns)",
+                shape.0, shape.1, shape.1
+            ),
+            Self::OutputShape { arg, got, expected } => write!(
+                f,
+                "{arg} has shape ({}, {}) but the result has shape ({}, {})",
+                got.0, got.1, expected.0, expected.1
+            ),
+            Self::NonFinite { arg, shape, at, value } => write!(
+                f,
+                "{arg} contains a non-finite value ({value}) at [{}, {}]; {arg} has shape ({}, {})",
+                at.0, at.1, shape.0, shape.1
+            ),
+            Self::InvalidRcond { value } => write!(
+                f,
+                "rcond must be a finite number >= 0 (or None for the default), got {value}"
+            ),
+            Self::NoConvergence { arg, shape } => write!(
+                f,
+                "the singular value decomposition of {arg} (shape ({}, {})) did not converge",
+                shape.0, shape.1
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ProjectionError {}

@@ -1,0 +1,411 @@
+//! An orthonormal basis `U_r` of the column span of a matrix, found by a rank-revealing
+//! factorization with a relative rank tolerance, and the one kernel every projection uses:
+//! `Y = X - (X U_r) U_r^T`, applied to the rows of a batch `X` (PAPER_NOTES.md: `P_perp` of C1
+//! when the matrix is `A_S`, the Jacobian row-space projection when it is `J^T`).
+//!
+//! Pseudo-inverse semantics: `U_r U_r^T = M M^+` for the matrix `M` with its singular values
+//! `<= rcond * sigma_max` set to zero, exactly what `numpy.linalg.pinv(M, rcond)` projects on.
+//! The factorization always runs in `f64` on a copy of `M` scaled by a power of two (exact), so
+//! float32 input gets a basis accurate to f64 round-off and tiny or huge scales neither
+//! underflow nor overflow. A `d x d` projector is never formed.
+
+use crate::checks::{check_finite, check_rcond};
+use crate::error::ProjectionError;
+use crate::scalar::Real;
+use faer::diag::Diag;
+use faer::dyn_stack::{MemBuffer, MemStack};
+use faer::linalg::householder::{
+    apply_block_householder_sequence_on_the_left_in_place_scratch,
+    apply_block_householder_sequence_on_the_left_in_place_with_conj,
+};
+use faer::linalg::matmul::matmul;
+use faer::linalg::qr::col_pivoting::factor as col_piv_qr;
+use faer::linalg::qr::no_pivoting::factor::recommended_block_size;
+use faer::linalg::svd::{svd, svd_scratch, ComputeSvdVectors};
+use faer::reborrow::{Reborrow, ReborrowMut};
+use faer::{Accum, Conj, Mat, MatMut, MatRef, Par};
+
+/// The rank-revealing factorization used to find the basis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Factorization {
+    /// Thin SVD, `M = U S V^T`; keeps the left singular vectors with `sigma_i > rcond *
+    /// sigma_max`. Exact pseudo-inverse semantics; the default.
+    #[default]
+    Svd,
+    /// QR with column pivoting, `M P = Q R`; keeps the first columns of `Q` with `|R_ii| >
+    /// rcond * |R_00|`. Usually rank-revealing but not guaranteed to be (Kahan's matrix), and
+    /// `|R_ii|` only brackets the singular values; kept for comparison (see benches).
+    ColPivQr,
+}
+
+/// An orthonormal basis of the column span of an `nrows x ncols` matrix `M`.
+#[derive(Debug, Clone)]
+pub struct SpanBasis {
+    u64: Mat<f64>,
+    u32: Mat<f32>,
+    ncols: usize,
+    rcond: f64,
+    diag: Vec<f64>,
+    method: Factorization,
+}
+
+/// Rows processed per block when applying a basis, so that the `rows x rank` coefficient
+/// buffer stays near this many elements.
+const BLOCK_ELEMS: usize = 1 << 20;
+
+impl SpanBasis {
+    /// The default relative tolerance: `max(nrows, ncols) * f64::EPSILON`, the default of
+    /// `numpy.linalg.matrix_rank` and of `numpy.linalg.pinv(m, rtol=None)`. It sits just above
+    /// the round-off level of an f64 factorization, so exact duplicates and exact zeros are
+    /// dropped while every direction that float32 data can express is kept. A direction it
+    /// drops costs at most `rcond` in `||M^T y|| / (||M||_2 ||x||)`.
+    pub fn default_rcond(nrows: usize, ncols: usize) -> f64 {
+        nrows.max(ncols).max(1) as f64 * f64::EPSILON
+    }
+
+    /// Factors `m` (`nrows x ncols`) and keeps the directions above `rcond * sigma_max`
+    /// (`rcond = None`: [`Self::default_rcond`]). `arg` names `m` in error messages.
+    ///
+    /// Errors: `rcond` negative or NaN, a non-finite entry in `m`, SVD non-convergence.
+    pub fn from_columns<T: Real>(
+        arg: &'static str,
+        m: MatRef<'_, T>,
+        rcond: Option<f64>,
+        method: Factorization,
+        par: Par,
+    ) -> Result<Self, ProjectionError> {
+        check_rcond(rcond)?;
+        check_finite(arg, m)?;
+        Self::factor(arg, m, rcond, method, par)
+    }
+
+    /// [`Self::from_columns`] for input the caller has already checked.
+    pub(crate) fn factor<T: Real>(
+        arg: &'static str,
+        m: MatRef<'_, T>,
+        rcond: Option<f64>,
+        method: Factorization,
+        par: Par,
+    ) -> Result<Self, ProjectionError> {
+        let (nrows, ncols) = m.shape();
+        let rcond = rcond.unwrap_or_else(|| Self::default_rcond(nrows, ncols));
+        let max_abs = if nrows * ncols == 0 {
+            0.0
+        } else {
+            m.norm_max().to_f64()
+        };
+        if max_abs == 0.0 {
+            return Ok(Self::from_parts(
+                Mat::zeros(nrows, 0),
+                ncols,
+                rcond,
+                Vec::new(),
+                method,
+            ));
+        }
+        // Scale by powers of two (exact) so that the largest entry lies in [1, 2).
+        let e = max_abs.log2().floor() as i32;
+        let (s1, s2) = (2f64.powi(-(e / 2)), 2f64.powi(-(e - e / 2)));
+        let scaled = Mat::from_fn(nrows, ncols, |i, j| m[(i, j)].to_f64() * s1 * s2);
+        let unscale = 2f64.powi(e / 2) * 2f64.powi(e - e / 2);
+
+        let (u, mut diag) = match method {
+            Factorization::Svd => {
+                svd_basis(scaled.as_ref(), rcond, par).ok_or(ProjectionError::NoConvergence {
+                    arg,
+                    shape: (nrows, ncols),
+                })?
+            }
+            Factorization::ColPivQr => col_piv_qr_basis(scaled, rcond, par),
+        };
+        diag.iter_mut().for_each(|s| *s *= unscale);
+        Ok(Self::from_parts(u, ncols, rcond, diag, method))
+    }
+
+    fn from_parts(
+        u64: Mat<f64>,
+        ncols: usize,
+        rcond: f64,
+        diag: Vec<f64>,
+        method: Factorization,
+    ) -> Self {
+        let u32 = Mat::from_fn(u64.nrows(), u64.ncols(), |i, j| u64[(i, j)] as f32);
+        Self {
+            u64,
+            u32,
+            ncols,
+            rcond,
+            diag,
+            method,
+        }
+    }
+
+    /// Rows of the factored matrix: the length of the vectors the basis is applied to.
+    pub fn nrows(&self) -> usize {
+        self.u64.nrows()
+    }
+
+    /// Columns of the factored matrix.
+    pub fn ncols(&self) -> usize {
+        self.ncols
+    }
+
+    /// Number of kept directions.
+    pub fn rank(&self) -> usize {
+        self.u64.ncols()
+    }
+
+    /// The relative tolerance that was used (the default filled in).
+    pub fn rcond(&self) -> f64 {
+        self.rcond
+    }
+
+    /// The absolute tolerance `rcond * sigma_max` (0 for an empty or zero matrix).
+    pub fn tolerance(&self) -> f64 {
+        self.rcond * self.diag.first().copied().unwrap_or(0.0)
+    }
+
+    /// The factorization that was used.
+    pub fn method(&self) -> Factorization {
+        self.method
+    }
+
+    /// Singular values (SVD) or `|R_ii|` (pivoted QR) of the factored matrix, nonincreasing,
+    /// all `min(nrows, ncols)` of them (empty for a zero matrix).
+    pub fn diag(&self) -> &[f64] {
+        &self.diag
+    }
+
+    /// The orthonormal basis `U_r` (`nrows x rank`), in f64.
+    pub fn basis(&self) -> MatRef<'_, f64> {
+        self.u64.as_ref()
+    }
+
+    /// The basis rounded to `T`, which is what [`Self::project_out_in_place`] applies.
+    pub fn basis_as<T: Real>(&self) -> MatRef<'_, T> {
+        T::pick(&self.u32, &self.u64).as_ref()
+    }
+
+    /// `x <- x - (x U_r) U_r^T` for each row of `x` (`n x nrows`). Shapes are the caller's to
+    /// check (debug-asserted).
+    pub fn project_out_in_place<T: Real>(&self, x: MatMut<'_, T>, par: Par) {
+        debug_assert_eq!(x.ncols(), self.nrows());
+        let mut x = x;
+        let (n, r) = (x.nrows(), self.rank());
+        if r == 0 || n == 0 {
+            return;
+        }
+        if r == self.nrows() {
+            x.fill(T::from_f64(0.0));
+            return;
+        }
+        let u = self.basis_as::<T>();
+        let block = (BLOCK_ELEMS / r).max(256).min(n);
+        let mut coeff = Mat::<T>::zeros(block, r);
+        let mut start = 0;
+        while start < n {
+            let rows = block.min(n - start);
+            let mut xb = x.rb_mut().subrows_mut(start, rows);
+            let mut cb = coeff.as_mut().subrows_mut(0, rows);
+            matmul(
+                cb.rb_mut(),
+                Accum::Replace,
+                xb.rb(),
+                u,
+                T::from_f64(1.0),
+                par,
+            );
+            matmul(
+                xb.rb_mut(),
+                Accum::Add,
+                cb.rb(),
+                u.transpose(),
+                T::from_f64(-1.0),
+                par,
+            );
+            start += rows;
+        }
+    }
+
+    /// `dst <- x - (x U_r) U_r^T` for each row of `x`; `dst` has the shape of `x`.
+    pub fn project_out<T: Real>(&self, dst: MatMut<'_, T>, x: MatRef<'_, T>, par: Par) {
+        let mut dst = dst;
+        dst.copy_from(x);
+        self.project_out_in_place(dst, par);
+    }
+}
+
+/// Left singular vectors above the tolerance, and all singular values (nonincreasing).
+fn svd_basis(m: MatRef<'_, f64>, rcond: f64, par: Par) -> Option<(Mat<f64>, Vec<f64>)> {
+    let (nrows, ncols) = m.shape();
+    let size = nrows.min(ncols);
+    let mut s = Diag::<f64>::zeros(size);
+    let mut u = Mat::<f64>::zeros(nrows, size);
+    let req = svd_scratch::<f64>(
+        nrows,
+        ncols,
+        ComputeSvdVectors::Thin,
+        ComputeSvdVectors::No,
+        par,
+        Default::default(),
+    );
+    let mut buf = MemBuffer::new(req);
+    svd(
+        m,
+        s.as_mut(),
+        Some(u.as_mut()),
+        None,
+        par,
+        MemStack::new(&mut buf),
+        Default::default(),
+    )
+    .ok()?;
+    let diag: Vec<f64> = (0..size).map(|i| s[i]).collect();
+    let rank = kept(&diag, rcond);
+    Some((u.subcols(0, rank).to_owned(), diag))
+}
+
+/// The first columns of `Q` of `M P = Q R` above the tolerance, and `|R_ii|`.
+fn col_piv_qr_basis(m: Mat<f64>, rcond: f64, par: Par) -> (Mat<f64>, Vec<f64>) {
+    let mut qr = m;
+    let (nrows, ncols) = qr.shape();
+    let size = nrows.min(ncols);
+    let bs = recommended_block_size::<f64>(nrows, ncols);
+    let mut q_coeff = Mat::<f64>::zeros(bs, size);
+    let mut perm = vec![0usize; ncols];
+    let mut perm_inv = vec![0usize; ncols];
+    {
+        let req = col_piv_qr::qr_in_place_scratch::<usize, f64>(
+            nrows,
+            ncols,
+            bs,
+            par,
+            Default::default(),
+        );
+        let mut buf = MemBuffer::new(req);
+        col_piv_qr::qr_in_place(
+            qr.as_mut(),
+            q_coeff.as_mut(),
+            &mut perm,
+            &mut perm_inv,
+            par,
+            MemStack::new(&mut buf),
+            Default::default(),
+        );
+    }
+    let diag: Vec<f64> = (0..size).map(|i| qr[(i, i)].abs()).collect();
+    let rank = kept(&diag, rcond);
+    let householder = Mat::from_fn(nrows, size, |i, j| {
+        if i > j {
+            qr[(i, j)]
+        } else if i == j {
+            1.0
+        } else {
+            0.0
+        }
+    });
+    let mut q = Mat::from_fn(nrows, rank, |i, j| if i == j { 1.0 } else { 0.0 });
+    let req = apply_block_householder_sequence_on_the_left_in_place_scratch::<f64>(nrows, bs, rank);
+    let mut buf = MemBuffer::new(req);
+    apply_block_householder_sequence_on_the_left_in_place_with_conj(
+        householder.as_ref(),
+        q_coeff.as_ref(),
+        Conj::No,
+        q.as_mut(),
+        par,
+        MemStack::new(&mut buf),
+    );
+    (q, diag)
+}
+
+/// Length of the leading run of `diag` strictly above `rcond * diag[0]`.
+fn kept(diag: &[f64], rcond: f64) -> usize {
+    let tol = rcond * diag.first().copied().unwrap_or(0.0);
+    diag.iter().take_while(|&&s| s > tol).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::*;
+
+    #[test]
+    fn svd_and_qr_find_the_same_span() {
+        let mut rng = rng(1);
+        for &(d, k) in &[(16, 4), (40, 40), (30, 50), (64, 1)] {
+            let a = gaussian(&mut rng, d, k);
+            let svd = SpanBasis::from_columns("A", a.as_ref(), None, Factorization::Svd, Par::Seq)
+                .unwrap();
+            let qr =
+                SpanBasis::from_columns("A", a.as_ref(), None, Factorization::ColPivQr, Par::Seq)
+                    .unwrap();
+            assert_eq!(svd.rank(), d.min(k));
+            assert_eq!(qr.rank(), d.min(k));
+            assert!(orthonormality_error(svd.basis()) < 1e-13);
+            assert!(orthonormality_error(qr.basis()) < 1e-13);
+            // same projector: U_svd U_svd^T = U_qr U_qr^T, compared through a random batch
+            let x = gaussian(&mut rng, 5, d);
+            let (ys, yq) = (project(&svd, x.as_ref()), project(&qr, x.as_ref()));
+            assert!(max_abs_diff(ys.as_ref(), yq.as_ref()) < 1e-12);
+        }
+    }
+
+    #[test]
+    fn rank_follows_the_tolerance() {
+        let mut rng = rng(2);
+        // singular values 1, 1e-3, 1e-6, 1e-9, 1e-12 (five directions)
+        let a = with_singular_values(&mut rng, 20, &[1.0, 1e-3, 1e-6, 1e-9, 1e-12]);
+        let rank = |rcond| {
+            SpanBasis::from_columns("A", a.as_ref(), rcond, Factorization::Svd, Par::Seq)
+                .unwrap()
+                .rank()
+        };
+        assert_eq!(rank(None), 5);
+        assert_eq!(rank(Some(1e-10)), 4);
+        assert_eq!(rank(Some(1e-7)), 3);
+        assert_eq!(rank(Some(1e-4)), 2);
+        assert_eq!(rank(Some(0.5)), 1);
+        assert_eq!(rank(Some(1.0)), 0);
+        let b =
+            SpanBasis::from_columns("A", a.as_ref(), None, Factorization::Svd, Par::Seq).unwrap();
+        assert!((b.diag()[0] - 1.0).abs() < 1e-14);
+        assert!((b.tolerance() - SpanBasis::default_rcond(20, 5)).abs() < 1e-20);
+    }
+
+    #[test]
+    fn scale_does_not_matter() {
+        let mut rng = rng(3);
+        let a = gaussian(&mut rng, 12, 5);
+        let x = gaussian(&mut rng, 3, 12);
+        let reference = project(
+            &SpanBasis::from_columns("A", a.as_ref(), None, Factorization::Svd, Par::Seq).unwrap(),
+            x.as_ref(),
+        );
+        for scale in [1e-300, 1e-200, 1e-30, 1e30, 1e200, 1e300] {
+            let scaled = Mat::from_fn(12, 5, |i, j| a[(i, j)] * scale);
+            let b =
+                SpanBasis::from_columns("A", scaled.as_ref(), None, Factorization::Svd, Par::Seq)
+                    .unwrap();
+            assert_eq!(b.rank(), 5);
+            assert!(max_abs_diff(project(&b, x.as_ref()).as_ref(), reference.as_ref()) < 1e-13);
+            assert!((b.diag()[0] / (reference_sigma_max(a.as_ref()) * scale) - 1.0).abs() < 1e-12);
+        }
+        // subnormal entries only
+        let tiny = Mat::from_fn(12, 5, |i, j| a[(i, j)] * 1e-310);
+        let b = SpanBasis::from_columns("A", tiny.as_ref(), None, Factorization::Svd, Par::Seq)
+            .unwrap();
+        assert_eq!(b.rank(), 5);
+    }
+
+    #[test]
+    fn zero_and_empty_matrices_have_rank_zero() {
+        for (d, k) in [(5, 0), (0, 3), (0, 0), (4, 4)] {
+            let a = Mat::<f32>::zeros(d, k);
+            for method in [Factorization::Svd, Factorization::ColPivQr] {
+                let b = SpanBasis::from_columns("A", a.as_ref(), None, method, Par::Seq).unwrap();
+                assert_eq!((b.nrows(), b.ncols(), b.rank()), (d, k, 0));
+                assert_eq!(b.tolerance(), 0.0);
+            }
+        }
+    }
+}

@@ -28,7 +28,7 @@ class SiteClamp:
     site: Site
     features: torch.Tensor
     mode: ClampMode = "set"
-    value: float = 0.0
+    value: float | torch.Tensor = 0.0  # a number, or one value per feature (|S|,)
     where: ClampWhere = "all"
 
     def apply(self, z: torch.Tensor) -> torch.Tensor:
@@ -37,11 +37,13 @@ class SiteClamp:
             return z
         idx = self.features.to(z.device)
         selected = z[..., idx]
+        value = self.value.to(selected) if isinstance(self.value, torch.Tensor) else self.value
         if self.mode == "multiply":
-            replacement = selected * self.value
+            replacement = selected * value
+        elif self.mode == "zero":
+            replacement = torch.zeros_like(selected)
         else:
-            fill = 0.0 if self.mode == "zero" else self.value
-            replacement = torch.full_like(selected, fill)
+            replacement = torch.zeros_like(selected) + value
         if self.where == "active":
             replacement = torch.where(selected > 0, replacement, selected)
         out = z.clone()
@@ -61,7 +63,7 @@ class SiteClamp:
             "hook_name": self.site.hook_name,
             "features": [int(i) for i in self.features.tolist()],
             "mode": self.mode,
-            "value": float(self.value),
+            "value": self.value.tolist() if isinstance(self.value, torch.Tensor) else float(self.value),
             "where": self.where,
             "sae": self.site.source,
             "center_input": self.site.center_input,
@@ -90,20 +92,47 @@ class Clamp:
             raise ValueError(f"unknown clamp mode {mode!r}; valid: {', '.join(CLAMP_MODES)}")
         if where not in CLAMP_WHERE:
             raise ValueError(f"unknown clamp where {where!r}; valid: {', '.join(CLAMP_WHERE)}")
-        value = float(value)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"clamp value must be a number, got {value!r}") from None
         if not torch.isfinite(torch.tensor(value)):
             raise ValueError(f"clamp value must be finite, got {value}")
+        if features is not None and not isinstance(features, Mapping):
+            raise TypeError(f"clamp features must be a dict {{site: feature indices}}, got {type(features).__name__}")
         self.site_clamps: list[SiteClamp] = []
         for site, feats in (features or {}).items():
             if not isinstance(site, Site):
                 raise TypeError(f"clamp keys must be Site objects (see saerecover.load_site), got {type(site).__name__}")
-            idx = site.check_features(torch.as_tensor(list(feats) if not isinstance(feats, torch.Tensor) else feats, dtype=torch.long))
+            if not isinstance(feats, torch.Tensor):
+                if isinstance(feats, (str, bytes)) or not isinstance(feats, Iterable):
+                    raise TypeError(f"feature indices for site {site.hook_name!r} must be a list or 1-D tensor "
+                                    f"of integers, got {type(feats).__name__}")
+                feats = list(feats)
+            # an empty set clamps nothing (recover refuses it: nothing would be defended)
+            idx = site.check_features(torch.as_tensor(feats) if len(feats) else torch.zeros(0, dtype=torch.long))
             self._add(SiteClamp(site, idx, mode, value, where))
 
     def _add(self, sc: SiteClamp) -> None:
         if any(existing.site.hook_name == sc.site.hook_name for existing in self.site_clamps):
             raise ValueError(f"site {sc.site.hook_name!r} is clamped twice; merge its features into one clamp")
         self.site_clamps.append(sc)
+
+    @classmethod
+    def per_feature(cls, site: Site, features, values, *, mode: ClampMode = "set", where: ClampWhere = "all") -> "Clamp":
+        """A clamp at one site with one value per feature (e.g. each feature's mean activation
+        on refused requests)."""
+        out = cls()
+        idx = site.check_features(torch.as_tensor(features, dtype=torch.long))
+        vals = torch.as_tensor(values, dtype=torch.float32).reshape(-1)
+        if vals.numel() != idx.numel():
+            raise ValueError(f"per-feature clamp at {site.hook_name!r}: {idx.numel()} features but {vals.numel()} values")
+        if not torch.isfinite(vals).all():
+            raise ValueError(f"per-feature clamp values at {site.hook_name!r} must be finite")
+        if mode not in CLAMP_MODES or where not in CLAMP_WHERE:
+            raise ValueError(f"clamp mode must be one of {CLAMP_MODES} and where one of {CLAMP_WHERE}")
+        out._add(SiteClamp(site, idx, mode, vals, where))
+        return out
 
     @classmethod
     def combine(cls, *clamps: "Clamp") -> "Clamp":

@@ -10,6 +10,8 @@ the loss is a sum over examples, so a batch gives the same result as one example
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -58,19 +60,36 @@ class RecoveryConfig:
     history: bool = True
 
     def validate(self) -> None:
+        """Raise TypeError / ValueError naming the first bad field and what would be valid."""
+        for name in ("steps", "sketch_probes", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an integer, got {value!r}")
+        for name in ("lr", "budget", "lambda_act", "lambda_decode", "lambda_delta", "stop_margin", "eta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+        for name in ("reclamp", "early_stop", "sketch_drift_probe", "history"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if not self.budget > 0:
             raise ValueError(f"budget must be > 0 (C4: ||delta|| <= budget), got {self.budget}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
-        if self.positions not in ("answer", "all"):
-            raise ValueError(f"unknown positions {self.positions!r}; valid: 'answer', 'all'")
-        for name in ("lambda_act", "lambda_decode", "lambda_delta"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.positions not in ("answer", "all", "prompt"):
+            raise ValueError(f"unknown positions {self.positions!r}; valid: 'answer', 'all', 'prompt'")
+        for name in ("lambda_act", "lambda_decode", "lambda_delta", "eta"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if not math.isfinite(self.stop_margin):
+            raise ValueError(f"stop_margin must be finite, got {self.stop_margin}")
+        if self.sketch_probes < 0:
+            raise ValueError(f"sketch_probes must be >= 0, got {self.sketch_probes}")
+        linalg._check_rcond(self.rcond)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -146,6 +165,15 @@ def recover_batch(
     if primary is None:
         raise ValueError(f"the first delta site {sites[0]!r} must be clamped; clamped: "
                          f"{[sc.site.hook_name for sc in clamp.site_clamps]}")
+    if primary.features.numel() == 0:
+        raise ValueError(f"the clamp at {sites[0]!r} has an empty feature set: nothing is defended there; "
+                         f"give at least one feature index (valid: 0..{primary.site.d_sae - 1})")
+    ex.validate()
+    if budget is not None:
+        budget = torch.as_tensor(budget)
+        if tuple(budget.shape) != (len(ex),) or not bool((torch.isfinite(budget) & (budget > 0)).all()):
+            raise ValueError(f"budget must be a tensor of {len(ex)} finite values > 0 (one per example), "
+                             f"got shape {tuple(budget.shape)}")
 
     ex = ex.to(model.device)
     n, seq = ex.input_ids.shape
@@ -191,6 +219,10 @@ def recover_batch(
         if cfg.lambda_delta > 0:
             loss_vec = loss_vec + cfg.lambda_delta * torch.sqrt(sum(d.pow(2).flatten(1).sum(1) for d in deltas.values()))
         loss = (loss_vec * active).sum()
+        finite = torch.isfinite(loss_vec.detach()) & torch.isfinite(score.detach())
+        if not bool((finite | ~active).all()):
+            bad = (~finite & active).nonzero().flatten().tolist()
+            raise FloatingPointError(f"non-finite loss or score at step {step} for examples {[ex.ids[i] for i in bad]}")
         grads = dict(zip(sites, torch.autograd.grad(loss, list(deltas.values()), retain_graph=mode in ("jacobian", "sketch"))))
         if any(not torch.isfinite(g).all() for g in grads.values()):
             bad = torch.zeros(n, dtype=torch.bool, device=dev)
@@ -280,7 +312,13 @@ def _evaluate(defended, task, ex, deltas, mask, phi_mask, phi_sites, phi_ref, si
     with torch.no_grad():
         fixed = {s: d.detach() for s, d in deltas.items()}
         final = defended.forward(ex, fixed, reclamp=cfg.reclamp, track=tuple(phi_sites))
-        scores = task.score(final.logits, ex).float().cpu()
+        if hasattr(task, "judge"):  # the task decides B itself (e.g. by generating with the edits active)
+            scores = task.judge(defended, ex, with_clamp=True, deltas=fixed, reclamp=cfg.reclamp).float().cpu()
+        else:
+            scores = task.score(final.logits, ex).float().cpu()
+        if not bool(torch.isfinite(scores).all()):
+            bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+            raise FloatingPointError(f"non-finite final score for examples {[ex.ids[i] for i in bad]}")
         phi = defended_features(clamp, final.sites, phi_sites, phi_mask)
         state = final.sites[sites[0]]
         a = primary.site.encoder_columns(primary.features)

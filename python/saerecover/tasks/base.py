@@ -27,6 +27,45 @@ class Examples:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def validate(self) -> None:
+        """Raise ValueError/TypeError naming the first inconsistency: shapes, dtypes, an answer
+        position outside its sequence or on padding, ids that are missing or repeated."""
+        ids, mask, pos = self.input_ids, self.attention_mask, self.answer_pos
+        for name, t in (("input_ids", ids), ("attention_mask", mask), ("answer_pos", pos)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"examples.{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.is_floating_point() or t.is_complex():
+                raise TypeError(f"examples.{name} must hold integers, got {t.dtype}")
+        if ids.ndim != 2:
+            raise ValueError(f"examples.input_ids must be 2-D (n, seq), got shape {tuple(ids.shape)}")
+        n, seq = ids.shape
+        if tuple(mask.shape) != (n, seq):
+            raise ValueError(f"examples.attention_mask has shape {tuple(mask.shape)}; input_ids has {(n, seq)}")
+        if tuple(pos.shape) != (n,):
+            raise ValueError(f"examples.answer_pos must have shape ({n},), got {tuple(pos.shape)}")
+        if len(self.ids) != n:
+            raise ValueError(f"examples have {n} rows but {len(self.ids)} ids")
+        if len(set(self.ids)) != n:
+            dup = sorted({i for i in self.ids if self.ids.count(i) > 1})[:5]
+            raise ValueError(f"example ids must be unique; repeated: {dup}")
+        for k, v in self.targets.items():
+            if not isinstance(v, torch.Tensor) or v.ndim < 1 or v.shape[0] != n:
+                raise ValueError(f"examples.targets[{k!r}] must be a tensor with leading dim {n}, got "
+                                 f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
+        if n and seq:
+            lo, hi = int(pos.min()), int(pos.max())
+            if lo < 0 or hi >= seq:
+                i = int(((pos < 0) | (pos >= seq)).nonzero()[0])
+                raise ValueError(f"answer position {int(pos[i])} of example {self.ids[i]!r} is outside its "
+                                 f"sequence (valid: 0..{seq - 1})")
+            on_pad = ~mask.gather(1, pos.long().unsqueeze(1)).squeeze(1).bool()
+            if bool(on_pad.any()):
+                i = int(on_pad.nonzero()[0])
+                raise ValueError(f"answer position {int(pos[i])} of example {self.ids[i]!r} is a padding "
+                                 f"token (attention_mask is 0 there)")
+        elif n and not seq:
+            raise ValueError("examples have no tokens (input_ids has 0 columns)")
+
     def select(self, index: torch.Tensor | list[int]) -> "Examples":
         idx = torch.as_tensor(index, dtype=torch.long)
         keep = [int(i) for i in idx.tolist()]
@@ -58,7 +97,12 @@ class Examples:
             return mask
         if positions == "all":
             return self.attention_mask.bool()
-        raise ValueError(f"unknown positions {positions!r}; valid: 'answer', 'all'")
+        if positions == "prompt":
+            if "prompt_len" not in self.targets:
+                raise ValueError("positions='prompt' needs examples with a 'prompt_len' target")
+            cols = torch.arange(self.attention_mask.shape[1], device=self.attention_mask.device)
+            return self.attention_mask.bool() & (cols < self.targets["prompt_len"].unsqueeze(1))
+        raise ValueError(f"unknown positions {positions!r}; valid: 'answer', 'all', 'prompt'")
 
 
 def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,3 +138,13 @@ class Task(Protocol):
         ...
 
     def describe(self) -> dict[str, Any]: ...
+
+
+class JudgedTask(Task, Protocol):
+    """A task whose behavior is decided by its own judgement rather than ``score > 0``
+    (for refusal: generate with the edits active and look for a refusal)."""
+
+    def judge(self, defended: Any, ex: Examples, *, with_clamp: bool, deltas: dict | None = None,
+              reclamp: bool = False) -> torch.Tensor:
+        """(n,) float: > 0 where the behavior is present."""
+        ...

@@ -10,6 +10,7 @@ The behavioral outcome ``recovered`` needs the model and is taken from the recor
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -459,6 +460,8 @@ def analyze_run(run_dir: str | os.PathLike[str], *, sae: Any = None, device: str
     rtol = atol if rtol is None else rtol
     if not (atol >= 0 and rtol >= 0):
         raise ValueError(f"tolerances must be >= 0, got atol={atol}, rtol={rtol}")
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0, got {top_k!r}")
     run = open_run(run_dir)
     config = run.config
     site, features, info = _load_delta_site(config, sae, device)

@@ -11,6 +11,7 @@ from typing import Any
 
 from . import __version__
 from .cli_analysis import add_analyze_parser, add_merge_parser, cmd_analyze, cmd_merge
+from .cli_checks import OneLineParser, check_options, check_out, one_line
 from .runs import RunDirectoryError
 
 #: `saerecover run ioi` defaults: the paper's IOI setting (GPT-2 small, gpt2-small-res-jb).
@@ -54,19 +55,24 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CLIError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".toml":
-        import tomllib
-
-        data = tomllib.loads(text)
-    elif path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text) or {}
-    elif path.suffix.lower() == ".json":
-        data = json.loads(text)
-    else:
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml", ".json"):
         raise CLIError(f"config file {path} must end in .yaml, .yml, .toml or .json")
+    try:
+        text = path.read_text(encoding="utf-8")
+        if suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}  # safe_load: no python/* tags, no code
+        else:
+            data = json.loads(text)
+    except Exception as err:  # tomllib / yaml / json / UnicodeDecodeError: one line, no traceback
+        kind = {".toml": "TOML", ".json": "JSON"}.get(suffix, "YAML")
+        raise CLIError(f"config file {path} is not valid {kind}: {one_line(err)}") from err
     if not isinstance(data, dict):
         raise CLIError(f"config file {path} must hold a mapping of option names to values")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
@@ -157,6 +163,9 @@ def run_ioi(opts: dict[str, Any], *, quiet: bool = False, world: Any = None, sha
 
     if opts["out"] is None:
         raise CLIError("--out DIR is required (the run directory to write)")
+    check_out(opts["out"], task=None if overwrite else ("toy-ioi" if world is not None else "ioi"))
+    opts = check_options(opts, IOI_DEFAULTS, local=world is None)  # before anything loads
+    features = _parse_features(opts["features"])
     if world is not None:
         model, site = world.model, world.site(opts["hook"])
         task = world.ioi_task(n=opts["n"], seed=opts["seed"], patterns=opts["patterns"].split(","))
@@ -166,8 +175,9 @@ def run_ioi(opts: dict[str, Any], *, quiet: bool = False, world: Any = None, sha
         dtype = getattr(torch, opts["dtype"]) if opts["dtype"] else None
         model = load_model(opts["model"], backend=opts["backend"], device=opts["device"], dtype=dtype)
         site = load_site(opts["sae"], hook_name=opts["hook"], model=model)
+        if features is not None:
+            site.check_features(features)  # before the task tokenizes anything
         task = IOI(model.tokenizer, n=opts["n"], seed=opts["seed"], patterns=opts["patterns"].split(","))
-    features = _parse_features(opts["features"])
     if features is None:
         features = select_by_attribution(model, site, task, task.examples(), top_k=int(opts["top_k"]))
     clamp = Clamp({site: features}, value=opts["clamp_value"], mode=opts["clamp_mode"], where=opts["clamp_where"])
@@ -199,8 +209,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from . import toy
 
     t0 = time.perf_counter()
-    world = toy.load()
     out = args.out or "runs/demo"
+    check_out(out)
+    world = toy.load()
     opts = dict(IOI_DEFAULTS)
     opts.update(toy.DEMO_OPTIONS)
     opts["out"] = out
@@ -227,11 +238,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     from .bench import projection
 
-    return int(projection.main(rest) or 0)
+    parser = projection.add_arguments(OneLineParser(
+        prog="saerecover bench",
+        description="Time the Rust projections against NumPy, torch and the paper's per-row solve."))
+    return int(projection.run_from_args(parser.parse_args(rest)) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="saerecover", description="Stress-test SAE feature clamps by post-intervention recovery.")
+    parser = OneLineParser(prog="saerecover", description="Stress-test SAE feature clamps by post-intervention recovery.")
     parser.add_argument("--version", action="version", version=f"saerecover {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the whole method on the shipped toy model (CPU, ~1 min)")
@@ -252,10 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if argv and argv[0] == "bench":
-        return cmd_bench(argparse.Namespace(), argv[1:])
-    args = parser.parse_args(argv)
     try:
+        if argv and argv[0] == "bench":
+            return cmd_bench(argparse.Namespace(), argv[1:])
+        args = parser.parse_args(argv)
         if args.command == "demo":
             return cmd_demo(args)
         if args.command == "run":
@@ -266,11 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_analyze(args)
         if args.command == "merge":
             return cmd_merge(args)
-    except CLIError as err:
-        print(f"saerecover: error: {err}", file=sys.stderr)
-        return 2
-    except (ValueError, TypeError, FileNotFoundError, RunDirectoryError) as err:
-        print(f"saerecover: error: {err}", file=sys.stderr)
+    except (CLIError, ValueError, TypeError, OSError, RunDirectoryError) as err:
+        print(f"saerecover: error: {one_line(err)}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command!r}")
     return 2

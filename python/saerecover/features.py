@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
-from .models.base import ModelAdapter
+from .models.base import ModelAdapter, parse_site_name
 from .sites import Site
 from .tasks.base import Examples, Task
 
@@ -24,6 +26,7 @@ def attribution_scores(
     the score's sensitivity to that feature's decoder direction. Summed over the rows selected
     by ``positions`` ("answer" as in the paper, or "all"), averaged over examples.
     """
+    _check_site_and_examples(model, site, ex, batch_size)
     total = torch.zeros(site.d_sae, dtype=torch.float64)
     for start in range(0, len(ex), batch_size):
         part = ex.select(list(range(start, min(start + batch_size, len(ex))))).to(model.device)
@@ -45,6 +48,21 @@ def attribution_scores(
     return (total / max(len(ex), 1)).float()
 
 
+def _check_site_and_examples(model: ModelAdapter, site: Site, ex: Examples, batch_size: int) -> None:
+    """Fail fast, before any forward pass, on a site the model lacks or cannot feed."""
+    if not isinstance(site, Site):
+        raise TypeError(f"site must be a saerecover Site (see load_site), got {type(site).__name__}")
+    if site.hook_name not in model.site_names():
+        parse_site_name(site.hook_name, model.n_layers)
+        raise ValueError(f"unknown hook name {site.hook_name!r}; valid sites: {model.site_names()}")
+    site.check_model_width(model.d_model)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if len(ex) == 0:
+        raise ValueError("no examples: feature attribution needs at least one")
+    ex.validate()
+
+
 def top_features(scores: torch.Tensor, k: int, *, positive_only: bool = True) -> torch.Tensor:
     """Indices of the k highest scores (only positive ones when ``positive_only``), (<=k,) long."""
     if k <= 0:
@@ -62,4 +80,6 @@ def select_by_attribution(
     model: ModelAdapter, site: Site, task: Task, ex: Examples, *, top_k: int = 16, positions: str = "answer"
 ) -> torch.Tensor:
     """The top-k features by positive attribution to the behavior (PAPER_NOTES, IOI row)."""
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
+        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
     return top_features(attribution_scores(model, site, task, ex, positions=positions), top_k)

@@ -76,6 +76,8 @@ class AdditiveEdit:
                 f"{tuple(delta.shape)}"
             )
         delta = delta.float()
+        if not bool(torch.isfinite(delta).all()):
+            raise ValueError(f"additive_edit: delta of shape {tuple(delta.shape)} contains NaN or infinity")
         if positions_mask is not None:
             m = torch.as_tensor(positions_mask, dtype=torch.bool, device=delta.device)
             if m.ndim == 1:

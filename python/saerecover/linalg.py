@@ -130,7 +130,7 @@ class EncoderNullProjector:
         torch = _torch()
         compute = _compute_dtype(X.dtype, "X", torch)
         _check_finite_tensor(X.detach(), "X")
-        x = X.detach().reshape(-1, self.d).to(compute)
+        x = X.detach().reshape(_nrows(X.shape), self.d).to(compute)
         with torch.no_grad():
             if self.rank == 0:
                 y = x.clone()
@@ -200,7 +200,7 @@ def _jacobian_torch_device(J: ArrayLike, G: torch.Tensor, rcond: float | None) -
     compute = _compute_dtype(G.dtype, "G", torch)
     _check_finite_tensor(j, "J")
     _check_finite_tensor(G.detach(), "G")
-    g = G.detach().reshape(-1, j.shape[1]).to(compute)
+    g = G.detach().reshape(_nrows(G.shape), j.shape[1]).to(compute)
     with torch.no_grad():
         u = _torch_row_space_basis(j, rcond, torch)
         if u.shape[1] == 0:
@@ -305,13 +305,18 @@ def _check_jacobian_shapes(j_shape: tuple[int, ...], g: Any) -> None:
     _check_last_axis(g, j_shape[1], "G", f"J has shape {tuple(j_shape)}", min_ndim=1)
 
 
+def _nrows(shape: Any) -> int:
+    """Rows of ``(..., n)`` seen as ``(rows, n)``; explicit because ``reshape(-1, 0)`` is ambiguous."""
+    return math.prod(tuple(shape)[:-1])
+
+
 def _ndarray_rows(x: np.ndarray, n: int) -> tuple[np.ndarray, Any]:
     """``x`` (..., n) as a 2-D float32/float64 (rows, n) array, and the function that turns a
     projected (rows, n) array back into ``x``'s shape and dtype."""
     shape, dtype = x.shape, x.dtype
     if dtype == np.float16:
         x = x.astype(np.float32)
-    flat = _aligned(x.reshape(-1, n) if x.ndim != 2 else x)
+    flat = _aligned(x.reshape(_nrows(x.shape), n) if x.ndim != 2 else x)
 
     def restore(y: np.ndarray) -> np.ndarray:
         return y.reshape(shape).astype(dtype, copy=False)
@@ -331,7 +336,7 @@ def _tensor_rows(x: torch.Tensor, name: str, n: int) -> tuple[np.ndarray, Any]:
     t = x.detach()
     if t.dtype not in (torch.float32, torch.float64):
         t = t.to(_compute_dtype(t.dtype, name, torch))
-    flat = t.reshape(-1, n) if t.ndim != 2 else t
+    flat = t.reshape(_nrows(t.shape), n) if t.ndim != 2 else t
     shape, dtype = x.shape, x.dtype
 
     def restore(y: np.ndarray) -> torch.Tensor:

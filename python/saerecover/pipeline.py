@@ -89,7 +89,7 @@ def describe_model(model: ModelAdapter) -> dict[str, Any]:
 
 
 def _record(oc: ExampleOutcome | None, example_id: str, mode: str, flips: Flips, i: int,
-            error: str | None = None) -> dict[str, Any]:
+            error: str | None = None, task: Task | None = None) -> dict[str, Any]:
     rec: dict[str, Any] = {
         "schema": RECORD_SCHEMA,
         "example_id": example_id,
@@ -104,6 +104,8 @@ def _record(oc: ExampleOutcome | None, example_id: str, mode: str, flips: Flips,
     if oc is not None:
         rec.update({"recovered": oc.recovered, "recovered_score": oc.recovered_score, "steps": oc.steps})
         rec.update(oc.metrics)
+    if task is not None and hasattr(task, "record_fields"):  # per-example notes (e.g. refusal openings)
+        rec.update(task.record_fields(example_id, "recovered" if oc is not None else "flips"))
     return rec
 
 
@@ -302,11 +304,11 @@ def recover(
         for mode in modes:
             for i, eid in enumerate(ex.ids):
                 if not bool(flips.valid[i]) and (eid, mode) not in done:
-                    emit(_record(None, eid, mode, flips, i), None)
+                    emit(_record(None, eid, mode, flips, i, task=task), None)
             todo = [i for i in valid_idx if (ex.ids[i], mode) not in done]
             bar = tqdm(total=len(todo), desc=f"recover [{mode}]", disable=not progress or not todo, leave=False)
             def emit_result(i: int, oc: ExampleOutcome | None, err: str | None, retries: int) -> None:
-                rec = _record(oc, ex.ids[i], mode, flips, i, err)
+                rec = _record(oc, ex.ids[i], mode, flips, i, err, task=task)
                 if retries:
                     rec["oom_retries"] = retries
                 emit(rec, oc)

@@ -171,9 +171,11 @@ def recover_batch(
     ex.validate()
     if budget is not None:
         budget = torch.as_tensor(budget)
-        if tuple(budget.shape) != (len(ex),) or not bool((torch.isfinite(budget) & (budget > 0)).all()):
-            raise ValueError(f"budget must be a tensor of {len(ex)} finite values > 0 (one per example), "
-                             f"got shape {tuple(budget.shape)}")
+        if tuple(budget.shape) != (len(ex),):
+            raise ValueError(f"budget must hold one value per example, shape ({len(ex)},), got shape "
+                             f"{tuple(budget.shape)}")
+        if not bool((torch.isfinite(budget) & (budget > 0)).all()):
+            raise ValueError(f"per-example budgets must be finite and > 0 (C4), got {budget.tolist()[:8]}")
 
     ex = ex.to(model.device)
     n, seq = ex.input_ids.shape

@@ -65,11 +65,18 @@ class Site:
     # -- checks --------------------------------------------------------------------------
     def check_features(self, features: torch.Tensor) -> torch.Tensor:
         """Validate a feature index list: 1-D integers, in range, no duplicates."""
-        features = torch.as_tensor(features)
+        try:
+            features = torch.as_tensor(features)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"feature indices for site {self.hook_name!r} must be a list or 1-D "
+                            f"tensor of integers, got {features!r:.80}") from err
         if features.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
             raise TypeError(
                 f"feature indices for site {self.hook_name!r} must be integers, got {features.dtype}"
             )
+        if features.ndim > 1:
+            raise ValueError(f"feature indices for site {self.hook_name!r} must be 1-D, got shape "
+                             f"{tuple(features.shape)}")
         features = features.to(torch.long).reshape(-1)
         if features.numel() == 0:
             return features
@@ -136,6 +143,34 @@ def _wants_centering(sae: Any) -> bool:
     return bool((kwargs or {}).get("center_writing_weights", False))
 
 
+def check_sae_source(spec: Any) -> Path | None:
+    """The local SAE directory ``spec`` names (None for 'RELEASE/ID'); FileNotFoundError for a
+    local path that does not exist, is a file or has no cfg.json, ValueError for anything else."""
+    if not isinstance(spec, (str, Path)):
+        raise TypeError(f"SAE must be a local directory, 'RELEASE/ID' or an sae_lens SAE, got {type(spec).__name__}")
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "cfg.json").exists():
+            raise FileNotFoundError(
+                f"{path} is not an SAE directory: it has no cfg.json (expected sae_lens "
+                "format: cfg.json + sae_weights.safetensors)"
+            )
+        return path
+    if path.exists() or isinstance(spec, Path) or text.startswith(("/", "./", "../", "~")):
+        what = "is a file, not" if path.exists() else "does not exist; expected"
+        raise FileNotFoundError(
+            f"SAE {text} {what} an SAE directory (sae_lens format: cfg.json + "
+            "sae_weights.safetensors), or give 'RELEASE/ID' for a pretrained SAE"
+        )
+    if "/" not in text or text.startswith("/") or text.endswith("/"):
+        raise ValueError(
+            f"SAE {text!r} is neither a local directory nor 'RELEASE/ID' "
+            "(e.g. 'gpt2-small-res-jb/blocks.4.hook_resid_pre')"
+        )
+    return None
+
+
 def load_site(
     spec: str | Path | Any,
     *,
@@ -161,22 +196,12 @@ def load_site(
         sae = spec.to(device)
         source = "<in-memory SAE>"
     else:
-        path = Path(str(spec)).expanduser()
-        if path.is_dir():
-            if not (path / "cfg.json").exists():
-                raise FileNotFoundError(
-                    f"{path} is not an SAE directory: it has no cfg.json (expected sae_lens "
-                    "format: cfg.json + sae_weights.safetensors)"
-                )
+        path = check_sae_source(spec)
+        if path is not None:
             sae = SAE.load_from_disk(path, device=device, dtype=dtype)
             source = str(path.resolve())
         else:
             text = str(spec)
-            if "/" not in text:
-                raise ValueError(
-                    f"SAE {text!r} is neither a local directory nor 'RELEASE/ID' "
-                    "(e.g. 'gpt2-small-res-jb/blocks.4.hook_resid_pre')"
-                )
             release, sae_id = text.split("/", 1)
             sae = SAE.from_pretrained(release, sae_id, device=device, dtype=dtype or "float32")
             source = text

@@ -3,6 +3,8 @@ TransformerLens, behind one interface (``ModelAdapter``)."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,11 +49,43 @@ def load_model(
     ``kwargs`` go to the backend's loader (``tokenizer=``; for "tlens" also the processing
     switches ``fold_ln``, ``center_writing_weights``, ... which default to off, and ``n_ctx``).
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
+    resolve_dtype(dtype)
+    resolve_device(device)  # both fail here, before any weights are read
+    check_model_source(name_or_dir)
     if backend == "hf":
         return load_hf(name_or_dir, device=device, dtype=dtype, **kwargs)
-    if backend == "tlens":
-        return load_tlens(name_or_dir, device=device, dtype=dtype, **kwargs)
-    raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
+    return load_tlens(name_or_dir, device=device, dtype=dtype, **kwargs)
+
+
+def _looks_like_path(text: str) -> bool:
+    """A local path rather than a hub name ("gpt2", "org/name", a TransformerLens name)."""
+    return (text.startswith(("/", "./", "../", "~", "\\")) or text.count("/") > 1
+            or (len(text) > 1 and text[1] == ":") or text in (".", ".."))
+
+
+def check_model_source(name_or_dir: Any) -> None:
+    """Refuse, before anything loads, a local model path that does not exist, is not a
+    directory, or has no config.json (FileNotFoundError naming what was expected); hub names
+    are left to the loader."""
+    if not isinstance(name_or_dir, (str, os.PathLike)):
+        raise TypeError(f"model must be a hub name or a local directory (str or Path), "
+                        f"got {type(name_or_dir).__name__}")
+    text = os.fspath(name_or_dir)
+    if not text.strip():
+        raise ValueError("model name is empty; give a hub name (e.g. 'gpt2') or a local directory")
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise FileNotFoundError(f"model {text!r} is a file, not a model directory "
+                                    "(expected a directory with config.json and the weights)")
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{text} is not a model directory: it has no config.json "
+                                    "(expected a save_pretrained directory: config.json, weights, tokenizer)")
+    elif isinstance(name_or_dir, os.PathLike) or _looks_like_path(text):
+        raise FileNotFoundError(f"model directory {text} does not exist (a hub name looks like "
+                                "'gpt2' or 'org/name')")
 
 
 __all__ = [
@@ -64,6 +98,7 @@ __all__ = [
     "ModelAdapter",
     "TLensAdapter",
     "all_site_names",
+    "check_model_source",
     "find_decoder_layers",
     "from_hf",
     "from_tlens",

@@ -147,7 +147,21 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
-    """``None`` means CUDA when available, else CPU."""
+    """``None`` means CUDA when available, else CPU. A device string torch cannot parse, or a
+    CUDA/MPS device this machine does not have, is a ValueError (before any weights load)."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}; use e.g. 'cpu', 'cuda' or 'cuda:0'") from err
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {device!r} requested but CUDA is not available here; use 'cpu'")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {device!r} does not exist: this machine has {count} CUDA "
+                             f"device(s) (valid: cuda:0..cuda:{count - 1})")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r} requested but MPS is not available here; use 'cpu'")
+    return dev

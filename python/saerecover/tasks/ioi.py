@@ -3,6 +3,7 @@ drink to" -> " Mary". Behavior: logit(IO) - logit(S) > 0 at the final position."
 
 from __future__ import annotations
 
+import numbers
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,21 +50,27 @@ class IOI:
     _examples: Examples | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
+        if not callable(self.tokenizer):
+            raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(self.tokenizer).__name__}")
+        if isinstance(self.n, bool) or not isinstance(self.n, numbers.Integral) or self.n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
+        if isinstance(self.patterns, str):  # "BABA" or "BABA,ABBA"
+            self.patterns = [p.strip() for p in self.patterns.split(",") if p.strip()]
         bad = [p for p in self.patterns if p not in PATTERNS]
         if bad or not self.patterns:
             raise ValueError(f"unknown IOI patterns {bad}; valid: {', '.join(PATTERNS)}")
         self.names = [nm for nm in self.names if self._name_token(nm) is not None]
         if len(self.names) < 2:
-            raise ValueError("fewer than two names are single tokens for this tokenizer")
+            raise ValueError("fewer than two names are single tokens for this tokenizer (names it maps to "
+                             "its unknown token do not count); pass names=[...] from its vocabulary")
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
     def _name_token(self, name: str) -> int | None:
         ids = self.tokenizer(" " + name, add_special_tokens=False)["input_ids"]
-        return int(ids[0]) if len(ids) == 1 else None
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        return int(ids[0]) if len(ids) == 1 and (unk is None or ids[0] != unk) else None
 
     def examples(self) -> Examples:
         if self._examples is not None:

@@ -257,24 +257,26 @@ def recover_batch(
             new = {s: d.detach() * mask.unsqueeze(-1) for s, d in deltas.items()}
             if mode == "encoder":
                 new = encoder(new, mask)  # the delta actually applied stays in the null space (C1)
-            final = {s: old[s].clone() for s in sites}
-            for b in torch.nonzero(active).flatten().tolist():
+            if mode != "jacobian":  # C4 by rescaling, as the paper (keeps encoder-null rows in the null space)
+                norms = torch.sqrt(sum(v.pow(2).flatten(1).sum(1) for v in new.values()))
+                scale = torch.clamp(budgets / norms.clamp_min(1e-30), max=1.0).view(n, 1, 1)
+                keep = active.view(n, 1, 1)
+                final = {s: torch.where(keep, new[s] * scale, old[s]) for s in sites}
+            else:
+                final = {s: old[s].clone() for s in sites}
+            for b in (torch.nonzero(active).flatten().tolist() if mode == "jacobian" else []):
                 o = flatten_example(old, b, mask)
                 v = flatten_example(new, b, mask)
-                if mode == "jacobian":  # the step actually taken is orthogonal to J's row space
-                    st = linalg.jacobian_null_project(jacs[b], v - o, rcond=cfg.rcond)
-                    alpha = _shrink_to_budget(o.double(), st.double(), float(budgets[b]))
-                    v = o + alpha * st
-                    taken = (v - o).double()
-                    jb = jacs[b].double()
-                    if float(taken.norm()) > 0:
-                        spectral = torch.linalg.matrix_norm(jb, ord=2) if jb.numel() else torch.tensor(0.0)
-                        ratio = float((jb @ taken).norm() / (spectral * taken.norm() + 1e-30)) if jb.numel() else 0.0
-                        first_order[b] = max(float(first_order[b]), ratio)
-                else:  # C4 by rescaling, as the paper (keeps encoder-null rows in the null space)
-                    norm = float(v.norm())
-                    if norm > float(budgets[b]):
-                        v = v * (float(budgets[b]) / norm)
+                # the step actually taken is orthogonal to J's row space; C4 shortens it
+                st = linalg.jacobian_null_project(jacs[b], v - o, rcond=cfg.rcond)
+                alpha = _shrink_to_budget(o.double(), st.double(), float(budgets[b]))
+                v = o + alpha * st
+                taken = (v - o).double()
+                jb = jacs[b].double()
+                if float(taken.norm()) > 0 and jb.numel():
+                    spectral = torch.linalg.matrix_norm(jb, ord=2)
+                    ratio = float((jb @ taken).norm() / (spectral * taken.norm() + 1e-30))
+                    first_order[b] = max(float(first_order[b]), ratio)
                 unflatten_example(v, new, b, mask, final)
             for s, d in deltas.items():
                 d.copy_(final[s])

@@ -19,7 +19,7 @@ DEMO_OPTIONS: dict[str, Any] = {
     "model": str(ASSETS / "model"),
     "sae": str(ASSETS / "saes" / "blocks.1.hook_resid_post"),
     "hook": "blocks.1.hook_resid_post",
-    "n": 256,
+    "n": 160,
     "patterns": "BABA,ABBA",
     "top_k": 16,
     "clamp_mode": "set",

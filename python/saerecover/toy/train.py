@@ -139,10 +139,11 @@ def train_model(tokenizer, ms: ModelSettings, seed: int, log=print, device: str 
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(config).to(device)
     docs = encode_documents(tokenizer, corpus.documents(ms.steps * ms.batch_size, seed))
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": ms.weight_decay}, {"params": no_decay, "weight_decay": 0}],
+        [{"params": decay, "weight_decay": ms.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
         lr=ms.lr,
         betas=(0.9, 0.98),
     )
@@ -214,8 +215,9 @@ def train_sae(x: torch.Tensor, d_sae: int, arch: str, ss: SAESettings, seed: int
 
     Trained on x / scale (scale = RMS of x per dimension) with unit-norm decoder rows; the
     scale is folded back so the saved SAE reads raw residuals and its features are in
-    residual-norm units (pre_raw = scale * pre_norm). Standard: MSE + l1 * sum f. JumpReLU:
-    MSE + l0 * #active with the straight-through estimator of Rajamanoharan et al. (2024).
+    residual-norm units (pre_raw = scale * pre_norm). Standard: (|x - x_hat|^2 + l1 * sum f) / d.
+    JumpReLU: (|x - x_hat|^2 + l0 * #active) / d, with the straight-through threshold estimator
+    of Rajamanoharan et al. (2024). Returns ``(weights, scale)``.
     """
     g = torch.Generator().manual_seed(seed)
     n, d = x.shape

@@ -3,7 +3,8 @@
 //! - `factor`: building the basis of a `n x m` matrix by thin SVD vs pivoted QR (the choice
 //!   documented in docs/linalg.md);
 //! - `encoder_apply`: `Y = X - (X U) U^T` on a batch, f32 and f64;
-//! - `jacobian`: factor + apply in one call, as a recovery step does.
+//! - `jacobian`: factor + apply in one call, as a recovery step does, by the Gram route and by
+//!   the SVD route (docs/linalg.md).
 //!
 //! Sizes are GPT-2 small / Gemma-2-2B residual widths (768, 2304). Threads: rayon's global pool
 //! (`RAYON_NUM_THREADS`).
@@ -13,7 +14,8 @@ use faer::Mat;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use saerecover_core::{
-    default_par, jacobian_null_project, EncoderNullProjector, Factorization, SpanBasis,
+    default_par, jacobian_null_project_with, EncoderNullProjector, Factorization, JacobianRoute,
+    SpanBasis,
 };
 use std::hint::black_box;
 use std::time::Duration;
@@ -72,11 +74,15 @@ fn jacobian(c: &mut Criterion) {
         let j = uniform(&mut rng, m, n);
         let g = Mat::<f32>::from_fn(batch, n, |_, _| rng.random::<f32>() - 0.5);
         let mut y = Mat::<f32>::zeros(batch, n);
-        group.bench_function(BenchmarkId::new("f32", format!("J{m}x{n}_G{batch}")), |b| {
-            b.iter(|| {
-                jacobian_null_project(y.as_mut(), black_box(j.as_ref()), g.as_ref(), None, par)
-            })
-        });
+        for (name, route) in [("gram", JacobianRoute::Gram), ("svd", JacobianRoute::Svd)] {
+            let id = BenchmarkId::new(format!("f32_{name}"), format!("J{m}x{n}_G{batch}"));
+            group.bench_function(id, |b| {
+                b.iter(|| {
+                    let j = black_box(j.as_ref());
+                    jacobian_null_project_with(y.as_mut(), j, g.as_ref(), None, route, par)
+                })
+            });
+        }
     }
     group.finish();
 }

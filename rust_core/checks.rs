@@ -27,6 +27,11 @@ pub fn check_finite<T: Real>(arg: &'static str, m: MatRef<'_, T>) -> Result<(), 
     }
 }
 
+/// Whether every entry of `m` is finite (one vectorized pass along the smaller stride).
+pub fn all_finite<T: Real>(m: MatRef<'_, T>) -> bool {
+    find_non_finite(m).is_none()
+}
+
 /// Errors unless `m` has `expected` columns; `reason` says where `expected` came from.
 pub fn check_cols<T>(
     arg: &'static str,

@@ -7,7 +7,7 @@ use crate::checks::{check_cols, check_finite, check_output_shape};
 use crate::error::ProjectionError;
 use crate::scalar::Real;
 use crate::span_basis::{Factorization, SpanBasis};
-use faer::reborrow::Reborrow;
+use faer::reborrow::{Reborrow, ReborrowMut};
 use faer::{MatMut, MatRef, Par};
 
 /// `P_perp = I - A A^+` for a fixed `A` (`d x k`), factored once (see [`SpanBasis`]).
@@ -73,9 +73,15 @@ impl EncoderNullProjector {
         x: MatRef<'_, T>,
         par: Par,
     ) -> Result<(), ProjectionError> {
-        self.check_input(x)?;
+        let d = self.d();
+        check_cols("X", x, d, || format!("the projector was built for d={d}"))?;
         check_output_shape(dst.shape(), x.shape())?;
-        self.basis.project_out(dst, x, par);
+        let mut dst = dst;
+        // the finiteness check rides along with the copy of each block of X into dst
+        if !self.basis.project_out_checked(dst.rb_mut(), x, par) {
+            check_finite("X", x)?;
+            self.basis.project_out(dst, x, par);
+        }
         Ok(())
     }
 
@@ -285,6 +291,41 @@ mod tests {
         let mut y = Mat::<f64>::zeros(70_000, 32);
         p.apply(y.as_mut(), x.as_ref(), Par::rayon(0)).unwrap();
         assert!(orthogonality_ratio(a.as_ref(), x.as_ref(), y.as_ref()) < 1e-13);
+    }
+
+    #[test]
+    fn non_finite_rows_are_found_in_any_block() {
+        // the check rides along with the blocked copy: every block, every thread, every rank
+        let mut rng = rng(17);
+        let (d, n) = (48, 5000);
+        for k in [0, 5, 48] {
+            let a = gaussian(&mut rng, d, k);
+            let p = EncoderNullProjector::from_matrix(a.as_ref(), None, Par::Seq).unwrap();
+            for &(i, j, bad) in &[
+                (0, 0, f32::NAN),
+                (4999, 47, f32::INFINITY),
+                (2600, 7, f32::NEG_INFINITY),
+            ] {
+                let mut x = cast::<f32>(gaussian(&mut rng, n, d).as_ref());
+                x[(i, j)] = bad;
+                if i + 1 < n {
+                    x[(i + 1, j)] = f32::NAN; // a later one is not the one reported
+                }
+                for par in [Par::Seq, Par::rayon(2)] {
+                    let mut y = Mat::<f32>::zeros(n, d);
+                    let msg = p
+                        .apply(y.as_mut(), x.as_ref(), par)
+                        .unwrap_err()
+                        .to_string();
+                    assert!(
+                        msg.contains(&format!(
+                            "X contains a non-finite value ({bad}) at [{i}, {j}]"
+                        )),
+                        "k={k}: {msg}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -1,23 +1,91 @@
 //! The Jacobian null-space projection of the cross-layer mode (PAPER_NOTES.md: `J_t =
 //! dPhi/d delta`): `g <- g - J^T (J J^T)^+ J g` for every row `g` of a batch `G`.
 //!
-//! Computed without the Gram matrix `J J^T` (which squares the condition number): a thin SVD of
-//! `J^T` (`n x m`, in f64) gives an orthonormal basis `U_r` of the row space of `J`, and
-//! `G - (G U_r) U_r^T` is subtracted. With pseudo-inverse semantics, rows of `J` that are
-//! (numerically) dependent are fine; the tolerance is relative to the largest singular value.
+//! Two routes (docs/linalg.md, "Jacobian: the Gram route when it is accurate, else the SVD"):
+//!
+//! - **Gram** (fast): one pass over `J` forms `M = J J^T` and `C = J G^T` in f64; `W = M^+ C`
+//!   by Cholesky (when the spectrum is certainly fine) or by the self-adjoint eigendecomposition
+//!   `M = V L V^T`, `W = V_r L_r^-1 V_r^T C`; a second pass writes `Y = G - W^T J` (f64
+//!   arithmetic, rounded once to `G`'s type). No `n x m` basis and no copy of `J` are made; the
+//!   cost is about `m^2 n` flops plus an `m x m` factorization.
+//! - **SVD** (robust): a thin SVD of `J^T` (`n x m`, f64) gives an orthonormal basis `U_r` of the
+//!   row space, and `G - (G U_r) U_r^T` is subtracted (see [`SpanBasis`]).
+//!
+//! The Gram route squares the condition number: its error in `||J y|| / (||J||_2 ||g||)` grows
+//! like `eps * cond(J)` and its eigenvalues carry an absolute error of about `eps * ||J||^2`,
+//! so it cannot tell a singular value below `~1e-7 sigma_max` from round-off. [`JacobianRoute::
+//! Auto`] therefore takes the Gram route only when the kept eigenvalues show `cond(J) <=`
+//! [`gram_max_cond`] for the output type and no eigenvalue sits near the rank threshold `rcond^2
+//! lambda_max` (the SVD's rule `sigma_i > rcond sigma_max`, squared); otherwise the SVD route.
 
 use crate::checks::{check_cols, check_finite, check_output_shape, check_rcond};
 use crate::error::ProjectionError;
 use crate::scalar::Real;
 use crate::span_basis::{Factorization, SpanBasis};
-use faer::reborrow::Reborrow;
-use faer::{MatMut, MatRef, Par};
+use faer::diag::Diag;
+use faer::dyn_stack::{MemBuffer, MemStack};
+use faer::linalg::cholesky::llt::factor::{
+    cholesky_in_place, cholesky_in_place_scratch, LltRegularization,
+};
+use faer::linalg::evd::{self_adjoint_evd, self_adjoint_evd_scratch, ComputeEigenvectors};
+use faer::linalg::matmul::matmul;
+use faer::linalg::matmul::triangular::{self, BlockStructure};
+use faer::linalg::triangular_inverse::invert_lower_triangular;
+use faer::reborrow::{IntoConst, Reborrow, ReborrowMut};
+use faer::{Accum, Mat, MatMut, MatRef, Par};
+use rayon::prelude::*;
+
+/// How [`jacobian_null_project_with`] computes the projection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum JacobianRoute {
+    /// The Gram route when its eigenvalues show it is accurate (see the module docs), else the
+    /// SVD route. The default.
+    #[default]
+    Auto,
+    /// Always the Gram route: eigenvalues `> max(rcond^2, GRAM_NOISE) * lambda_max` are inverted,
+    /// whatever the conditioning (for comparison and tests). Falls back to the SVD route only
+    /// when a float64 `J` has entries beyond `~1e+-120` (the Gram matrix could over- or
+    /// underflow) or an intermediate overflows.
+    Gram,
+    /// Always the thin SVD of `J^T`.
+    Svd,
+}
+
+/// What a Jacobian projection did: the numerical rank of `J` and the route that ran
+/// ([`JacobianRoute::Gram`] or [`JacobianRoute::Svd`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JacobianInfo {
+    /// Number of directions removed.
+    pub rank: usize,
+    /// The route that computed the result.
+    pub route: JacobianRoute,
+}
+
+/// Relative absolute error, in units of `lambda_max`, that the computed eigenvalues of the Gram
+/// matrix are trusted to: eigenvalues within this of the rank threshold are ambiguous.
+/// Round-off puts the null eigenvalues of an exactly rank-deficient `J` at `~1e-16..1e-14`
+/// (measured up to `m = 2048`, `n = 65536`, docs/linalg.md); this is 100x above that.
+pub const GRAM_NOISE: f64 = 1e-12;
+
+/// The largest `cond(J)` (over the kept directions) for which [`JacobianRoute::Auto`] uses the
+/// Gram route when the output has type `T`. The Gram route's ratio `||J y|| / (||J||_2 ||g||)`
+/// is about `eps64 * cond(J)` in the worst case (`g` along the weakest direction), measured in
+/// docs/linalg.md: float64 needs `<= 1e-12`, so `cond <= 1e3`; float32 needs `<= 1e-5` and
+/// the limit is where the Gram matrix itself gets close to singular, `cond <= 1e6`.
+pub fn gram_max_cond<T: Real>() -> f64 {
+    if T::NAME == "float64" {
+        1e3
+    } else {
+        1e6
+    }
+}
 
 /// `dst <- G - (J^T (J J^T)^+ J G^T)^T`, i.e. each row of `g` with the row space of `j`
 /// removed. `j` is `m x n` (`m = 0` returns `g`), `g` is `b x n` (any `b`), `dst` is `b x n`;
-/// any strides. `J` is factored in f64 whatever `TJ` is; the batch is processed in `T`.
-/// Singular values of `J` `<= rcond * sigma_max` are treated as zero; `rcond = None` means
-/// `max(m, n) * f64::EPSILON`. Returns the numerical rank of `j`.
+/// any strides. `J` is factored in f64 whatever `TJ` is, and the update is accumulated in f64
+/// and rounded once to `T`. Singular values of `J` `<= rcond * sigma_max` are treated as zero;
+/// `rcond = None` means `max(m, n) * f64::EPSILON`. Returns the numerical rank of `j`. The
+/// route is [`JacobianRoute::Auto`].
 ///
 /// Errors: `g` without `n` columns, `dst` of another shape, NaN or infinity in `j` or `g`,
 /// `rcond` negative or NaN.
@@ -28,10 +96,23 @@ pub fn jacobian_null_project<TJ: Real, T: Real>(
     rcond: Option<f64>,
     par: Par,
 ) -> Result<usize, ProjectionError> {
-    let basis = checked_row_space(j, g, rcond, par)?;
+    jacobian_null_project_with(dst, j, g, rcond, JacobianRoute::Auto, par).map(|info| info.rank)
+}
+
+/// [`jacobian_null_project`] with a chosen route; also says which route ran.
+pub fn jacobian_null_project_with<TJ: Real, T: Real>(
+    dst: MatMut<'_, T>,
+    j: MatRef<'_, TJ>,
+    g: MatRef<'_, T>,
+    rcond: Option<f64>,
+    route: JacobianRoute,
+    par: Par,
+) -> Result<JacobianInfo, ProjectionError> {
+    check_rcond(rcond)?;
+    let (m, n) = j.shape();
+    check_cols("G", g, n, || format!("J has shape ({m}, {n})"))?;
     check_output_shape(dst.shape(), g.shape())?;
-    basis.project_out(dst, g, par);
-    Ok(basis.rank())
+    project(Batch::Separate { dst, g }, j, rcond, route, par)
 }
 
 /// [`jacobian_null_project`] in place: `g <- g - (J^T (J J^T)^+ J g^T)^T`.
@@ -41,42 +122,545 @@ pub fn jacobian_null_project_in_place<TJ: Real, T: Real>(
     rcond: Option<f64>,
     par: Par,
 ) -> Result<usize, ProjectionError> {
-    let basis = checked_row_space(j, g.rb(), rcond, par)?;
-    basis.project_out_in_place(g, par);
-    Ok(basis.rank())
+    jacobian_null_project_in_place_with(g, j, rcond, JacobianRoute::Auto, par).map(|i| i.rank)
 }
 
-fn checked_row_space<TJ: Real, T: Real>(
+/// [`jacobian_null_project_in_place`] with a chosen route; also says which route ran.
+pub fn jacobian_null_project_in_place_with<TJ: Real, T: Real>(
+    g: MatMut<'_, T>,
     j: MatRef<'_, TJ>,
-    g: MatRef<'_, T>,
     rcond: Option<f64>,
+    route: JacobianRoute,
     par: Par,
-) -> Result<SpanBasis, ProjectionError> {
+) -> Result<JacobianInfo, ProjectionError> {
     check_rcond(rcond)?;
     let (m, n) = j.shape();
-    check_cols("G", g, n, || format!("J has shape ({m}, {n})"))?;
+    check_cols("G", g.rb(), n, || format!("J has shape ({m}, {n})"))?;
+    project(Batch::InPlace(g), j, rcond, route, par)
+}
+
+/// The batch: read from `g` and written to `dst`, or updated in place.
+enum Batch<'a, T> {
+    Separate {
+        dst: MatMut<'a, T>,
+        g: MatRef<'a, T>,
+    },
+    InPlace(MatMut<'a, T>),
+}
+
+impl<T: Real> Batch<'_, T> {
+    fn g(&self) -> MatRef<'_, T> {
+        match self {
+            Self::Separate { g, .. } => *g,
+            Self::InPlace(g) => g.rb(),
+        }
+    }
+
+    /// `dst <- g`, for results that leave the batch unchanged.
+    fn copy_through(self) {
+        if let Self::Separate { mut dst, g } = self {
+            dst.copy_from(g);
+        }
+    }
+}
+
+fn project<TJ: Real, T: Real>(
+    batch: Batch<'_, T>,
+    j: MatRef<'_, TJ>,
+    rcond: Option<f64>,
+    route: JacobianRoute,
+    par: Par,
+) -> Result<JacobianInfo, ProjectionError> {
+    let (m, n) = j.shape();
+    let rcond = rcond.unwrap_or_else(|| SpanBasis::default_rcond(n, m));
+    if route == JacobianRoute::Svd || m == 0 || n == 0 {
+        return svd_route(batch, j, rcond, par);
+    }
+    match gram_route(batch, j, rcond, route == JacobianRoute::Gram, par)? {
+        GramOutcome::Done(rank) => Ok(JacobianInfo {
+            rank,
+            route: JacobianRoute::Gram,
+        }),
+        GramOutcome::Declined(batch) => svd_route(batch, j, rcond, par),
+    }
+}
+
+fn svd_route<TJ: Real, T: Real>(
+    batch: Batch<'_, T>,
+    j: MatRef<'_, TJ>,
+    rcond: f64,
+    par: Par,
+) -> Result<JacobianInfo, ProjectionError> {
     check_finite("J", j)?;
-    check_finite("G", g)?;
-    SpanBasis::factor("J", j.transpose(), rcond, Factorization::Svd, par)
+    check_finite("G", batch.g())?;
+    // faer's SVD loses time to threads when the smaller side is small (see `factor_par`)
+    let factor = if j.nrows().min(j.ncols()) <= 256 {
+        Par::Seq
+    } else {
+        par
+    };
+    let basis = SpanBasis::factor("J", j.transpose(), Some(rcond), Factorization::Svd, factor)?;
+    match batch {
+        Batch::Separate { dst, g } => basis.project_out(dst, g, par),
+        Batch::InPlace(g) => basis.project_out_in_place(g, par),
+    }
+    Ok(JacobianInfo {
+        rank: basis.rank(),
+        route: JacobianRoute::Svd,
+    })
+}
+
+enum GramOutcome<'a, T> {
+    Done(usize),
+    /// The Gram route does not apply (accuracy, scale); the batch is untouched.
+    Declined(Batch<'a, T>),
+}
+
+/// Bounds on `max_i ||J_i||^2` for the Gram route: outside them a float64 `J` has entries
+/// beyond `~1e+-120`, products could over- or underflow, and the SVD route (which rescales)
+/// takes over. A float32 `J` is always inside.
+const GRAM_DIAG_MIN: f64 = 1e-240;
+const GRAM_DIAG_MAX: f64 = 1e240;
+
+fn gram_route<'a, TJ: Real, T: Real>(
+    batch: Batch<'a, T>,
+    j: MatRef<'_, TJ>,
+    rcond: f64,
+    forced: bool,
+    par: Par,
+) -> Result<GramOutcome<'a, T>, ProjectionError> {
+    let m = j.nrows();
+    let chunks = column_chunks(j.ncols(), par);
+    let (gram, c) = gram_pass(j, batch.g(), &chunks);
+
+    // NaN / inf in J reach the diagonal of J J^T, in G every entry of its column of J G^T:
+    // IEEE arithmetic cannot cancel them. A non-finite value with finite inputs is overflow.
+    let diag: Vec<f64> = (0..m).map(|i| gram[(i, i)]).collect();
+    let diag_finite = diag.iter().all(|d| d.is_finite());
+    if !diag_finite {
+        check_finite("J", j)?;
+    }
+    let c_finite = (0..c.ncols()).all(|k| c.col(k).iter().all(|x| x.is_finite()));
+    if !c_finite {
+        check_finite("J", j)?;
+        check_finite("G", batch.g())?;
+    }
+    let largest = diag.iter().copied().fold(0.0, f64::max);
+    if largest == 0.0 && j.norm_max().to_f64() == 0.0 {
+        batch.copy_through();
+        return Ok(GramOutcome::Done(0));
+    }
+    if !(diag_finite && c_finite && (GRAM_DIAG_MIN..=GRAM_DIAG_MAX).contains(&largest)) {
+        return Ok(GramOutcome::Declined(batch));
+    }
+
+    // Exactly zero rows add nothing to the row space; leaving them out keeps their exact zero
+    // eigenvalues from turning into round-off that would look ambiguous.
+    let live: Vec<usize> = (0..m).filter(|&i| diag[i] > 0.0).collect();
+    let ml = live.len();
+    // scaled by a power of two (exact) to a largest diagonal entry in [1, 2): faer's
+    // eigensolver is not scale-invariant for entries far from 1 (a Gram matrix of a 1e-30 J
+    // lost all accuracy at m = 256)
+    let unscale = 2f64.powi(largest.log2().floor() as i32);
+    let gram_live = Mat::from_fn(ml, ml, |a, b| {
+        let (i, k) = (live[a.max(b)], live[a.min(b)]);
+        gram[(i, k)] / unscale
+    });
+    let b = c.ncols();
+    let c_live = Mat::from_fn(ml, b, |i, k| c[(live[i], k)]);
+    let limits = Limits {
+        threshold: rcond * rcond,
+        floor: if forced {
+            0.0
+        } else {
+            gram_max_cond::<T>().powi(-2)
+        },
+    };
+    let solved = cholesky_coeffs(gram_live.as_ref(), c_live.as_ref(), limits, par)
+        .or_else(|| eigen_coeffs(gram_live.as_ref(), c_live.as_ref(), limits, forced, par));
+    let Some((w_live, rank)) = solved else {
+        return Ok(GramOutcome::Declined(batch));
+    };
+    if rank == 0 {
+        batch.copy_through();
+        return Ok(GramOutcome::Done(0));
+    }
+    if rank == j.ncols() {
+        // the row space is everything: the projection is exactly zero
+        match batch {
+            Batch::Separate { mut dst, .. } => dst.fill(T::from_f64(0.0)),
+            Batch::InPlace(mut g) => g.fill(T::from_f64(0.0)),
+        }
+        return Ok(GramOutcome::Done(rank));
+    }
+    // W = (J J^T)^+ J G^T (m x b), zero on the rows of J that are zero
+    let mut w = Mat::<f64>::zeros(m, b);
+    for (a, &i) in live.iter().enumerate() {
+        for k in 0..b {
+            w[(i, k)] = w_live[(a, k)] / unscale;
+        }
+    }
+    // |(W^T J)_kl| <= sum_i |W_ik| ||J_i||: keeps every partial sum of the second pass finite.
+    let bound = (0..b)
+        .map(|k| {
+            (0..m)
+                .map(|i| w[(i, k)].abs() * diag[i].sqrt())
+                .sum::<f64>()
+        })
+        .fold(0.0, f64::max);
+    if !bound.is_finite() || bound >= 1e300 {
+        return Ok(GramOutcome::Declined(batch));
+    }
+    update_pass(batch, j, w.as_ref(), &chunks);
+    Ok(GramOutcome::Done(rank))
+}
+
+/// Which eigenvalues of the Gram matrix the route may invert, relative to `lambda_max`.
+#[derive(Clone, Copy)]
+struct Limits {
+    /// `rcond^2`: eigenvalues at or below `threshold * lambda_max` count as zero (the SVD rule).
+    threshold: f64,
+    /// `1 / gram_max_cond^2` (0 when the route is forced): a kept eigenvalue below `floor *
+    /// lambda_max` makes the Gram route too inaccurate.
+    floor: f64,
+}
+
+/// `(M^-1 C, m)` by Cholesky, when that is certain to be what the eigendecomposition would
+/// decide: every eigenvalue kept, unambiguously, and above the floor. Certain because
+/// `1 / trace(M^-1) = 1 / ||L^-1||_F^2 <= lambda_min` and `||M||_inf >= lambda_max` bound the
+/// spectrum from the safe side. Much cheaper than the eigenvalues (m = 2048, one thread:
+/// Cholesky 0.14 s, eigenvalues alone 0.9 s, with eigenvectors 1.9 s); `None` sends the
+/// caller to [`eigen_coeffs`].
+fn cholesky_coeffs(
+    gram: MatRef<'_, f64>,
+    c: MatRef<'_, f64>,
+    limits: Limits,
+    par: Par,
+) -> Option<(Mat<f64>, usize)> {
+    let m = gram.nrows();
+    let mut l = Mat::from_fn(m, m, |i, k| if i >= k { gram[(i, k)] } else { 0.0 });
+    let req = cholesky_in_place_scratch::<f64>(m, par, Default::default());
+    let mut buf = MemBuffer::new(req);
+    cholesky_in_place(
+        l.as_mut(),
+        LltRegularization::default(),
+        par,
+        MemStack::new(&mut buf),
+        Default::default(),
+    )
+    .ok()?;
+    let mut l_inv = Mat::<f64>::zeros(m, m);
+    invert_lower_triangular(l_inv.as_mut(), l.as_ref(), par);
+    let trace_inv = l_inv.squared_norm_l2();
+    let lambda_min_lb = 1.0 / trace_inv;
+    let lambda_max_ub = (0..m)
+        .map(|i| {
+            (0..m)
+                .map(|k| gram[(i.max(k), i.min(k))].abs())
+                .sum::<f64>()
+        })
+        .fold(0.0, f64::max);
+    let margin = (limits.threshold + GRAM_NOISE).max(limits.floor);
+    if !(trace_inv.is_finite() && lambda_min_lb > margin * lambda_max_ub) {
+        return None;
+    }
+    // M^-1 C = L^-T (L^-1 C)
+    let mut z = Mat::<f64>::zeros(m, c.ncols());
+    triangular::matmul(
+        z.as_mut(),
+        BlockStructure::Rectangular,
+        Accum::Replace,
+        l_inv.as_ref(),
+        BlockStructure::TriangularLower,
+        c,
+        BlockStructure::Rectangular,
+        1.0,
+        par,
+    );
+    let mut w = Mat::<f64>::zeros(m, c.ncols());
+    triangular::matmul(
+        w.as_mut(),
+        BlockStructure::Rectangular,
+        Accum::Replace,
+        l_inv.transpose(),
+        BlockStructure::TriangularUpper,
+        z.as_ref(),
+        BlockStructure::Rectangular,
+        1.0,
+        par,
+    );
+    Some((w, m))
+}
+
+/// `(V_r L_r^-1 V_r^T C, r)` from the eigendecomposition `M = V L V^T`, keeping the eigenvalues
+/// above `threshold * lambda_max` (and, when `forced`, above `GRAM_NOISE * lambda_max`);
+/// `None` when the route must decline: an eigenvalue within `GRAM_NOISE * lambda_max` of the
+/// threshold (ambiguous rank) or a kept one below the floor (too inaccurate).
+fn eigen_coeffs(
+    gram: MatRef<'_, f64>,
+    c: MatRef<'_, f64>,
+    limits: Limits,
+    forced: bool,
+    par: Par,
+) -> Option<(Mat<f64>, usize)> {
+    let m = gram.nrows();
+    let (values, vectors) = self_adjoint_eigen(gram, par)?;
+    let lambda_max = values[m - 1];
+    let threshold = limits.threshold * lambda_max;
+    let noise = GRAM_NOISE * lambda_max;
+    let kept: Vec<usize> = (0..m)
+        .filter(|&i| values[i] > threshold && (!forced || values[i] > noise))
+        .collect();
+    if !forced {
+        let ambiguous = values.iter().any(|&v| (v - threshold).abs() <= noise);
+        let ill = kept.iter().any(|&i| values[i] < limits.floor * lambda_max);
+        if ambiguous || ill {
+            return None;
+        }
+    }
+    let rank = kept.len();
+    let v_kept = Mat::from_fn(m, rank, |i, k| vectors[(i, kept[k])]);
+    let mut z = v_kept.transpose() * c;
+    for (row, &i) in kept.iter().enumerate() {
+        let inv = 1.0 / values[i];
+        z.row_mut(row).iter_mut().for_each(|x| *x *= inv);
+    }
+    Some((&v_kept * &z, rank))
+}
+
+/// Eigenvalues (nondecreasing) and eigenvectors of the symmetric `a` (lower half read).
+fn self_adjoint_eigen(a: MatRef<'_, f64>, par: Par) -> Option<(Vec<f64>, Mat<f64>)> {
+    let n = a.nrows();
+    let mut s = Diag::<f64>::zeros(n);
+    let mut u = Mat::<f64>::zeros(n, n);
+    let req = self_adjoint_evd_scratch::<f64>(n, ComputeEigenvectors::Yes, par, Default::default());
+    let mut buf = MemBuffer::new(req);
+    self_adjoint_evd(
+        a,
+        s.as_mut(),
+        Some(u.as_mut()),
+        par,
+        MemStack::new(&mut buf),
+        Default::default(),
+    )
+    .ok()?;
+    Some(((0..n).map(|i| s[i]).collect(), u))
+}
+
+/// Columns of `J` handled per block: the f64 copy of a block (`m x width`, and `b x width` of
+/// `G`) stays near 256 KiB, in L2 while it is used, and at least 256 columns keep the
+/// rank-`width` updates of `M` efficient (m = 16, n = 65536: 1.3 ms with 256 KiB blocks, 1.5 ms
+/// with 1 MiB, 3.9 ms with 4 MiB).
+fn block_width(m: usize, b: usize) -> usize {
+    ((1 << 15) / m.max(b).max(1)).clamp(256, 8192)
+}
+
+/// Splits `0..n` into one contiguous range per thread (at least 4096 columns each), each
+/// processed sequentially: threads then never wait on each other inside a block.
+fn column_chunks(n: usize, par: Par) -> Vec<(usize, usize)> {
+    let parts = par.degree().max(1).min(n.div_ceil(4096)).max(1);
+    let step = n.div_ceil(parts);
+    (0..parts)
+        .map(|p| (p * step, ((p + 1) * step).min(n)))
+        .filter(|(a, b)| a < b)
+        .collect()
+}
+
+/// `(M, C)` with `M = J J^T` (lower triangle) and `C = J G^T`, in f64.
+fn gram_pass<TJ: Real, T: Real>(
+    j: MatRef<'_, TJ>,
+    g: MatRef<'_, T>,
+    chunks: &[(usize, usize)],
+) -> (Mat<f64>, Mat<f64>) {
+    let (m, b) = (j.nrows(), g.nrows());
+    let partial = |&(start, end): &(usize, usize)| {
+        let mut gram = Mat::<f64>::zeros(m, m);
+        let mut c = Mat::<f64>::zeros(m, b);
+        let width = block_width(m, b);
+        let (mut jbuf, mut gbuf) = (Widened::new(), Widened::new());
+        let mut k = start;
+        while k < end {
+            let w = width.min(end - k);
+            let jb = jbuf.load(j.subcols(k, w));
+            let gb = gbuf.load(g.subcols(k, w));
+            triangular::matmul(
+                gram.as_mut(),
+                BlockStructure::TriangularLower,
+                Accum::Add,
+                jb,
+                BlockStructure::Rectangular,
+                jb.transpose(),
+                BlockStructure::Rectangular,
+                1.0,
+                Par::Seq,
+            );
+            matmul(c.as_mut(), Accum::Add, jb, gb.transpose(), 1.0, Par::Seq);
+            k += w;
+        }
+        (gram, c)
+    };
+    if chunks.len() == 1 {
+        return partial(&chunks[0]);
+    }
+    let parts: Vec<_> = chunks.par_iter().map(partial).collect();
+    let mut parts = parts.into_iter();
+    let (mut gram, mut c) = parts.next().expect("at least one chunk");
+    for (gp, cp) in parts {
+        gram += gp;
+        c += cp;
+    }
+    (gram, c)
+}
+
+/// `Y = G - W^T J`, in f64, rounded once to `T`, written over the batch's output.
+fn update_pass<TJ: Real, T: Real>(
+    batch: Batch<'_, T>,
+    j: MatRef<'_, TJ>,
+    w: MatRef<'_, f64>,
+    chunks: &[(usize, usize)],
+) {
+    let (dst, g) = match batch {
+        Batch::Separate { dst, g } => (dst, Some(g)),
+        Batch::InPlace(g) => (g, None),
+    };
+    let b = dst.nrows();
+    let run = |(start, mut dst): (usize, MatMut<'_, T>)| {
+        let end = start + dst.ncols();
+        let width = block_width(j.nrows(), b);
+        let (mut jbuf, mut ybuf) = (Widened::new(), Mat::<f64>::zeros(0, 0));
+        let mut k = start;
+        while k < end {
+            let cols = width.min(end - k);
+            let jb = jbuf.load(j.subcols(k, cols));
+            let g = g.map(|g| g.subcols(k, cols));
+            match T::as_f64_mut(dst.rb_mut().subcols_mut(k - start, cols)) {
+                Ok(mut out) => {
+                    if let Some(g) = g.and_then(T::as_f64) {
+                        out.copy_from(g);
+                    }
+                    matmul(out, Accum::Add, w.transpose(), jb, -1.0, Par::Seq);
+                }
+                Err(mut out) => {
+                    let mut y = scratch_like(&mut ybuf, out.rb());
+                    convert(y.rb_mut(), g.unwrap_or(out.rb()), T::to_f64);
+                    matmul(y.rb_mut(), Accum::Add, w.transpose(), jb, -1.0, Par::Seq);
+                    convert(out.rb_mut(), y.rb(), T::from_f64);
+                }
+            }
+            k += cols;
+        }
+    };
+    if chunks.len() == 1 {
+        run((0, dst));
+        return;
+    }
+    let mut pieces = Vec::with_capacity(chunks.len());
+    let mut rest = dst;
+    let mut taken = 0;
+    for &(start, end) in chunks {
+        let (piece, tail) = rest.split_at_col_mut(end - taken);
+        pieces.push((start, piece));
+        rest = tail;
+        taken = end;
+    }
+    pieces.into_par_iter().for_each(run);
+}
+
+/// A reusable f64 copy of blocks of a matrix; float64 blocks are borrowed, not copied.
+struct Widened {
+    buf: Mat<f64>,
+}
+
+impl Widened {
+    fn new() -> Self {
+        Self {
+            buf: Mat::zeros(0, 0),
+        }
+    }
+
+    /// `block` as f64.
+    fn load<'s, 'a: 's, T: Real>(&'s mut self, block: MatRef<'a, T>) -> MatRef<'s, f64> {
+        if let Some(b) = T::as_f64(block) {
+            return b;
+        }
+        let mut buf = scratch_like(&mut self.buf, block);
+        convert(buf.rb_mut(), block, T::to_f64);
+        buf.into_const()
+    }
+}
+
+/// `buf` resized to the shape of `like`, as a view in `like`'s memory order (row- or
+/// column-major), so that copies between them run over contiguous memory.
+fn scratch_like<'s, T>(buf: &'s mut Mat<f64>, like: MatRef<'_, T>) -> MatMut<'s, f64> {
+    let (r, c) = like.shape();
+    if like.col_stride().unsigned_abs() < like.row_stride().unsigned_abs() {
+        buf.resize_with(c, r, |_, _| 0.0);
+        buf.as_mut().transpose_mut()
+    } else {
+        buf.resize_with(r, c, |_, _| 0.0);
+        buf.as_mut()
+    }
+}
+
+/// `dst[i, j] <- f(src[i, j])`, along contiguous lines where both have them.
+fn convert<S: Copy, D: Copy>(dst: MatMut<'_, D>, src: MatRef<'_, S>, f: impl Fn(S) -> D) {
+    let transposed = src.row_stride().unsigned_abs() > src.col_stride().unsigned_abs();
+    let (mut dst, src) = if transposed {
+        (dst.transpose_mut(), src.transpose())
+    } else {
+        (dst, src)
+    };
+    for k in 0..src.ncols() {
+        let s = src.col(k);
+        let contiguous = s.try_as_col_major().map(|s| s.as_slice());
+        match (dst.rb_mut().col_mut(k).try_as_col_major_mut(), contiguous) {
+            (Some(d), Some(s)) => {
+                let d = d.as_slice_mut();
+                d.iter_mut().zip(s).for_each(|(d, &s)| *d = f(s));
+            }
+            _ => {
+                let mut d = dst.rb_mut().col_mut(k);
+                for i in 0..s.nrows() {
+                    d[i] = f(s[i]);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testing::*;
-    use faer::Mat;
 
     fn run<TJ: Real, T: Real>(
         j: &Mat<f64>,
         g: &Mat<f64>,
         rcond: Option<f64>,
     ) -> (Mat<T>, usize, f64) {
+        let (y, info, ratio) = run_route::<TJ, T>(j, g, rcond, JacobianRoute::Auto);
+        (y, info.rank, ratio)
+    }
+
+    fn run_route<TJ: Real, T: Real>(
+        j: &Mat<f64>,
+        g: &Mat<f64>,
+        rcond: Option<f64>,
+        route: JacobianRoute,
+    ) -> (Mat<T>, JacobianInfo, f64) {
         let (jt, gt) = (cast::<TJ>(j.as_ref()), cast::<T>(g.as_ref()));
         let mut y = Mat::<T>::zeros(g.nrows(), g.ncols());
-        let rank =
-            jacobian_null_project(y.as_mut(), jt.as_ref(), gt.as_ref(), rcond, Par::Seq).unwrap();
+        let info = jacobian_null_project_with(
+            y.as_mut(),
+            jt.as_ref(),
+            gt.as_ref(),
+            rcond,
+            route,
+            Par::Seq,
+        )
+        .unwrap();
         let ratio = orthogonality_ratio(widen(jt.as_ref()).transpose(), gt.as_ref(), y.as_ref());
-        (y, rank, ratio)
+        (y, info, ratio)
     }
 
     #[test]
@@ -181,6 +765,240 @@ mod tests {
     }
 
     #[test]
+    fn each_route_meets_the_bars_and_they_agree() {
+        let mut rng = rng(24);
+        for &(m, n, b) in &[(5, 40, 9), (16, 300, 4), (40, 41, 3)] {
+            let j = gaussian(&mut rng, m, n);
+            let g = gaussian(&mut rng, b, n);
+            let (y_auto, auto, r_auto) = run_route::<f64, f64>(&j, &g, None, JacobianRoute::Auto);
+            let (y_gram, gram, r_gram) = run_route::<f64, f64>(&j, &g, None, JacobianRoute::Gram);
+            let (y_svd, svd, r_svd) = run_route::<f64, f64>(&j, &g, None, JacobianRoute::Svd);
+            assert_eq!(auto.route, JacobianRoute::Gram, "{m}x{n}: well-conditioned");
+            assert_eq!(
+                (gram.route, svd.route),
+                (JacobianRoute::Gram, JacobianRoute::Svd)
+            );
+            assert_eq!((auto.rank, gram.rank, svd.rank), (m, m, m));
+            for r in [r_auto, r_gram, r_svd] {
+                assert!(r < 1e-12, "{m}x{n}: {r:e}");
+            }
+            assert_eq!(y_auto, y_gram);
+            assert!(max_abs_diff(y_gram.as_ref(), y_svd.as_ref()) < 1e-12);
+            for route in [JacobianRoute::Gram, JacobianRoute::Svd] {
+                let (_, info, r) = run_route::<f32, f32>(&j, &g, None, route);
+                assert!(r < 1e-5 && info.route == route, "{route:?}: {r:e}");
+                let (_, _, r) = run_route::<f32, f64>(&j, &g, None, route);
+                assert!(r < 1e-12, "{route:?}: {r:e}");
+            }
+        }
+    }
+
+    #[test]
+    fn auto_declines_the_gram_route_where_it_would_be_inaccurate() {
+        let mut rng = rng(25);
+        for cond in [1e2f64, 1e4, 1e5, 1e7, 1e9] {
+            let s: Vec<f64> = (0..10).map(|i| cond.powf(-(i as f64) / 9.0)).collect();
+            let j = with_singular_values(&mut rng, 80, &s)
+                .transpose()
+                .to_owned();
+            let mut g = gaussian(&mut rng, 6, 80);
+            // the weakest direction of the row space: the worst case of the Gram route
+            let v = gram_schmidt(j.transpose().to_owned().as_ref(), 1e-14);
+            for k in 0..80 {
+                g[(0, k)] = v[(k, 9)];
+            }
+            let (_, info64, r64) = run_route::<f64, f64>(&j, &g, None, JacobianRoute::Auto);
+            let (_, info32, r32) = run_route::<f32, f32>(&j, &g, None, JacobianRoute::Auto);
+            assert!(r64 < 1e-12 && r32 < 1e-5, "cond {cond:e}: {r64:e} {r32:e}");
+            let expect = |limit: f64| {
+                if cond <= limit {
+                    JacobianRoute::Gram
+                } else {
+                    JacobianRoute::Svd
+                }
+            };
+            assert_eq!(
+                info64.route,
+                expect(gram_max_cond::<f64>()),
+                "cond {cond:e}"
+            );
+            assert_eq!(
+                info32.route,
+                expect(gram_max_cond::<f32>()),
+                "cond {cond:e}"
+            );
+            assert_eq!((info64.rank, info32.rank), (10, 10));
+        }
+    }
+
+    #[test]
+    fn rank_decisions_follow_the_svd_rule() {
+        let mut rng = rng(26);
+        let b = gaussian(&mut rng, 4, 50);
+        let mut j = gaussian(&mut rng, 9, 4) * &b; // 9 rows spanning 4 directions
+        j.row_mut(2).fill(0.0);
+        j.row_mut(7).fill(0.0);
+        let g = gaussian(&mut rng, 5, 50);
+        let q = gram_schmidt(b.transpose().to_owned().as_ref(), 1e-10);
+        let reference = reference_project(q.as_ref(), g.as_ref());
+        // default rcond: the round-off eigenvalues of the dependent rows are ambiguous
+        let (y, info, _) = run_route::<f64, f64>(&j, &g, None, JacobianRoute::Auto);
+        assert_eq!((info.rank, info.route), (4, JacobianRoute::Svd));
+        assert!(max_abs_diff(y.as_ref(), reference.as_ref()) < 1e-12);
+        // a tolerance far above round-off makes the same decision certain
+        let (y, info, _) = run_route::<f64, f64>(&j, &g, Some(1e-4), JacobianRoute::Auto);
+        assert_eq!((info.rank, info.route), (4, JacobianRoute::Gram));
+        assert!(max_abs_diff(y.as_ref(), reference.as_ref()) < 1e-12);
+        // forced, the Gram route drops what is below its noise level
+        let (y, info, _) = run_route::<f64, f64>(&j, &g, None, JacobianRoute::Gram);
+        assert_eq!((info.rank, info.route), (4, JacobianRoute::Gram));
+        assert!(max_abs_diff(y.as_ref(), reference.as_ref()) < 1e-12);
+        // zero rows alone do not make the rank ambiguous
+        let mut j = gaussian(&mut rng, 9, 50);
+        j.row_mut(0).fill(0.0);
+        j.row_mut(5).fill(0.0);
+        let (_, info, r) = run_route::<f32, f32>(&j, &g, None, JacobianRoute::Auto);
+        assert_eq!((info.rank, info.route), (7, JacobianRoute::Gram));
+        assert!(r < 1e-5);
+        // a zero J, and a tolerance that drops everything
+        let (y, info, _) = run_route::<f64, f64>(&Mat::zeros(3, 50), &g, None, JacobianRoute::Auto);
+        assert_eq!((y, info.rank), (g.clone(), 0));
+        let (y, info, _) = run_route::<f64, f64>(&j, &g, Some(2.0), JacobianRoute::Auto);
+        assert_eq!((y, info.rank), (g.clone(), 0));
+    }
+
+    #[test]
+    fn extreme_float64_scales_take_the_svd_route() {
+        let mut rng = rng(27);
+        let j0 = gaussian(&mut rng, 6, 30);
+        let g = gaussian(&mut rng, 4, 30);
+        let (reference, _, _) = run_route::<f64, f64>(&j0, &g, None, JacobianRoute::Svd);
+        for (scale, route) in [
+            (1e-200, JacobianRoute::Svd),
+            (1e-100, JacobianRoute::Gram),
+            (1e100, JacobianRoute::Gram),
+            (1e200, JacobianRoute::Svd),
+        ] {
+            let j = Mat::from_fn(6, 30, |i, k| j0[(i, k)] * scale);
+            let (y, info, r) = run_route::<f64, f64>(&j, &g, None, JacobianRoute::Auto);
+            assert_eq!((info.route, info.rank), (route, 6), "scale {scale:e}");
+            assert!(r < 1e-12, "scale {scale:e}: {r:e}");
+            assert!(max_abs_diff(y.as_ref(), reference.as_ref()) < 1e-12);
+        }
+        // float32 data spans too little range to need it
+        for scale in [1e-30, 1e30] {
+            let j = Mat::from_fn(6, 30, |i, k| j0[(i, k)] * scale);
+            let (_, info, r) = run_route::<f32, f32>(&j, &g, None, JacobianRoute::Auto);
+            assert_eq!(info.route, JacobianRoute::Gram);
+            assert!(r < 1e-5, "scale {scale:e}: {r:e}");
+        }
+    }
+
+    #[test]
+    fn gram_route_layouts_threads_and_in_place() {
+        let mut rng = rng(28);
+        let (m, n, b) = (12, 9000, 5); // several column blocks, two thread chunks
+        let j = gaussian(&mut rng, m, n);
+        let g = gaussian(&mut rng, b, n);
+        let (reference, info, _) = run_route::<f64, f64>(&j, &g, None, JacobianRoute::Auto);
+        assert_eq!(info.route, JacobianRoute::Gram);
+        // J column-major with reversed rows, G transposed storage, two threads
+        let j_cm = j.as_ref().reverse_rows().to_owned();
+        let j_view = j_cm.as_ref().reverse_rows();
+        let gt = g.transpose().to_owned();
+        let mut y = Mat::<f64>::zeros(b, n);
+        let info = jacobian_null_project_with(
+            y.as_mut(),
+            j_view,
+            gt.as_ref().transpose(),
+            None,
+            JacobianRoute::Auto,
+            Par::rayon(2),
+        )
+        .unwrap();
+        assert_eq!(info.route, JacobianRoute::Gram);
+        assert!(max_abs_diff(y.as_ref(), reference.as_ref()) < 1e-13);
+        // in place, float32 batch, into a transposed destination
+        let mut h = cast::<f32>(g.as_ref()).transpose().to_owned();
+        let info = jacobian_null_project_in_place_with(
+            h.as_mut().transpose_mut(),
+            j.as_ref(),
+            None,
+            JacobianRoute::Gram,
+            Par::rayon(2),
+        )
+        .unwrap();
+        assert_eq!((info.route, info.rank), (JacobianRoute::Gram, m));
+        let h64 = widen(h.as_ref().transpose());
+        assert!(max_abs_diff(h64.as_ref(), reference.as_ref()) < 1e-5);
+    }
+
+    #[test]
+    fn non_finite_values_are_found_wherever_they_are() {
+        let mut rng = rng(29);
+        let (m, n, b) = (7, 9000, 3);
+        for route in [JacobianRoute::Auto, JacobianRoute::Gram, JacobianRoute::Svd] {
+            for &(i, k, bad) in &[
+                (0, 0, f64::NAN),
+                (6, 8999, f64::INFINITY),
+                (3, 4500, -f64::INFINITY),
+            ] {
+                let mut j = gaussian(&mut rng, m, n);
+                let g = gaussian(&mut rng, b, n);
+                j[(i, k)] = bad;
+                let mut y = Mat::<f32>::zeros(b, n);
+                let j32 = cast::<f32>(j.as_ref());
+                let err = jacobian_null_project_with(
+                    y.as_mut(),
+                    j32.as_ref(),
+                    cast::<f32>(g.as_ref()).as_ref(),
+                    None,
+                    route,
+                    Par::rayon(2),
+                )
+                .unwrap_err();
+                assert!(
+                    err.to_string().contains(&format!(
+                        "J contains a non-finite value ({}) at [{i}, {k}]",
+                        bad as f32
+                    )),
+                    "{route:?}: {err}"
+                );
+                // G: the batch is left untouched by the in-place variant
+                let j = gaussian(&mut rng, m, n);
+                let mut g = gaussian(&mut rng, b, n);
+                g[(i % b, k)] = bad;
+                let before = g.clone();
+                let err = jacobian_null_project_in_place_with(
+                    g.as_mut(),
+                    j.as_ref(),
+                    None,
+                    route,
+                    Par::Seq,
+                )
+                .unwrap_err();
+                let at = format!("at [{}, {k}]", i % b);
+                assert!(
+                    err.to_string().contains("G contains a non-finite value")
+                        && err.to_string().contains(&at),
+                    "{route:?}: {err}"
+                );
+                assert!(g.as_ref().col_iter().zip(before.col_iter()).all(|(a, b)| a
+                    .iter()
+                    .zip(b.iter())
+                    .all(|(x, y)| x.to_bits() == y.to_bits())));
+            }
+        }
+        // J overflowing the Gram matrix but finite: no error, the SVD route
+        let mut j = gaussian(&mut rng, 4, 20);
+        j[(1, 3)] = 1e300;
+        let g = gaussian(&mut rng, 2, 20);
+        let (_, info, r) = run_route::<f64, f64>(&j, &g, None, JacobianRoute::Auto);
+        assert_eq!(info.route, JacobianRoute::Svd);
+        assert!(r < 1e-12);
+    }
+
+    #[test]
     fn errors() {
         let j = Mat::<f64>::zeros(3, 10);
         let g = Mat::<f32>::zeros(2, 9);
@@ -214,5 +1032,145 @@ mod tests {
         let g = Mat::<f32>::zeros(2, 9);
         let err = jacobian_null_project(y.as_mut(), j.as_ref(), g.as_ref(), Some(-0.5), Par::Seq);
         assert_eq!(err, Err(ProjectionError::InvalidRcond { value: -0.5 }));
+    }
+}
+
+#[cfg(test)]
+mod measure {
+    //! `cargo test --release -- --ignored --nocapture jacobian_null::measure`: the worst ratios
+    //! per route on adversarial inputs, and the round-off level of the Gram eigenvalues, as
+    //! quoted in docs/linalg.md.
+    use super::*;
+    use crate::testing::*;
+
+    fn ratio<TJ: Real, T: Real>(
+        j: &Mat<f64>,
+        g: &Mat<f64>,
+        route: JacobianRoute,
+    ) -> (f64, JacobianRoute) {
+        let (jt, gt) = (cast::<TJ>(j.as_ref()), cast::<T>(g.as_ref()));
+        let mut y = Mat::<T>::zeros(g.nrows(), g.ncols());
+        let info =
+            jacobian_null_project_with(y.as_mut(), jt.as_ref(), gt.as_ref(), None, route, Par::Seq)
+                .unwrap();
+        let r = orthogonality_ratio(widen(jt.as_ref()).transpose(), gt.as_ref(), y.as_ref());
+        (r, info.route)
+    }
+
+    /// `b` rows: Gaussian, inside the row space, along the weakest right singular directions.
+    fn adversarial_batch(rng: &mut rand::rngs::StdRng, j: &Mat<f64>, b: usize) -> Mat<f64> {
+        let (m, n) = j.shape();
+        let mut g = gaussian(rng, b, n);
+        let inside = gaussian(rng, b / 4, m) * j;
+        let svd = j.thin_svd().unwrap();
+        let v = svd.V();
+        let r = (0..m.min(n))
+            .filter(|&i| svd.S()[i] > 1e-14 * svd.S()[0])
+            .count();
+        for i in 0..b / 4 {
+            g.row_mut(i).copy_from(inside.row(i));
+        }
+        for i in b / 4..b / 2 {
+            // the weakest kept directions, plus a little noise
+            let k = r - 1 - ((i - b / 4) % r.min(4));
+            for col in 0..n {
+                g[(i, col)] = v[(col, k)] + 1e-6 * g[(i, col)];
+            }
+        }
+        g
+    }
+
+    #[test]
+    #[ignore]
+    fn measure_routes() {
+        let mut rng = rng(98);
+        for &(m, n) in &[(64usize, 2304usize), (256, 4096)] {
+            let mut cases: Vec<(String, Mat<f64>)> =
+                vec![("gaussian".into(), gaussian(&mut rng, m, n))];
+            for cond in [1e2f64, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e10] {
+                let s: Vec<f64> = (0..m)
+                    .map(|i| cond.powf(-(i as f64) / (m - 1) as f64))
+                    .collect();
+                let j = with_singular_values(&mut rng, n, &s).transpose().to_owned();
+                cases.push((format!("cond {cond:.0e}"), j));
+            }
+            let mut dup = gaussian(&mut rng, m, n);
+            for i in (1..m).step_by(2) {
+                for k in 0..n {
+                    dup[(i, k)] = 3.0 * dup[(i - 1, k)];
+                }
+            }
+            cases.push(("duplicates".into(), dup));
+            let mut zero = gaussian(&mut rng, m, n);
+            for i in (0..m).step_by(3) {
+                zero.row_mut(i).fill(0.0);
+            }
+            cases.push(("zero rows".into(), zero));
+            let base = gaussian(&mut rng, m, n);
+            for scale in [1e-30, 1e30] {
+                cases.push((
+                    format!("scale {scale:.0e}"),
+                    Mat::from_fn(m, n, |i, k| base[(i, k)] * scale),
+                ));
+            }
+            for (name, j) in &cases {
+                let g = adversarial_batch(&mut rng, j, 32);
+                let mut line = format!("m={m:4} n={n:5} {name:11}");
+                for (label, route) in [
+                    ("auto", JacobianRoute::Auto),
+                    ("gram", JacobianRoute::Gram),
+                    ("svd", JacobianRoute::Svd),
+                ] {
+                    let (r64, used64) = ratio::<f64, f64>(j, &g, route);
+                    let (r32, used32) = ratio::<f32, f32>(j, &g, route);
+                    let tag = |u: JacobianRoute| if u == JacobianRoute::Gram { "G" } else { "S" };
+                    line += &format!(
+                        "  {label}: f64 {r64:8.1e}{} f32 {r32:8.1e}{}",
+                        tag(used64),
+                        tag(used32)
+                    );
+                }
+                println!("{line}");
+            }
+        }
+    }
+
+    #[test]
+    #[ignore]
+    fn measure_gram_noise() {
+        // eigenvalues of J J^T that are exactly zero in exact arithmetic, relative to lambda_max
+        let mut rng = rng(97);
+        for &(m, n) in &[
+            (64usize, 2304usize),
+            (256, 65536),
+            (1024, 2304),
+            (1536, 4096),
+            (2048, 4096),
+            (2048, 2304),
+        ] {
+            let r = m / 2;
+            let j = gaussian(&mut rng, m, r) * gaussian(&mut rng, r, n);
+            for name in ["float64", "float32"] {
+                let j32;
+                let (gram, _) = if name == "float64" {
+                    gram_pass(j.as_ref(), Mat::<f64>::zeros(0, n).as_ref(), &[(0, n)])
+                } else {
+                    j32 = cast::<f32>(j.as_ref());
+                    gram_pass(j32.as_ref(), Mat::<f32>::zeros(0, n).as_ref(), &[(0, n)])
+                };
+                let top = (0..m).map(|i| gram[(i, i)]).fold(0.0, f64::max);
+                let full = Mat::from_fn(m, m, |a, b| gram[(a.max(b), a.min(b))] / top);
+                let (values, _) = self_adjoint_eigen(full.as_ref(), Par::Seq).unwrap();
+                let lmax = values[m - 1];
+                let noise = values[..m - r]
+                    .iter()
+                    .fold(0.0f64, |acc, v| acc.max(v.abs()))
+                    / lmax;
+                let smallest_real = values[m - r] / lmax;
+                println!(
+                    "m={m:5} n={n:6} rank {r:5} J {name}: null eigenvalues up to {noise:8.1e} lambda_max, smallest real {smallest_real:8.1e}"
+                );
+            }
+        }
     }
 }

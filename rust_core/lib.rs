@@ -2,7 +2,9 @@
 //!
 //! - [`EncoderNullProjector`]: factor the selected encoder columns `A_S` once, then remove
 //!   their span from whole batches of rows (constraint C1 of PAPER_NOTES.md).
-//! - [`jacobian_null_project`]: remove the row space of a Jacobian `J` from a batch.
+//! - [`jacobian_null_project`]: remove the row space of a Jacobian `J` from a batch, through
+//!   the Gram matrix `J J^T` in f64 when that is accurate, else a thin SVD of `J^T`
+//!   ([`JacobianRoute`]).
 //! - [`SpanBasis`]: the orthonormal basis with a rank tolerance that both are built on.
 //!
 //! Pure Rust over faer views; parallelism is an explicit argument. The Python binding lives
@@ -22,7 +24,11 @@ mod testing;
 
 pub use encoder_null::EncoderNullProjector;
 pub use error::ProjectionError;
-pub use jacobian_null::{jacobian_null_project, jacobian_null_project_in_place};
+pub use jacobian_null::{
+    gram_max_cond, jacobian_null_project, jacobian_null_project_in_place,
+    jacobian_null_project_in_place_with, jacobian_null_project_with, JacobianInfo, JacobianRoute,
+    GRAM_NOISE,
+};
 pub use scalar::Real;
 pub use span_basis::{Factorization, SpanBasis};
 
@@ -40,6 +46,18 @@ pub fn default_par() -> faer::Par {
 /// ms on 16, see docs/linalg.md), else [`default_par`].
 pub fn factor_par(nrows: usize, ncols: usize) -> faer::Par {
     if nrows.min(ncols) <= 256 {
+        faer::Par::Seq
+    } else {
+        default_par()
+    }
+}
+
+/// Parallelism for a call of about `flops` floating-point operations: `Par::Seq` below 1e7
+/// (waking a second rayon thread costs more than it saves there: an encoder apply at d = 768,
+/// k = 8, n = 64 took 123 us on two threads and 36 us on one, see docs/linalg.md), else
+/// [`default_par`].
+pub fn work_par(flops: f64) -> faer::Par {
+    if flops < 1e7 {
         faer::Par::Seq
     } else {
         default_par()

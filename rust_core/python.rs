@@ -2,7 +2,8 @@
 //! strided views, the GIL released during the math, errors as ValueError / TypeError naming the
 //! argument and its shape. No math here; `saerecover.linalg` is the only Python caller.
 
-use crate::{default_par, factor_par, jacobian_null_project as project_jacobian};
+use crate::{factor_par, work_par};
+use crate::{jacobian_null_project_with as project_jacobian, JacobianRoute};
 use crate::{EncoderNullProjector, ProjectionError, Real};
 use faer::{MatMut, MatRef};
 use numpy::{
@@ -120,27 +121,41 @@ impl EncoderNullBasis {
         let x = view("X", &x)?;
         let out = new_output::<T>(py, x.nrows(), x.ncols());
         let dst = output_view(&out);
-        let (inner, par) = (&self.inner, default_par());
+        let (n, d, r) = (x.nrows() as f64, x.ncols() as f64, self.inner.rank() as f64);
+        let (inner, par) = (&self.inner, work_par(4.0 * n * d * r));
         detached(py, || inner.apply(dst, x, par))?;
         Ok(out.into_any())
     }
 }
 
 /// `(G - (J^T (J J^T)^+ J G^T)^T, rank)` for `j` (m, n) and `g` (b, n), each float32 or
-/// float64, any strides. The result has `g`'s dtype; `J` is factored in float64.
+/// float64, any strides. The result has `g`'s dtype; `J` is factored in float64. `route`:
+/// `"auto"` (default: the Gram route when it is accurate, else the SVD), `"gram"` or `"svd"`
+/// (forced, for tests and comparisons; see docs/linalg.md).
 #[pyfunction]
-#[pyo3(signature = (j, g, rcond = None))]
+#[pyo3(signature = (j, g, rcond = None, route = None))]
 fn jacobian_null_project<'py>(
     py: Python<'py>,
     j: &Bound<'py, PyAny>,
     g: &Bound<'py, PyAny>,
     rcond: Option<f64>,
+    route: Option<&str>,
 ) -> PyResult<(Bound<'py, PyAny>, usize)> {
+    let route = match route.unwrap_or("auto") {
+        "auto" => JacobianRoute::Auto,
+        "gram" => JacobianRoute::Gram,
+        "svd" => JacobianRoute::Svd,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "route must be 'auto', 'gram' or 'svd', got {other:?}"
+            )))
+        }
+    };
     match (float_matrix("J", j)?, float_matrix("G", g)?) {
-        (Float::F32(j), Float::F32(g)) => jacobian_typed(py, &j, &g, rcond),
-        (Float::F32(j), Float::F64(g)) => jacobian_typed(py, &j, &g, rcond),
-        (Float::F64(j), Float::F32(g)) => jacobian_typed(py, &j, &g, rcond),
-        (Float::F64(j), Float::F64(g)) => jacobian_typed(py, &j, &g, rcond),
+        (Float::F32(j), Float::F32(g)) => jacobian_typed(py, &j, &g, rcond, route),
+        (Float::F32(j), Float::F64(g)) => jacobian_typed(py, &j, &g, rcond, route),
+        (Float::F64(j), Float::F32(g)) => jacobian_typed(py, &j, &g, rcond, route),
+        (Float::F64(j), Float::F64(g)) => jacobian_typed(py, &j, &g, rcond, route),
     }
 }
 
@@ -149,19 +164,15 @@ fn jacobian_typed<'py, TJ: Real + Element, T: Real + Element>(
     j: &PyReadonlyArray2<'py, TJ>,
     g: &PyReadonlyArray2<'py, T>,
     rcond: Option<f64>,
+    route: JacobianRoute,
 ) -> PyResult<(Bound<'py, PyAny>, usize)> {
     let (j, g) = (view("J", j)?, view("G", g)?);
     let out = new_output::<T>(py, g.nrows(), g.ncols());
     let dst = output_view(&out);
-    // one call factors J and applies the basis to G: a short batch costs little next to the
-    // factorization, so the factorization's preference decides
-    let par = if g.nrows() <= 256 {
-        factor_par(j.nrows(), j.ncols())
-    } else {
-        default_par()
-    };
-    let rank = detached(py, || project_jacobian(dst, j, g, rcond, par))?;
-    Ok((out.into_any(), rank))
+    let (m, n, b) = (j.nrows() as f64, j.ncols() as f64, g.nrows() as f64);
+    let par = work_par(m * m * n + 4.0 * b * m * n + m * m * m);
+    let info = detached(py, || project_jacobian(dst, j, g, rcond, route, par))?;
+    Ok((out.into_any(), info.rank))
 }
 
 /// A 2-D float array after dtype dispatch, borrowed read-only.
@@ -261,7 +272,8 @@ fn new_output<'py, T: Real + Element>(
     ncols: usize,
 ) -> Bound<'py, PyArray2<T>> {
     // SAFETY: floats have no invalid bit patterns and no drop glue; every element is written
-    // by `project_out` (a copy, then in-place updates) before Python can see the array.
+    // by the projection (a copy or a fill, then in-place updates) before Python can see the
+    // array, and on an error the array is dropped unseen.
     unsafe { PyArray2::<T>::new(py, [nrows, ncols], false) }
 }
 

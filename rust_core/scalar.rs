@@ -4,7 +4,7 @@
 //! applied to keeps its own type, and the basis is stored once in each type.
 
 use faer::traits::RealField;
-use faer::Mat;
+use faer::{Mat, MatMut, MatRef};
 
 /// A real floating-point element type supported by the projections (`f32` or `f64`).
 pub trait Real: RealField + Copy + Send + Sync + 'static + private::Sealed {
@@ -18,8 +18,13 @@ pub trait Real: RealField + Copy + Send + Sync + 'static + private::Sealed {
     fn is_finite_value(self) -> bool;
     /// Whether every element of `xs` is finite (branch-free, so that it vectorizes).
     fn all_finite(xs: &[Self]) -> bool;
-    /// Picks, of a value stored once per element type, the copy in this type.
-    fn pick<'a>(as_f32: &'a Mat<f32>, as_f64: &'a Mat<f64>) -> &'a Mat<Self>;
+    /// Picks, of a value stored once per element type, the copy in this type (the f32 copy is
+    /// made on demand, so that f64 callers never pay for it).
+    fn pick<'a>(as_f32: impl FnOnce() -> &'a Mat<f32>, as_f64: &'a Mat<f64>) -> &'a Mat<Self>;
+    /// `m` itself when this type is `f64`, so that f64 data is used without a copy.
+    fn as_f64(m: MatRef<'_, Self>) -> Option<MatRef<'_, f64>>;
+    /// [`Self::as_f64`] for a mutable view; gives the view back when this type is not `f64`.
+    fn as_f64_mut(m: MatMut<'_, Self>) -> Result<MatMut<'_, f64>, MatMut<'_, Self>>;
 }
 
 impl Real for f32 {
@@ -33,8 +38,16 @@ impl Real for f32 {
         x as f32
     }
     #[inline(always)]
-    fn pick<'a>(as_f32: &'a Mat<f32>, _: &'a Mat<f64>) -> &'a Mat<Self> {
-        as_f32
+    fn pick<'a>(as_f32: impl FnOnce() -> &'a Mat<f32>, _: &'a Mat<f64>) -> &'a Mat<Self> {
+        as_f32()
+    }
+    #[inline(always)]
+    fn as_f64(_: MatRef<'_, Self>) -> Option<MatRef<'_, f64>> {
+        None
+    }
+    #[inline(always)]
+    fn as_f64_mut(m: MatMut<'_, Self>) -> Result<MatMut<'_, f64>, MatMut<'_, Self>> {
+        Err(m)
     }
     #[inline(always)]
     fn is_finite_value(self) -> bool {
@@ -66,8 +79,16 @@ impl Real for f64 {
         x
     }
     #[inline(always)]
-    fn pick<'a>(_: &'a Mat<f32>, as_f64: &'a Mat<f64>) -> &'a Mat<Self> {
+    fn pick<'a>(_: impl FnOnce() -> &'a Mat<f32>, as_f64: &'a Mat<f64>) -> &'a Mat<Self> {
         as_f64
+    }
+    #[inline(always)]
+    fn as_f64(m: MatRef<'_, Self>) -> Option<MatRef<'_, f64>> {
+        Some(m)
+    }
+    #[inline(always)]
+    fn as_f64_mut(m: MatMut<'_, Self>) -> Result<MatMut<'_, f64>, MatMut<'_, Self>> {
+        Ok(m)
     }
     #[inline(always)]
     fn is_finite_value(self) -> bool {

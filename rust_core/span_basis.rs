@@ -9,7 +9,7 @@
 //! float32 input gets a basis accurate to f64 round-off and tiny or huge scales neither
 //! underflow nor overflow. A `d x d` projector is never formed.
 
-use crate::checks::{check_finite, check_rcond};
+use crate::checks::{all_finite, check_finite, check_rcond};
 use crate::error::ProjectionError;
 use crate::scalar::Real;
 use faer::diag::Diag;
@@ -24,6 +24,8 @@ use faer::linalg::qr::no_pivoting::factor::recommended_block_size;
 use faer::linalg::svd::{svd, svd_scratch, ComputeSvdVectors};
 use faer::reborrow::{Reborrow, ReborrowMut};
 use faer::{Accum, Conj, Mat, MatMut, MatRef, Par};
+use rayon::prelude::*;
+use std::sync::OnceLock;
 
 /// The rank-revealing factorization used to find the basis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -42,16 +44,13 @@ pub enum Factorization {
 #[derive(Debug, Clone)]
 pub struct SpanBasis {
     u64: Mat<f64>,
-    u32: Mat<f32>,
+    /// `u64` rounded to f32, made on the first f32 use
+    u32: OnceLock<Mat<f32>>,
     ncols: usize,
     rcond: f64,
     diag: Vec<f64>,
     method: Factorization,
 }
-
-/// Rows processed per block when applying a basis, so that the `rows x rank` coefficient
-/// buffer stays near this many elements.
-const BLOCK_ELEMS: usize = 1 << 20;
 
 impl SpanBasis {
     /// The default relative tolerance: `max(nrows, ncols) * f64::EPSILON`, the default of
@@ -129,7 +128,7 @@ impl SpanBasis {
         diag: Vec<f64>,
         method: Factorization,
     ) -> Self {
-        let u32 = Mat::from_fn(u64.nrows(), u64.ncols(), |i, j| u64[(i, j)] as f32);
+        let u32 = OnceLock::new();
         Self {
             u64,
             u32,
@@ -183,56 +182,132 @@ impl SpanBasis {
 
     /// The basis rounded to `T`, which is what [`Self::project_out_in_place`] applies.
     pub fn basis_as<T: Real>(&self) -> MatRef<'_, T> {
-        T::pick(&self.u32, &self.u64).as_ref()
+        let u32 = || {
+            self.u32.get_or_init(|| {
+                Mat::from_fn(self.u64.nrows(), self.u64.ncols(), |i, j| {
+                    self.u64[(i, j)] as f32
+                })
+            })
+        };
+        T::pick(u32, &self.u64).as_ref()
     }
 
     /// `x <- x - (x U_r) U_r^T` for each row of `x` (`n x nrows`). Shapes are the caller's to
     /// check (debug-asserted).
     pub fn project_out_in_place<T: Real>(&self, x: MatMut<'_, T>, par: Par) {
         debug_assert_eq!(x.ncols(), self.nrows());
-        let mut x = x;
-        let (n, r) = (x.nrows(), self.rank());
-        if r == 0 || n == 0 {
-            return;
-        }
-        if r == self.nrows() {
-            x.fill(T::from_f64(0.0));
-            return;
-        }
-        let u = self.basis_as::<T>();
-        let block = (BLOCK_ELEMS / r).max(256).min(n);
-        let mut coeff = Mat::<T>::zeros(block, r);
-        let mut start = 0;
-        while start < n {
-            let rows = block.min(n - start);
-            let mut xb = x.rb_mut().subrows_mut(start, rows);
-            let mut cb = coeff.as_mut().subrows_mut(0, rows);
-            matmul(
-                cb.rb_mut(),
-                Accum::Replace,
-                xb.rb(),
-                u,
-                T::from_f64(1.0),
-                par,
-            );
-            matmul(
-                xb.rb_mut(),
-                Accum::Add,
-                cb.rb(),
-                u.transpose(),
-                T::from_f64(-1.0),
-                par,
-            );
-            start += rows;
-        }
+        self.project_rows(x, None, false, par);
     }
 
     /// `dst <- x - (x U_r) U_r^T` for each row of `x`; `dst` has the shape of `x`.
     pub fn project_out<T: Real>(&self, dst: MatMut<'_, T>, x: MatRef<'_, T>, par: Par) {
-        let mut dst = dst;
-        dst.copy_from(x);
-        self.project_out_in_place(dst, par);
+        debug_assert_eq!(dst.shape(), x.shape());
+        self.project_rows(dst, Some(x), false, par);
     }
+
+    /// [`Self::project_out`] that also looks for NaN and infinity in `x`, on each block of rows
+    /// while it sits in cache after the copy (no extra pass over `x`). Returns false when it
+    /// found one; `dst` is then partly written.
+    pub(crate) fn project_out_checked<T: Real>(
+        &self,
+        dst: MatMut<'_, T>,
+        x: MatRef<'_, T>,
+        par: Par,
+    ) -> bool {
+        debug_assert_eq!(dst.shape(), x.shape());
+        self.project_rows(dst, Some(x), true, par)
+    }
+
+    /// `dst <- src - (src U_r) U_r^T` (`src = None`: `dst` itself), a cache-sized block of rows
+    /// at a time: copy, check (when asked), `C = B U_r` into a small buffer, `B -= C U_r^T`, so
+    /// that `src` is read once and `dst` written once. With `par` of several threads, each takes
+    /// a contiguous share of the rows and runs sequentially. Returns false when `check` found a
+    /// non-finite value.
+    fn project_rows<T: Real>(
+        &self,
+        dst: MatMut<'_, T>,
+        src: Option<MatRef<'_, T>>,
+        check: bool,
+        par: Par,
+    ) -> bool {
+        let (n, d) = dst.shape();
+        let r = self.rank();
+        if n == 0 || d == 0 {
+            return true;
+        }
+        let mut dst = dst;
+        if r == d {
+            let clean = !check || src.map_or(true, all_finite);
+            dst.fill(T::from_f64(0.0));
+            return clean;
+        }
+        let u = self.basis_as::<T>();
+        let rows = block_rows::<T>(d, r);
+        // threads share the rows; a share of fewer than 16 rows is not worth a thread (faer's
+        // own threads lose there too: d = 4096, k = 64, n = 1 took 92 us on two, 28 us on one)
+        let parts = par.degree().max(1).min(n / 16).max(1);
+        let run = |(start, mut dst): (usize, MatMut<'_, T>)| -> bool {
+            let mut coeff = Mat::<T>::zeros(rows.min(dst.nrows()), r);
+            let mut done = 0;
+            while done < dst.nrows() {
+                let len = rows.min(dst.nrows() - done);
+                let mut block = dst.rb_mut().subrows_mut(done, len);
+                if let Some(src) = src {
+                    block.copy_from(src.subrows(start + done, len));
+                }
+                if check && !all_finite(block.rb()) {
+                    return false;
+                }
+                if r > 0 {
+                    let mut c = coeff.as_mut().subrows_mut(0, len);
+                    matmul(
+                        c.rb_mut(),
+                        Accum::Replace,
+                        block.rb(),
+                        u,
+                        T::from_f64(1.0),
+                        Par::Seq,
+                    );
+                    matmul(
+                        block,
+                        Accum::Add,
+                        c.rb(),
+                        u.transpose(),
+                        T::from_f64(-1.0),
+                        Par::Seq,
+                    );
+                }
+                done += len;
+            }
+            true
+        };
+        if parts == 1 {
+            return run((0, dst));
+        }
+        let step = n.div_ceil(parts);
+        let mut pieces = Vec::with_capacity(parts);
+        let mut rest = dst;
+        let mut start = 0;
+        while start < n {
+            let len = step.min(n - start);
+            let (piece, tail) = rest.split_at_row_mut(len);
+            pieces.push((start, piece));
+            rest = tail;
+            start += len;
+        }
+        pieces
+            .into_par_iter()
+            .map(run)
+            .reduce(|| true, |a, b| a && b)
+    }
+}
+
+/// Rows per block when applying a basis of rank `r` to vectors of length `d`: the block stays
+/// in L2 (about 512 KiB) between its copy and its two products, and holds at least
+/// `min(r, 256)` rows so that packing `U_r` for each product is amortized over the block.
+fn block_rows<T>(d: usize, r: usize) -> usize {
+    let in_cache = (1 << 19) / (d * std::mem::size_of::<T>()).max(1);
+    in_cache.max(r.min(256)).max(8)
 }
 
 /// Left singular vectors above the tolerance, and all singular values (nonincreasing).
@@ -262,7 +337,8 @@ fn svd_basis(m: MatRef<'_, f64>, rcond: f64, par: Par) -> Option<(Mat<f64>, Vec<
     .ok()?;
     let diag: Vec<f64> = (0..size).map(|i| s[i]).collect();
     let rank = kept(&diag, rcond);
-    Some((u.subcols(0, rank).to_owned(), diag))
+    u.truncate(nrows, rank);
+    Some((u, diag))
 }
 
 /// The first columns of `Q` of `M P = Q R` above the tolerance, and `|R_ii|`.

@@ -97,19 +97,35 @@ pub fn max_abs_diff<T: Real>(a: MatRef<'_, T>, b: MatRef<'_, T>) -> f64 {
     worst
 }
 
+/// The largest singular value, computed on a copy scaled by a power of two to a largest entry
+/// near 1 (faer's SVD does not converge for entries near 1e300).
 pub fn reference_sigma_max(a: MatRef<'_, f64>) -> f64 {
-    a.singular_values().unwrap().first().copied().unwrap_or(0.0)
+    let top = a.norm_max();
+    if top == 0.0 || a.nrows() * a.ncols() == 0 {
+        return 0.0;
+    }
+    let scale = 2f64.powi(top.log2().floor() as i32);
+    let scaled = Mat::from_fn(a.nrows(), a.ncols(), |i, j| a[(i, j)] / scale);
+    scaled.singular_values().unwrap()[0] * scale
 }
 
 /// The acceptance measure: `max_i ||M^T y_i|| / (||M||_2 ||x_i||)` over the rows, computed in
 /// f64 (rows with `x_i = 0` are skipped). `M` is `d x k` (`A`, or `J^T`).
 pub fn orthogonality_ratio<T: Real>(m: MatRef<'_, f64>, x: MatRef<'_, T>, y: MatRef<'_, T>) -> f64 {
-    let sigma = reference_sigma_max(m);
-    if sigma == 0.0 {
+    let top = if m.nrows() * m.ncols() == 0 {
+        0.0
+    } else {
+        m.norm_max()
+    };
+    if top == 0.0 {
         return 0.0;
     }
+    // the ratio does not depend on the scale of M; a power of two keeps M^T y in range
+    let scale = 2f64.powi(top.log2().floor() as i32);
+    let m = Mat::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] / scale);
+    let sigma = reference_sigma_max(m.as_ref());
     let (x, y) = (widen(x), widen(y));
-    let mty = y.as_ref() * m;
+    let mty = y.as_ref() * &m;
     let mut worst: f64 = 0.0;
     for i in 0..x.nrows() {
         let xn = x.row(i).norm_l2();

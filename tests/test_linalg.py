@@ -226,8 +226,8 @@ def test_gil_is_released_during_apply(rng):
     import threading
     import time
 
-    P = EncoderNullProjector(rng.standard_normal((512, 128)))
-    X = rng.standard_normal((8000, 512))
+    P = EncoderNullProjector(rng.standard_normal((512, 256)))
+    X = rng.standard_normal((16000, 512))  # ~8 GFLOP: long enough to tell, even when fast
     seen = []
     t = threading.Thread(target=lambda: (time.sleep(0.02), seen.append(time.perf_counter())))
     t0 = time.perf_counter()
@@ -363,11 +363,109 @@ def test_jacobian_ill_conditioned(rng, cond):
     Y = jacobian_null_project(J, G)
     assert ratio(J.T, G, Y) <= 1e-12
     assert np.abs(Y - ref_project(J.T, G, 1e-13)).max() <= max(1e-10, cond * 1e-14)
-    # the Gram route loses cond^2 * eps: for the record, what this module avoids
+    # the plain Gram solve loses cond^2 * eps: for the record, why "auto" takes the SVD route
+    # here (cond(J) > 1e3 for a float64 result, docs/linalg.md)
     c = np.linalg.solve(J @ J.T, J @ G.T)
     assert ratio(J.T, G, G - (J.T @ c).T) > 1e3 * ratio(J.T, G, Y)
     Y32 = jacobian_null_project(J.astype(np.float32), G.astype(np.float32))
     assert ratio(J.astype(np.float32).T, G.astype(np.float32), Y32) <= 1e-5
+
+
+# The core has two Jacobian routes (docs/linalg.md): "gram" (J J^T in float64, eigen or
+# Cholesky) and "svd" (thin SVD of J^T); "auto" picks the Gram route only where it is accurate.
+# _core is called directly to force a route; linalg always uses "auto".
+
+
+def core_jacobian(J, G, route, rcond=None):
+    from saerecover import _core
+
+    return _core.jacobian_null_project(J, G, rcond, route=route)
+
+
+def adversarial_jacobians(rng, m=24, n=200):
+    """(name, J (m, n) float64, G (b, n) float64): well- and ill-conditioned, dependent and
+    zero rows, tiny and huge scales; G holds Gaussian rows, rows inside the row space and rows
+    along its weakest directions (the worst case of the Gram route)."""
+    cases = [("gaussian", rng.standard_normal((m, n)))]
+    for cond in [1e2, 1e3, 1e4, 1e6, 1e8, 1e10]:
+        cases.append((f"cond {cond:.0e}", with_singular_values(rng, n, np.geomspace(1, 1 / cond, m)).T))
+    dup = rng.standard_normal((m, n))
+    dup[1::2] = 3.0 * dup[::2]
+    cases.append(("duplicates", dup))
+    zero = rng.standard_normal((m, n))
+    zero[::3] = 0.0
+    cases.append(("zero rows", zero))
+    base = rng.standard_normal((m, n))
+    cases += [("scale 1e-30", base * 1e-30), ("scale 1e30", base * 1e30)]
+    out = []
+    for name, J in cases:
+        _, s, vt = np.linalg.svd(J, full_matrices=False)
+        weak = vt[: int((s > 1e-14 * s[0]).sum())][-3:]
+        G = np.concatenate(
+            [rng.standard_normal((4, n)), rng.standard_normal((3, m)) @ J, weak + 1e-6 * rng.standard_normal(weak.shape)]
+        )
+        out.append((name, J, G))
+    return out
+
+
+@pytest.mark.parametrize("route", ["auto", "gram", "svd"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_jacobian_routes_on_random_input(rng, route, dtype):
+    J = rng.standard_normal((16, 300)).astype(dtype)
+    G = rng.standard_normal((5, 300)).astype(dtype)
+    Y, rank = core_jacobian(J, G, route)
+    assert rank == 16 and Y.dtype == dtype
+    assert ratio(J.T, G, Y) <= BAR[dtype]
+    np.testing.assert_allclose(Y, ref_project(J.T, G, 1e-13), atol=100 * BAR[dtype])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_jacobian_auto_meets_the_bars_on_adversarial_input(rng, dtype):
+    """Whatever route "auto" takes, the bar holds; forced, the SVD route always meets it and the
+    Gram route does on well-conditioned input (cond <= 1e3 for float64, <= 1e6 for float32)."""
+    for name, J64, G64 in adversarial_jacobians(rng):
+        J, G = J64.astype(dtype), G64.astype(dtype)
+        for route in ["auto", "svd"]:
+            Y, _ = core_jacobian(J, G, route)
+            assert ratio(J.T, G, Y) <= BAR[dtype], (name, route)
+        if name in ("gaussian", "cond 1e+02", "zero rows", "scale 1e-30", "scale 1e30") or (
+            dtype == np.float32 and name in ("cond 1e+03", "cond 1e+04", "cond 1e+06")
+        ):
+            Y, _ = core_jacobian(J, G, "gram")
+            assert ratio(J.T, G, Y) <= BAR[dtype], (name, "gram")
+
+
+def test_jacobian_gram_route_loses_accuracy_where_auto_declines_it(rng):
+    """float64 output, cond(J) = 1e6, G along the weakest direction: the forced Gram route misses
+    the 1e-12 bar by orders of magnitude (it loses ~eps * cond); "auto" takes the SVD route."""
+    J = with_singular_values(rng, 200, np.geomspace(1, 1e-6, 24)).T
+    _, _, vt = np.linalg.svd(J, full_matrices=False)
+    G = vt[-1:] + 1e-6 * rng.standard_normal((1, 200))
+    Y_gram, _ = core_jacobian(J, G, "gram")
+    Y_auto, _ = core_jacobian(J, G, "auto")
+    Y_svd, _ = core_jacobian(J, G, "svd")
+    assert ratio(J.T, G, Y_gram) > 1e-11
+    assert ratio(J.T, G, Y_auto) <= 1e-12
+    np.testing.assert_array_equal(Y_auto, Y_svd)
+
+
+def test_jacobian_route_argument_errors(rng):
+    with pytest.raises(ValueError, match="route must be 'auto', 'gram' or 'svd'"):
+        core_jacobian(np.eye(3), np.eye(3), "qr")
+
+
+def test_jacobian_gram_route_finds_non_finite_values(rng):
+    J = rng.standard_normal((8, 5000)).astype(np.float32)
+    G = rng.standard_normal((3, 5000)).astype(np.float32)
+    for route in ["auto", "gram", "svd"]:
+        Jb = J.copy()
+        Jb[7, 4999] = np.inf
+        with pytest.raises(ValueError, match=r"J contains a non-finite value \(inf\) at \[7, 4999\]"):
+            core_jacobian(Jb, G, route)
+        Gb = G.copy()
+        Gb[2, 2500] = np.nan
+        with pytest.raises(ValueError, match=r"G contains a non-finite value \(NaN\) at \[2, 2500\]"):
+            core_jacobian(J, Gb, route)
 
 
 def test_jacobian_empty_cases(rng):

@@ -1,6 +1,6 @@
 # Hand-kept stub for the Rust extension (rust_core/python.rs). Use saerecover.linalg instead:
 # it is the only module that imports this one.
-from typing import final
+from typing import Literal, final
 
 import numpy as np
 import numpy.typing as npt
@@ -37,7 +37,12 @@ class EncoderNullBasis:
         """The min(d, k) singular values of A, nonincreasing (empty if A is zero)."""
 
 def jacobian_null_project(
-    j: npt.NDArray[_Float], g: npt.NDArray[_Float], rcond: float | None = None
+    j: npt.NDArray[_Float],
+    g: npt.NDArray[_Float],
+    rcond: float | None = None,
+    route: Literal["auto", "gram", "svd"] | None = None,
 ) -> tuple[npt.NDArray[_Float], int]:
     """(G - (J^T (J J^T)^+ J G^T)^T, rank of J) for j (m, n) and g (b, n); the result has g's
-    dtype, J is factored in float64 by a thin SVD of J^T."""
+    dtype, J is factored in float64. route: "auto" (None; the Gram/Cholesky route when J is
+    well conditioned, else the thin SVD of J^T), or "gram" / "svd" forced (docs/linalg.md).
+    ValueError on an unknown route."""

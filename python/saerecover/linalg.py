@@ -167,9 +167,11 @@ def jacobian_null_project(J: ArrayLike, G: ArrayLike, *, rcond: float | None = N
 
     J: (m, n), the Jacobian of the defended features w.r.t. delta (m = 0 returns a copy of G);
     G: (n,) or (b, n). Returns G's kind, dtype, shape and device (J is moved to G's device if
-    it is elsewhere). The row-space basis comes from a thin SVD of J^T in float64 (never the
-    Gram matrix J J^T, which squares the condition number); singular values
-    ``<= rcond * sigma_max(J)`` count as zero, ``rcond=None`` meaning ``max(m, n) * 2.2e-16``.
+    it is elsewhere). J is factored in float64: by a Cholesky factorization of the Gram matrix
+    J J^T when an estimate of cond(J) shows it is accurate (cond <= 1e3 for float64 G, 1e6 for
+    float32 G: the Gram route squares the condition number), else by a thin SVD of J^T
+    (docs/linalg.md). Singular values ``<= rcond * sigma_max(J)`` count as zero, ``rcond=None``
+    meaning ``max(m, n) * 2.2e-16``.
     """
     _check_rcond(rcond)
     if _is_tensor(G) and G.device.type != "cpu":

@@ -755,10 +755,10 @@ CLI_ROWS: list[tuple[str, str, str, Callable[[Env, Path], list[str]], bool]] = [
     # (id, input, message regex, argv, early: the model is never loaded)
     ("cli-no-command", "saerecover (no command)", r"the following arguments are required: command", lambda e, t: [], True),
     ("cli-unknown-command", "saerecover frobnicate", r"invalid choice: 'frobnicate'", lambda e, t: ["frobnicate"], True),
-    ("cli-unknown-task", "run sentiment", r"unknown task 'sentiment'; available: ioi", lambda e, t: ["run", "sentiment", "--out", str(t)], True),
+    ("cli-unknown-task", "run sentiment", r"invalid choice: 'sentiment' \(choose from 'ioi'", lambda e, t: ["run", "sentiment", "--out", str(t)], True),
     ("cli-no-out", "run ioi without --out", r"--out DIR is required", lambda e, t: _run_args(e, t, out=False), True),
     ("cli-steps-neg", "run ioi --steps -1", r"steps must be >= 0, got -1", lambda e, t: _run_args(e, t, "--steps", "-1"), True),
-    ("cli-steps-text", "run ioi --steps ten", r"run: argument --steps: invalid int value: 'ten'", lambda e, t: _run_args(e, t, "--steps", "ten"), True),
+    ("cli-steps-text", "run ioi --steps ten", r"run ioi: argument --steps: invalid int value: 'ten'", lambda e, t: _run_args(e, t, "--steps", "ten"), True),
     ("cli-lr-zero", "run ioi --lr 0", r"lr must be a finite number > 0, got 0", lambda e, t: _run_args(e, t, "--lr", "0"), True),
     ("cli-lr-nan", "run ioi --lr nan", r"option lr must be a finite number, got nan", lambda e, t: _run_args(e, t, "--lr", "nan"), True),
     ("cli-budget-zero", "run ioi --budget 0", r"budget must be > 0", lambda e, t: _run_args(e, t, "--budget", "0"), True),

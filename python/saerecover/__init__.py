@@ -37,7 +37,8 @@ _LAZY = {
     "EncoderNullProjector": "linalg",
     "jacobian_null_project": "linalg",
 }
-_SUBMODULES = ("linalg", "toy", "tasks", "models", "metrics", "stats", "runs", "report", "analysis", "merge", "cli")
+_SUBMODULES = ("linalg", "toy", "tasks", "models", "metrics", "stats", "runs", "report", "analysis", "merge", "sweeps",
+               "collection", "cli")
 
 __all__ = ["__version__", *_LAZY, *_SUBMODULES]
 

@@ -1,9 +1,8 @@
-"""The ``saerecover`` command line: demo, run, report, analyze, merge, bench."""
+"""The ``saerecover`` command line: demo, run (ioi, tpp, unlearning), sweep, report, analyze, merge, bench."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -11,7 +10,8 @@ from typing import Any
 
 from . import __version__
 from .cli_analysis import add_analyze_parser, add_merge_parser, cmd_analyze, cmd_merge
-from .cli_checks import OneLineParser, check_options, check_out, one_line
+from .cli_checks import (CLIError, OneLineParser, check_options, check_out, load_config_file, one_line,
+                         resolve_options)
 from .runs import RunDirectoryError
 
 #: `saerecover run ioi` defaults: the paper's IOI setting (GPT-2 small, gpt2-small-res-jb).
@@ -44,53 +44,6 @@ IOI_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "out": None,
 }
-
-
-class CLIError(Exception):
-    """A user error: printed as one line, exit status 2."""
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or TOML run config (flat keys, the flag names with underscores)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CLIError(f"config file {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix not in (".toml", ".yaml", ".yml", ".json"):
-        raise CLIError(f"config file {path} must end in .yaml, .yml, .toml or .json")
-    try:
-        text = path.read_text(encoding="utf-8")
-        if suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        elif suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}  # safe_load: no python/* tags, no code
-        else:
-            data = json.loads(text)
-    except Exception as err:  # tomllib / yaml / json / UnicodeDecodeError: one line, no traceback
-        kind = {".toml": "TOML", ".json": "JSON"}.get(suffix, "YAML")
-        raise CLIError(f"config file {path} is not valid {kind}: {one_line(err)}") from err
-    if not isinstance(data, dict):
-        raise CLIError(f"config file {path} must hold a mapping of option names to values")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
-def resolve_options(defaults: dict[str, Any], file_opts: dict[str, Any], flag_opts: dict[str, Any]) -> dict[str, Any]:
-    """defaults < config file < flags given on the command line. Unknown keys are an error."""
-    unknown = sorted(set(file_opts) - set(defaults))
-    if unknown:
-        import difflib
-
-        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, defaults, 1)) else k
-                 for k in unknown]
-        raise CLIError(f"unknown config key(s): {', '.join(hints)}; valid keys: {', '.join(sorted(defaults))}")
-    opts = dict(defaults)
-    opts.update(file_opts)
-    opts.update({k: v for k, v in flag_opts.items() if v is not None})
-    return opts
 
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -194,8 +147,7 @@ def run_ioi(opts: dict[str, Any], *, quiet: bool = False, world: Any = None, sha
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if args.task != "ioi":
-        raise CLIError(f"unknown task {args.task!r}; available: ioi")
+    """``saerecover run ioi``."""
     file_opts = load_config_file(args.config) if args.config else {}
     flags = {k: v for k, v in vars(args).items() if k in IOI_DEFAULTS}
     opts = resolve_options(IOI_DEFAULTS, file_opts, flags)
@@ -245,6 +197,8 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cli_tasks import add_sweep_parser, add_tpp_parser, add_unlearning_parser
+
     parser = OneLineParser(prog="saerecover", description="Stress-test SAE feature clamps by post-intervention recovery.")
     parser.add_argument("--version", action="version", version=f"saerecover {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -252,10 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", help="run directory (default runs/demo)")
     demo.add_argument("--quiet", action="store_true")
     run = sub.add_parser("run", help="recover a clamped behavior and write a run directory")
-    run.add_argument("task", help="task name: ioi")
-    _add_run_flags(run)
+    tasks = run.add_subparsers(dest="task", required=True, metavar="TASK", parser_class=OneLineParser)
+    ioi = tasks.add_parser("ioi", help="indirect object identification (the paper's IOI setting)")
+    _add_run_flags(ioi)
+    ioi.set_defaults(handler=cmd_run)
+    add_tpp_parser(tasks)
+    add_unlearning_parser(tasks)
     rep = sub.add_parser("report", help="regenerate report.md and plots of a run directory")
     rep.add_argument("run_dir")
+    add_sweep_parser(sub)
     add_analyze_parser(sub)
     add_merge_parser(sub)
     sub.add_parser("bench", help="projection benchmark (Rust core vs NumPy vs torch vs per-row solve)",
@@ -272,8 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.command == "demo":
             return cmd_demo(args)
-        if args.command == "run":
-            return cmd_run(args)
+        if hasattr(args, "handler"):
+            return int(args.handler(args) or 0)
         if args.command == "report":
             return cmd_report(args)
         if args.command == "analyze":

@@ -13,12 +13,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CHOICES", "POSITIVE_INTS", "OneLineParser", "OptionError", "check_options", "check_out",
-           "one_line", "parse_features"]
+__all__ = ["CHOICES", "CLIError", "LIST_OPTIONS", "POSITIVE_INTS", "OneLineParser", "OptionError", "check_options",
+           "check_out", "load_config_file", "one_line", "parse_features", "resolve_options"]
 
 
 class OptionError(ValueError):
     """A bad option value (from a flag or a config file): printed as one line, exit status 2."""
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
 
 
 def one_line(err: object) -> str:
@@ -47,6 +51,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 #: Integer options that must be >= 1.
 POSITIVE_INTS = ("n", "top_k", "batch_size")
+#: Comma-separated options a config file may also give as a list.
+LIST_OPTIONS = ("modes", "patterns", "classes", "data_classes", "budgets", "ks")
 _HOOK_RE = re.compile(r"^blocks\.\d+\.hook_resid_(pre|post)$")
 
 
@@ -80,6 +86,8 @@ def coerce(key: str, value: Any, default: Any) -> Any:
         raise OptionError(f"option {key} must be a finite number, got {value!r}")
     if isinstance(value, (list, tuple)) and key == "features":
         return value
+    if isinstance(value, (list, tuple)) and key in LIST_OPTIONS:  # YAML/TOML lists, joined like the flag
+        return ",".join(str(x) for x in value)
     if not isinstance(value, str):
         raise OptionError(f"option {key} must be a string, got {value!r}")
     return value
@@ -117,11 +125,13 @@ def check_out(out: Any, task: str | None = None) -> None:
                               "(or --overwrite to discard it)")
 
 
-def check_options(opts: dict[str, Any], defaults: dict[str, Any], *, local: bool = True) -> dict[str, Any]:
+def check_options(opts: dict[str, Any], defaults: dict[str, Any], *, local: bool = True,
+                  choices: dict[str, tuple[str, ...]] | None = None, positive: tuple[str, ...] = ()) -> dict[str, Any]:
     """Types, choices and ranges of resolved run options, before anything loads. Returns the
     options coerced to their defaults' types; raises OptionError / ValueError / TypeError /
     FileNotFoundError naming the option and what would be valid. ``local``: also check that a
-    ``model`` or ``sae`` given as a local path exists (with config.json / cfg.json)."""
+    ``model`` or ``sae`` given as a local path exists (with config.json / cfg.json).
+    ``choices`` and ``positive`` add a task's own word options and integers >= 1."""
     from .models import check_model_source, resolve_device
     from .recovery import PROJECTIONS, RecoveryConfig
     from .sites import check_sae_source
@@ -129,10 +139,10 @@ def check_options(opts: dict[str, Any], defaults: dict[str, Any], *, local: bool
 
     out = {k: coerce(k, opts.get(k), d) for k, d in defaults.items()}
     out.update({k: v for k, v in opts.items() if k not in defaults})
-    for key, valid in CHOICES.items():
+    for key, valid in {**CHOICES, **(choices or {})}.items():
         if out.get(key) is not None and out[key] not in valid:
             raise OptionError(f"option {key}: unknown value {out[key]!r}; valid: {', '.join(valid)}")
-    for key in POSITIVE_INTS:
+    for key in POSITIVE_INTS + tuple(positive):
         if key in out and out[key] is not None and out[key] < 1:
             raise OptionError(f"option {key} must be >= 1, got {out[key]}")
     if "modes" in out:
@@ -159,3 +169,46 @@ def check_options(opts: dict[str, Any], defaults: dict[str, Any], *, local: bool
         if out.get("sae") is not None:
             check_sae_source(out["sae"])
     return out
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or TOML run config (flat keys, the flag names with underscores)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"config file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise CLIError(f"config file {path} must end in .yaml, .yml, .toml or .json")
+    try:
+        text = path.read_text(encoding="utf-8")
+        if suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}  # safe_load: no python/* tags, no code
+        else:
+            data = json.loads(text)
+    except Exception as err:  # tomllib / yaml / json / UnicodeDecodeError: one line, no traceback
+        kind = {".toml": "TOML", ".json": "JSON"}.get(suffix, "YAML")
+        raise CLIError(f"config file {path} is not valid {kind}: {one_line(err)}") from err
+    if not isinstance(data, dict):
+        raise CLIError(f"config file {path} must hold a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def resolve_options(defaults: dict[str, Any], file_opts: dict[str, Any], flag_opts: dict[str, Any]) -> dict[str, Any]:
+    """defaults < config file < flags given on the command line. Unknown keys are an error."""
+    unknown = sorted(set(file_opts) - set(defaults))
+    if unknown:
+        import difflib
+
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, defaults, 1)) else k
+                 for k in unknown]
+        raise CLIError(f"unknown config key(s): {', '.join(hints)}; valid keys: {', '.join(sorted(defaults))}")
+    opts = dict(defaults)
+    opts.update(file_opts)
+    opts.update({k: v for k, v in flag_opts.items() if v is not None})
+    return opts

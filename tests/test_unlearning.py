@@ -1,0 +1,156 @@
+"""Unlearning under the strict 24-order protocol: the task, selection and loaders on a tiny
+model, and the whole protocol end to end on the toy world's fact families."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from saerecover.models import load_model
+from saerecover.tasks import unlearning as ul
+from saerecover.testing import tiny_gpt2
+from saerecover import toy
+
+#: A tiny-vocabulary format: the "letters" are four words of the tiny tokenizer.
+TINY_FORMAT = ul.MCFormat("tiny", lambda q, opts: f"{q} " + " ".join(f"{w} {o}" for w, o in
+                                                                  zip(("cat", "dog", "bird", "fish"), opts)),
+                          letters=("cat", "dog", "bird", "fish"))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return load_model(str(tiny_gpt2(tmp_path_factory.mktemp("models"), n_layers=2, d_model=32)))
+
+
+def test_every_order_with_the_right_letter(model):
+    qs = [ul.MCQuestion("q1", "the tree is", ("red", "blue", "green", "big"), 2),
+          ul.MCQuestion("q2", "a car is", ("fast", "slow", "old", "new"), 0)]
+    task = ul.MultipleChoice(model.tokenizer, qs, TINY_FORMAT)
+    ex = task.examples()
+    assert len(ex) == 48 and len(set(ex.ids)) == 48
+    letters = TINY_FORMAT.letter_ids(model.tokenizer)
+    for i in (0, 7, 30):
+        order = ex.meta[i]["order"]
+        q = qs[0] if ex.meta[i]["question"] == "q1" else qs[1]
+        assert order[int(ex.targets["correct"][i])] == q.answer
+        assert ex.targets["letters"][i].tolist() == letters
+    logits = torch.zeros(48, ex.input_ids.shape[1], len(model.tokenizer))
+    rows = torch.arange(48)
+    cols = ex.targets["letters"][rows, ex.targets["correct"]]
+    logits[rows, ex.answer_pos, cols] = 3.0
+    logits[rows, ex.answer_pos, ex.targets["letters"][:, 0]] += 1.0
+    s = task.score(logits, ex)
+    first = ex.targets["correct"] == 0
+    assert torch.allclose(s[first], torch.full((int(first.sum()),), 4.0))
+    assert torch.allclose(s[~first], torch.full((int((~first).sum()),), 2.0))
+    mean_task = ul.MultipleChoice(model.tokenizer, qs, TINY_FORMAT, reduce="mean")
+    assert torch.allclose(mean_task.score(logits, ex)[~first], torch.full((int((~first).sum()),), 3.0 - 1 / 3))
+    ce = ul.MultipleChoice(model.tokenizer, qs, TINY_FORMAT, loss_kind="ce").loss(logits, ex)
+    assert bool((ce > 0).all())
+
+
+def test_strict_filter_keeps_questions_right_under_every_order(model):
+    qs = [ul.MCQuestion(f"q{i}", "the tree is", ("red", "blue", "green", "big"), i) for i in range(4)]
+    task = ul.MultipleChoice(model.tokenizer, qs, TINY_FORMAT)
+    scores = ul.base_scores(model, task).view(4, 24)
+    all_right = (scores > 0).all(1)
+    if bool(all_right.any()):
+        kept = ul.strict_filter(model, task)
+        assert [q.id for q in kept.questions] == [q.id for q, k in zip(qs, all_right.tolist()) if k]
+        assert kept.info["strict"]["n_questions"] == 4
+    else:
+        with pytest.raises(ValueError, match="no question"):
+            ul.strict_filter(model, task)
+
+
+def test_selection_by_forget_and_retain_frequency():
+    forget = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.0, 0.5])
+    retain = torch.tensor([0.5, 0.0, 0.005, 0.02, 0.0, 0.0])
+    assert ul.select_by_frequency(forget, retain, top_n=2, retain_threshold=0.01).tolist() == [1, 2]
+    assert ul.select_by_frequency(forget, retain, top_n=9, retain_threshold=0.01).tolist() == [1, 2, 5]
+    with pytest.raises(ValueError, match="no feature"):
+        ul.select_by_frequency(forget, torch.ones(6), top_n=2)
+
+
+def test_question_and_corpus_loaders(tmp_path):
+    rows = [{"question": "q?", "choices": ["a", "b", "c", "d"], "answer": 1},
+            {"question": "r?", "choices": ["a", "b", "c", "d"], "answer": "D", "id": "custom id"}]
+    (tmp_path / "q.json").write_text(json.dumps(rows))
+    qs = ul.load_questions(tmp_path / "q.json")
+    assert [q.answer for q in qs] == [1, 3] and qs[1].id == "custom_id"
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert ul.load_wmdp(tmp_path / "q.jsonl", limit=1)[0].question == "q?"
+    (tmp_path / "bad.json").write_text(json.dumps([{"question": "q", "choices": ["a", "b"], "answer": 0}]))
+    with pytest.raises(ValueError, match="4"):
+        ul.load_questions(tmp_path / "bad.json")
+    (tmp_path / "c.txt").write_text("one text\n\ntwo text\n")
+    assert ul.load_corpus(tmp_path / "c.txt") == ["one text", "two text"]
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The toy model's matrices are tiny: one intra-op thread is faster than several (and much
+    faster on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------------------------
+# the toy world, end to end
+
+needs_toy = pytest.mark.skipif(not (toy.ASSETS / "model").is_dir(), reason="toy world assets are not built")
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    from saerecover.cli_tasks import TOY_UNLEARNING as T
+
+    world = toy.load()
+    site = world.site(T["hook"])
+    forget, retain = ul.toy_corpora("inventor")
+    out = tmp_path_factory.mktemp("unlearning") / "toy-unlearning"
+    questions = ul.toy_questions("inventor")[:3]  # 72 orders: enough flips, fast
+    return ul.run_unlearning(world.model, site, questions, forget, retain, out=out,
+                             fmt=ul.TOY_FORMAT, top_n=T["top_n"], retain_threshold=T["retain_threshold"],
+                             clamp_value=T["clamp_value"], steps=30, budget=T["budget"], report=False,
+                             name="toy-unlearning")
+
+
+@needs_toy
+def test_toy_unlearning_strict_protocol_and_valid_flips(toy_run):
+    info = toy_run.info
+    assert 1 <= info["strict"]["n_kept"] <= info["strict"]["n_questions"] == 3
+    assert info["n_examples"] == 24 * info["n_questions_kept"]
+    s = toy_run.summary
+    assert s["n_valid"] > 0
+    assert sum(q["valid_flips"] for q in info["per_question"].values()) == s["n_valid"]
+    sel = info["selection"]
+    assert all(r <= sel["retain_threshold"] for r in sel["retain_frequency"])
+    assert all(f > 0 for f in sel["forget_frequency"])
+
+
+@needs_toy
+def test_toy_unlearning_encoder_mode_is_exact(toy_run):
+    enc = toy_run.summary["modes"]["encoder"]
+    assert enc["c1_residual_max"] <= 1e-5
+    assert enc["activation_drift_mean"] <= 1e-4
+    assert toy_run.summary["modes"]["none"]["recovered"] >= 1
+    root = toy_run.path
+    assert (root / "unlearning.json").is_file() and (root / "summary.json").is_file()
+    assert "valid flips" in toy_run.table()
+
+
+@needs_toy
+def test_cli_run_unlearning_on_the_toy_world(tmp_path, capsys):
+    from saerecover.cli import main
+
+    rc = main(["run", "unlearning", "--toy", "--limit", "1", "--steps", "10", "--quiet", "--out", str(tmp_path / "u")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "questions kept (correct under all 24 orders): 1/1" in out
+    info = json.loads((tmp_path / "u" / "unlearning.json").read_text())
+    assert info["n_examples"] == 24 and len(info["selection"]["features"]) == 16
+    assert main(["run", "unlearning", "--toy", "--clamp-value", "3", "--out", str(tmp_path / "w")]) == 2

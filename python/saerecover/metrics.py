@@ -6,6 +6,7 @@ z_def = E_S(h_def), z_rec = E_S(h_rec) with h_rec the residual the model actuall
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,10 @@ import torch
 from .sites import Site
 
 EPS = 1e-8
+#: ||z_def|| at or below this makes the relative metrics undefined (NaN, stored as null): a
+#: clamp to a value <= 0 leaves E(h_def) = 0 on the clamped features, and dividing by EPS there
+#: would report 1e7-sized "relative drifts" that mean nothing. Summaries count them apart.
+UNDEFINED_BELOW = 1e-6
 
 
 @dataclass
@@ -81,11 +86,16 @@ def _example_metrics(site, features, feats, delta_rows, h_def_rows, a, recovered
     return {
         "activation_drift": activation_drift,
         "decode_drift": decode_drift,
-        "relative_drift": activation_drift / (def_norm + EPS),
-        "floor_violation": floor / (def_norm + EPS),
+        "relative_drift": _relative(activation_drift, def_norm),
+        "floor_violation": _relative(floor, def_norm),
         "reactivated_fraction": float(reactivated.sum()) / n_pairs if n_pairs else 0.0,
         "zero_reactivation": bool(recovered and not bool(reactivated.any())),
         "delta_norm": delta_norm,
         "relative_delta_norm": delta_norm / (float(h_def_rows.float().norm()) + EPS),
         "c1_residual": c1_residual(a, delta_rows),
     }
+
+
+def _relative(value: float, def_norm: float) -> float:
+    """``value / (||z_def|| + EPS)`` (PAPER_NOTES), NaN where ||z_def|| <= UNDEFINED_BELOW."""
+    return value / (def_norm + EPS) if def_norm > UNDEFINED_BELOW else math.nan

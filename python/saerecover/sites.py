@@ -7,6 +7,7 @@ can speak of "the features at this site" without caring how the SAE was trained.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,14 +198,18 @@ def load_site(
         source = "<in-memory SAE>"
     else:
         path = check_sae_source(spec)
-        if path is not None:
-            sae = SAE.load_from_disk(path, device=device, dtype=dtype)
-            source = str(path.resolve())
-        else:
-            text = str(spec)
-            release, sae_id = text.split("/", 1)
-            sae = SAE.from_pretrained(release, sae_id, device=device, dtype=dtype or "float32")
-            source = text
+        with warnings.catch_warnings():
+            # sae_lens advises loading the model with the SAE's model_from_pretrained_kwargs;
+            # the site applies them itself (centring, below), so the advice is noise here
+            warnings.filterwarnings("ignore", message=r"\s*This SAE has non-empty model_from_pretrained_kwargs", category=UserWarning)
+            if path is not None:
+                sae = SAE.load_from_disk(path, device=device, dtype=dtype)
+                source = str(path.resolve())
+            else:
+                text = str(spec)
+                release, sae_id = text.split("/", 1)
+                sae = SAE.from_pretrained(release, sae_id, device=device, dtype=dtype or "float32")
+                source = text
     sae.eval()
     for p in sae.parameters():
         p.requires_grad_(False)

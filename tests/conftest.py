@@ -25,6 +25,19 @@ def pytest_configure(config):
         pass
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for the module (``pytestmark =
+    pytest.mark.usefixtures("one_torch_thread")``): the toy model's matrices are tiny, and one
+    thread is faster than several, much faster on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     """``{"gpt2": dir, "llama": dir, "gemma2": dir}``: saved tiny models with tokenizers."""

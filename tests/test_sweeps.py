@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from saerecover import sweeps
 from saerecover import toy
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _rec(eid, mode, valid, recovered, failed=False):
@@ -46,20 +46,10 @@ def test_grids_are_checked():
     with pytest.raises(ValueError, match="repeat"):
         sweeps.feature_sweep(None, None, [4, 4], make_clamp=lambda k: None, out="unused")
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The toy model's matrices are tiny: one intra-op thread is faster than several (and much
-    faster on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ----------------------------------------------------------------------------------------------
 # toy IOI
 
-needs_toy = pytest.mark.skipif(not (toy.ASSETS / "model").is_dir(), reason="toy world assets are not built")
 
 SETTING = {"n": 48, "steps": 25}
 
@@ -76,7 +66,6 @@ def toy_ioi():
     return world, task, make
 
 
-@needs_toy
 def test_toy_ioi_budget_sweep(toy_ioi, tmp_path):
     from saerecover.toy import DEMO_OPTIONS
 
@@ -105,7 +94,6 @@ def test_toy_ioi_budget_sweep(toy_ioi, tmp_path):
     assert res.table().count("\n") == 1 + 2 * len(budgets)
 
 
-@needs_toy
 def test_toy_ioi_feature_sweep(toy_ioi, tmp_path):
     world, task, make = toy_ioi
     res = sweeps.feature_sweep(world.model, task, [4, 16], make_clamp=make, out=tmp_path / "k",
@@ -118,7 +106,6 @@ def test_toy_ioi_feature_sweep(toy_ioi, tmp_path):
     assert (tmp_path / "k" / "plots" / "feature_sweep.png").is_file()
 
 
-@needs_toy
 def test_sweep_cli_on_the_toy_world(tmp_path, capsys):
     from saerecover.cli import main
 

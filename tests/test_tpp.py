@@ -15,6 +15,8 @@ from saerecover.tasks import tpp
 from saerecover.testing import tiny_gpt2
 from saerecover import toy
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 HOOK = "blocks.0.hook_resid_post"
 
 
@@ -95,20 +97,9 @@ def test_local_loaders(tmp_path):
     with pytest.raises(ValueError, match="no column"):
         tpp.load_text_classes(tmp_path / "d.jsonl", label_column="profession")
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The toy model's matrices are tiny: one intra-op thread is faster than several (and much
-    faster on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ----------------------------------------------------------------------------------------------
 # the toy world, end to end
-
-needs_toy = pytest.mark.skipif(not (toy.ASSETS / "model").is_dir(), reason="toy world assets are not built")
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +115,6 @@ def toy_run(tmp_path_factory):
     return res
 
 
-@needs_toy
 def test_toy_tpp_has_valid_flips_and_exact_encoder_mode(toy_run):
     s = toy_run.summary
     assert s["n_valid"] > 0
@@ -139,7 +129,6 @@ def test_toy_tpp_has_valid_flips_and_exact_encoder_mode(toy_run):
     assert lo <= enc["recovery_rate"] <= hi
 
 
-@needs_toy
 def test_toy_tpp_writes_per_class_runs_and_tables(toy_run):
     root = toy_run.path
     summary = json.loads((root / "summary.json").read_text())
@@ -155,7 +144,6 @@ def test_toy_tpp_writes_per_class_runs_and_tables(toy_run):
     assert table.count("\n") == 2 + 2 * 2 + 2 - 1  # header, rule, 2 classes x 2 modes, 2 pooled rows
 
 
-@needs_toy
 def test_cli_run_tpp_on_the_toy_world(tmp_path, capsys):
     from saerecover.cli import main
 

@@ -13,6 +13,8 @@ from saerecover.tasks import unlearning as ul
 from saerecover.testing import tiny_gpt2
 from saerecover import toy
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 #: A tiny-vocabulary format: the "letters" are four words of the tiny tokenizer.
 TINY_FORMAT = ul.MCFormat("tiny", lambda q, opts: f"{q} " + " ".join(f"{w} {o}" for w, o in
                                                                   zip(("cat", "dog", "bird", "fish"), opts)),
@@ -88,20 +90,9 @@ def test_question_and_corpus_loaders(tmp_path):
     (tmp_path / "c.txt").write_text("one text\n\ntwo text\n")
     assert ul.load_corpus(tmp_path / "c.txt") == ["one text", "two text"]
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The toy model's matrices are tiny: one intra-op thread is faster than several (and much
-    faster on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ----------------------------------------------------------------------------------------------
 # the toy world, end to end
-
-needs_toy = pytest.mark.skipif(not (toy.ASSETS / "model").is_dir(), reason="toy world assets are not built")
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +110,6 @@ def toy_run(tmp_path_factory):
                              name="toy-unlearning")
 
 
-@needs_toy
 def test_toy_unlearning_strict_protocol_and_valid_flips(toy_run):
     info = toy_run.info
     assert 1 <= info["strict"]["n_kept"] <= info["strict"]["n_questions"] == 3
@@ -132,7 +122,6 @@ def test_toy_unlearning_strict_protocol_and_valid_flips(toy_run):
     assert all(f > 0 for f in sel["forget_frequency"])
 
 
-@needs_toy
 def test_toy_unlearning_encoder_mode_is_exact(toy_run):
     enc = toy_run.summary["modes"]["encoder"]
     assert enc["c1_residual_max"] <= 1e-5
@@ -143,7 +132,6 @@ def test_toy_unlearning_encoder_mode_is_exact(toy_run):
     assert "valid flips" in toy_run.table()
 
 
-@needs_toy
 def test_cli_run_unlearning_on_the_toy_world(tmp_path, capsys):
     from saerecover.cli import main
 

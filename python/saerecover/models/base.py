@@ -96,6 +96,25 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 
 
+class TorchModelAdapter:
+    """What both backends share: ``device``, ``dtype`` and ``site_names`` from the wrapped
+    ``torch.nn.Module`` (``self.model``) and ``self.n_layers``."""
+
+    model: torch.nn.Module
+    n_layers: int
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def site_names(self) -> list[str]:
+        return all_site_names(self.n_layers)
+
+
 def all_site_names(n_layers: int) -> list[str]:
     """``blocks.0.hook_resid_pre, blocks.0.hook_resid_post, blocks.1.hook_resid_pre, ...``"""
     return [f"blocks.{layer}.hook_resid_{kind}" for layer in range(n_layers) for kind in ("pre", "post")]

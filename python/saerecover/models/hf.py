@@ -10,9 +10,11 @@ weights when TransformerLens does no weight processing.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +22,7 @@ import torch
 from .base import (
     SUPPORTED_ARCHITECTURES,
     Edit,
-    all_site_names,
+    TorchModelAdapter,
     apply_edit,
     plan_sites,
     resolve_device,
@@ -71,7 +73,7 @@ def find_decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     )
 
 
-class HFAdapter:
+class HFAdapter(TorchModelAdapter):
     """A transformers causal LM with editable residual sites (see ``ModelAdapter``)."""
 
     backend = "hf"
@@ -96,17 +98,6 @@ class HFAdapter:
         model.eval()
         if freeze:
             model.requires_grad_(False)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    def site_names(self) -> list[str]:
-        return all_site_names(self.n_layers)
 
     def __repr__(self) -> str:
         return (
@@ -226,12 +217,29 @@ def load_hf(
     Soft-capped models (Gemma-2) get eager attention unless ``attn_implementation`` is given."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(
-        str(name_or_dir), dtype=resolve_dtype(dtype), **kwargs
-    )
+    with _no_progress_bar(Path(str(name_or_dir)).is_dir()):
+        model = AutoModelForCausalLM.from_pretrained(
+            str(name_or_dir), dtype=resolve_dtype(dtype), **kwargs
+        )
     if "attn_implementation" not in kwargs:
         use_softcap_safe_attention(model)
     model.to(resolve_device(device))
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_dir))
     return HFAdapter(model, tokenizer)
+
+
+@contextlib.contextmanager
+def _no_progress_bar(active: bool) -> Iterator[None]:
+    """Hide transformers' "Loading weights" bar for a local directory (it takes milliseconds
+    there); hub downloads keep their bars."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if active and was_enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if active and was_enabled:
+            hf_logging.enable_progress_bar()

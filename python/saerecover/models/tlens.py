@@ -20,7 +20,7 @@ import torch
 from .base import (
     SUPPORTED_ARCHITECTURES,
     Edit,
-    all_site_names,
+    TorchModelAdapter,
     apply_edit,
     plan_sites,
     resolve_device,
@@ -38,7 +38,7 @@ PROCESSING_KWARGS: tuple[str, ...] = (
 NO_PROCESSING: dict[str, bool] = dict.fromkeys(PROCESSING_KWARGS, False)
 
 
-class TLensAdapter:
+class TLensAdapter(TorchModelAdapter):
     """A ``HookedTransformer`` with editable residual sites (see ``ModelAdapter``).
 
     ``processing``: the weight processing TransformerLens applied (``PROCESSING_KWARGS`` ->
@@ -77,17 +77,6 @@ class TLensAdapter:
         model.eval()
         if freeze:
             model.requires_grad_(False)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    def site_names(self) -> list[str]:
-        return all_site_names(self.n_layers)
 
     def __repr__(self) -> str:
         return (

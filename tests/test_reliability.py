@@ -14,7 +14,7 @@ import torch
 
 from saerecover import pipeline
 from saerecover.defense import DefendedModel
-from saerecover.pipeline import find_flips, recover
+from saerecover.pipeline import Flips, find_flips, recover
 from saerecover.recovery import RecoveryConfig, recover_batch
 from saerecover.runs import RunDirectoryError
 from test_pipeline import MarginTask, build
@@ -154,6 +154,24 @@ def test_nan_score_is_caught_by_recover_batch_and_named(setup):
     # steps=0: the only score is the final one, checked too
     with pytest.raises(FloatingPointError, match=rf"non-finite final score for examples \['{valid[1]}'\]"):
         recover_batch(DefendedModel(model, clamp), task, ex.select(keep), mode="none", cfg=RecoveryConfig(steps=0))
+
+
+def test_nan_defended_score_is_not_a_flip(setup):
+    """A clamp that makes the behavior score NaN must not count as suppressing it: NaN > 0 is
+    False, so without the finiteness check such an example would be a "valid flip"."""
+    _, model, clamp, _, valid = setup
+    task = NaNLossTask({valid[0]}, score_too=True)
+    task.recovering = True  # the scores of valid[0] are NaN, with and without the clamp
+    with pytest.warns(RuntimeWarning, match=r"1 of \d+ examples have a non-finite base or defended"):
+        flips = find_flips(DefendedModel(model, clamp), task, task.examples())
+    i = task.examples().ids.index(valid[0])
+    assert bool(flips.non_finite[i]) and not bool(flips.valid[i])
+    assert int(flips.non_finite.sum()) == 1
+    others = [task.examples().ids.index(v) for v in valid[1:]]
+    assert bool(flips.valid[others].all())
+    # a finite base with a NaN or -inf defended score: only the finite pair is a flip
+    direct = Flips(base=torch.tensor([1.0, 1.0, 1.0]), defended=torch.tensor([float("nan"), -1.0, -float("inf")]))
+    assert direct.valid.tolist() == [False, True, False]
 
 
 def test_recover_chunk_isolates_the_culprit(setup):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numbers
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,14 @@ class Flips:
 
     @property
     def valid(self) -> torch.Tensor:
-        return (self.base > 0) & ~(self.defended > 0)
+        """B(base) and not B(defended), both scores finite (a NaN defended score is not a flip)."""
+        finite = torch.isfinite(self.base) & torch.isfinite(self.defended)
+        return finite & (self.base > 0) & ~(self.defended > 0)
+
+    @property
+    def non_finite(self) -> torch.Tensor:
+        """Examples whose base or defended score is NaN or infinite (never valid)."""
+        return ~(torch.isfinite(self.base) & torch.isfinite(self.defended))
 
 
 @dataclass
@@ -74,8 +82,16 @@ def behavior_scores(defended: DefendedModel, task: Task, ex: Examples, *, with_c
 
 
 def find_flips(defended: DefendedModel, task: Task, ex: Examples, *, batch_size: int = 64) -> Flips:
-    return Flips(base=behavior_scores(defended, task, ex, with_clamp=False, batch_size=batch_size),
-                 defended=behavior_scores(defended, task, ex, with_clamp=True, batch_size=batch_size))
+    """Behavior scores without and with the clamp; warns when some are not finite (those
+    examples are never valid, and their records keep the NaN/inf scores as null)."""
+    flips = Flips(base=behavior_scores(defended, task, ex, with_clamp=False, batch_size=batch_size),
+                  defended=behavior_scores(defended, task, ex, with_clamp=True, batch_size=batch_size))
+    bad = int(flips.non_finite.sum())
+    if bad:
+        warnings.warn(f"{bad} of {len(flips.base)} examples have a non-finite base or defended behavior score "
+                      "(NaN/inf from the model or the clamp); they are not counted as valid flips",
+                      RuntimeWarning, stacklevel=2)
+    return flips
 
 
 def describe_model(model: ModelAdapter) -> dict[str, Any]:

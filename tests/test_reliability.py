@@ -225,6 +225,33 @@ def test_oom_halves_the_batch_and_records_it(setup, reference, monkeypatch, tmp_
     assert json.loads((run.path / "summary.json").read_text())["oom_retries"] == expected_halvings
 
 
+def test_oom_while_finding_flips_halves_the_chunk(setup, monkeypatch):
+    _, model, clamp, task, _ = setup
+    defended, ex = DefendedModel(model, clamp), task.examples()
+    want = pipeline.find_flips(defended, task, ex, batch_size=8)
+    real, sizes = pipeline._score_chunk, []
+
+    def flaky(defended, task, part, with_clamp):
+        sizes.append(len(part))
+        if len(part) > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(defended, task, part, with_clamp)
+
+    monkeypatch.setattr(pipeline, "_score_chunk", flaky)
+    got = pipeline.find_flips(defended, task, ex, batch_size=8)
+    assert torch.equal(got.base, want.base) and torch.equal(got.defended, want.defended)
+    # each pass (without, then with the clamp) halves 8 -> 4 -> 2 and keeps 2 for the rest
+    assert sizes[:3] == [8, 4, 2] and set(sizes) <= {1, 2, 4, 8}  # 1: an odd remainder at the end
+    assert sizes.count(8) == 2 and sum(s for s in sizes if s <= 3) == 2 * len(ex)
+
+    def never(defended, task, part, with_clamp):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(pipeline, "_score_chunk", never)
+    with pytest.raises(MemoryError, match=r"CUDA out of memory scoring one example .* without the clamp"):
+        pipeline.find_flips(defended, task, ex, batch_size=8)
+
+
 def test_oom_even_for_one_example_fails_it_and_continues(setup, monkeypatch):
     _, model, clamp, task, valid = setup
     sizes: list[int] = []

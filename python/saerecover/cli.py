@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_analyze(args)
         if args.command == "merge":
             return cmd_merge(args)
-    except (CLIError, ValueError, TypeError, OSError, RunDirectoryError) as err:
+    except (CLIError, ValueError, TypeError, OSError, MemoryError, RunDirectoryError) as err:
         print(f"saerecover: error: {one_line(err)}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command!r}")

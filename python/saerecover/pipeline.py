@@ -67,18 +67,39 @@ def behavior_scores(defended: DefendedModel, task: Task, ex: Examples, *, with_c
     """Behavior scores (n,) of the base (with_clamp=False) or defended model, no gradients.
 
     A task with a ``judge`` method (e.g. one that generates text and looks for a refusal)
-    decides the behavior itself; otherwise B holds iff ``task.score(...) > 0``.
+    decides the behavior itself; otherwise B holds iff ``task.score(...) > 0``. On CUDA out of
+    memory a chunk is halved and retried, and the smaller size kept for the chunks after it;
+    one example that does not fit raises MemoryError.
     """
-    out = []
+    out: list[torch.Tensor] = []
+    size, start = max(1, int(batch_size)), 0
     with torch.no_grad():
-        for start in range(0, len(ex), batch_size):
-            part = ex.select(list(range(start, min(start + batch_size, len(ex))))).to(defended.model.device)
-            if hasattr(task, "judge"):
-                out.append(task.judge(defended, part, with_clamp=with_clamp).float().cpu())
+        while start < len(ex):
+            stop = min(start + size, len(ex))
+            try:
+                out.append(_score_chunk(defended, task, ex.select(list(range(start, stop))), with_clamp))
+            except torch.cuda.OutOfMemoryError as err:
+                _free_cuda()
+                if stop - start == 1:
+                    raise MemoryError(f"CUDA out of memory scoring one example ({ex.ids[start]!r}) "
+                                      f"{'with' if with_clamp else 'without'} the clamp: {_first_line(err)}") from err
+                size = (stop - start + 1) // 2
                 continue
-            logits = defended.forward(part, defended=with_clamp).logits
-            out.append(task.score(logits, part).float().cpu())
+            start = stop
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def _score_chunk(defended: DefendedModel, task: Task, part: Examples, with_clamp: bool) -> torch.Tensor:
+    part = part.to(defended.model.device)
+    if hasattr(task, "judge"):
+        return task.judge(defended, part, with_clamp=with_clamp).float().cpu()
+    logits = defended.forward(part, defended=with_clamp).logits
+    return task.score(logits, part).float().cpu()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def find_flips(defended: DefendedModel, task: Task, ex: Examples, *, batch_size: int = 64) -> Flips:

@@ -117,3 +117,14 @@ def test_sweep_cli_on_the_toy_world(tmp_path, capsys):
     assert json.loads((tmp_path / "cli" / "summary.json").read_text())["budgets"] == [0.5, 4.0]
     rc = main(["sweep", "budget", "--toy", "--budgets", "0,4", "--out", str(tmp_path / "bad")])
     assert rc == 2
+    # `saerecover report` regenerates the combined report and plot of the sweep
+    root = tmp_path / "cli"
+    before = (root / "report.md").read_text()
+    (root / "report.md").unlink()
+    (root / "plots" / "budget_sweep.png").unlink()
+    assert main(["report", str(root)]) == 0
+    assert (root / "report.md").read_text() == before and (root / "plots" / "budget_sweep.png").is_file()
+    assert "| 0.5" in capsys.readouterr().out
+    # `analyze` on the sweep names its members instead of failing obscurely
+    assert main(["analyze", str(root)]) == 2
+    assert "it holds run directories (budget-0.5, budget-4)" in capsys.readouterr().err

@@ -152,6 +152,10 @@ def test_cli_run_tpp_on_the_toy_world(tmp_path, capsys):
     assert rc == 0
     assert "all (pooled)" in capsys.readouterr().out
     assert json.loads((tmp_path / "t" / "summary.json").read_text())["classes"] == ["food"]
+    report = (tmp_path / "t" / "report.md").read_text()
+    (tmp_path / "t" / "report.md").unlink()
+    assert main(["report", str(tmp_path / "t")]) == 0  # the combined report, regenerated
+    assert (tmp_path / "t" / "report.md").read_text() == report and "all (pooled)" in capsys.readouterr().out
     assert main(["run", "tpp", "--toy", "--classes", "cooking", "--out", str(tmp_path / "u")]) == 2
     assert main(["run", "tpp", "--out", str(tmp_path / "v")]) == 2  # no model, no --toy
     assert "--model and --sae" in capsys.readouterr().err

@@ -177,9 +177,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from .collection import read_summary, rewrite_report
     from .report import summary_table, write_report
     from .runs import open_run
 
+    if read_summary(args.run_dir) is not None:  # a sweep or TPP directory: its combined report
+        path, table = rewrite_report(args.run_dir)
+        print(table)
+        print(f"\nreport: {path}")
+        return 0
     run = open_run(args.run_dir)
     path = write_report(run.path)
     print(summary_table(run.read_summary()))
@@ -212,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     ioi.set_defaults(handler=cmd_run)
     add_tpp_parser(tasks)
     add_unlearning_parser(tasks)
-    rep = sub.add_parser("report", help="regenerate report.md and plots of a run directory")
+    rep = sub.add_parser("report", help="regenerate report.md and plots of a run directory, sweep or TPP collection")
     rep.add_argument("run_dir")
     add_sweep_parser(sub)
     add_analyze_parser(sub)

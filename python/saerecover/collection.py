@@ -13,6 +13,7 @@ command finishes what an interrupted one left.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -54,6 +55,37 @@ def prepare(out: str | Path) -> Path:
 def write(out: Path, summary: Mapping[str, Any], report: str) -> None:
     atomic_write_json(out / SUMMARY_FILE, dict(summary))
     atomic_write_text(out / REPORT_FILE, report)
+
+
+def read_summary(root: str | Path) -> dict[str, Any] | None:
+    """A collection's summary, or None when ``root`` holds no collection summary."""
+    path = Path(root) / SUMMARY_FILE
+    if (Path(root) / "config.json").exists() or not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunDirectoryError(f"{path} is not valid JSON: {err}") from err
+    return summary if isinstance(summary, dict) and "collection" in summary else None
+
+
+def rewrite_report(root: str | Path) -> tuple[Path, str]:
+    """Regenerate a collection's report.md and plots from its summary.json (``saerecover
+    report`` on a sweep or TPP directory); returns (report path, the main table)."""
+    summary = read_summary(root)
+    if summary is None:
+        raise RunDirectoryError(f"{root} holds no collection summary.json")
+    root = Path(root)
+    if summary["collection"] in ("budget_sweep", "feature_sweep"):
+        from .sweeps import sweep_table, write_sweep_report
+
+        return write_sweep_report(root, summary), sweep_table(summary)
+    if summary["collection"] == "tpp":
+        from .tasks.tpp import _tpp_report, tpp_table
+
+        write(root, summary, _tpp_report(summary))
+        return root / REPORT_FILE, tpp_table(summary)
+    raise RunDirectoryError(f"{root}: unknown collection kind {summary['collection']!r}")
 
 
 # ----------------------------------------------------------------------------------------------

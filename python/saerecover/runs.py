@@ -480,9 +480,10 @@ class RunDirectory:
         if not self.path.is_dir():
             raise RunDirectoryError(f"{self.path} is not a directory")
         if not (self.path / CONFIG_FILE).exists():
-            raise RunDirectoryError(
-                f"{self.path} is not a saerecover run directory (no {CONFIG_FILE})"
-            )
+            members = sorted(p.name for p in self.path.iterdir() if (p / CONFIG_FILE).is_file())
+            hint = (f"; it holds run directories ({', '.join(members[:6])}{', ...' if len(members) > 6 else ''}): "
+                    "give one of them" if members else "")
+            raise RunDirectoryError(f"{self.path} is not a saerecover run directory (no {CONFIG_FILE}){hint}")
         stored = self._read_config_file()
         self.config = {k: v for k, v in stored.items() if k not in VOLATILE_KEYS}
         self.meta = {k: v for k, v in stored.items() if k in VOLATILE_KEYS}

@@ -27,7 +27,8 @@ import numpy as np
 from . import collection
 from .stats import wilson_interval
 
-__all__ = ["SweepResult", "attribution_clamps", "budget_sweep", "check_grid", "feature_sweep", "robustness"]
+__all__ = ["SweepResult", "attribution_clamps", "budget_sweep", "check_grid", "feature_sweep", "robustness",
+           "write_sweep_report"]
 
 
 @dataclass
@@ -160,9 +161,21 @@ def budget_sweep(model: Any, clamp: Any, task: Any, budgets: Sequence[float], *,
         "robustness": rob,
         "intervals": {"rates": "Wilson score 95%", "continuous": "means over valid examples"},
     }
-    plots = [_plot_budget(summary, root)]
-    collection.write(root, summary, _budget_report(summary, plots))
+    write_sweep_report(root, summary)
     return SweepResult(summary=summary, runs=runs, path=root)
+
+
+def write_sweep_report(root: str | Path, summary: Mapping[str, Any]) -> Path:
+    """(Re)write a sweep's summary.json, report.md and plot from its summary; the report path."""
+    root = Path(root)
+    kind = summary.get("collection")
+    if kind == "budget_sweep":
+        collection.write(root, summary, _budget_report(summary, [_plot_budget(summary, root)]))
+    elif kind == "feature_sweep":
+        collection.write(root, summary, _feature_report(summary, [_plot_features(summary, root)]))
+    else:
+        raise ValueError(f"{root}: summary.json is a {kind!r} collection, not a budget or feature sweep")
+    return root / "report.md"
 
 
 def _plot_budget(summary: Mapping[str, Any], root: Path) -> str:
@@ -282,8 +295,7 @@ def feature_sweep(model: Any, task: Any, ks: Sequence[int], *, make_clamp: Calla
         "feature_sweep": rows,
         "intervals": {"rates": "Wilson score 95%", "continuous": "means over valid examples"},
     }
-    plots = [_plot_features(summary, root)]
-    collection.write(root, summary, _feature_report(summary, plots))
+    write_sweep_report(root, summary)
     return SweepResult(summary=summary, runs=runs, path=root)
 
 

@@ -238,6 +238,32 @@ def test_jacobian_mode_steps_are_orthogonal_to_exact_jacobian(model):
     assert max(o.metrics["phi_relative_drift"] for o in jac) < 0.2 * max(o.metrics["phi_relative_drift"] for o in none)
 
 
+def test_best_checkpoint_under_a_drift_threshold(model):
+    ex = random_examples(4, seed=6)
+    dm = DefendedModel(model, two_site_clamp(model))
+    task = TokenMargin(5, 6)
+    base = dict(steps=12, lr=0.05, budget=2.0, positions="answer")
+    free = recover_batch(dm, task, ex, mode="none", cfg=RecoveryConfig(**base))
+    limit = 0.5 * max(o.metrics["phi_relative_drift"] for o in free)
+    assert limit > 0
+    capped = recover_batch(dm, task, ex, mode="none", cfg=RecoveryConfig(**base, max_drift=limit))
+    # every kept delta is under the threshold, as re-measured by the final evaluation
+    assert all(o.metrics["phi_relative_drift"] <= limit * (1 + 1e-4) + 1e-6 for o in capped)
+    steps = [o.metrics["checkpoint_step"] for o in capped]
+    assert all(0 <= st <= 12 for st in steps) and any(st > 0 for st in steps)
+    # the kept checkpoint is the best-scoring step under the threshold in the recorded history
+    for o in capped:
+        ok = [h for h in o.history if h["phi_relative_drift"] <= limit]
+        if o.metrics["checkpoint_step"] < 12:
+            assert o.metrics["checkpoint_step"] == max(ok, key=lambda h: h["score"])["step"]
+    # per-step measured drift and first-order drift are recorded
+    jac = recover_batch(dm, task, ex, mode="jacobian", cfg=RecoveryConfig(**base))
+    assert all("first_order_drift" in h and "phi_relative_drift" in h for o in jac for h in o.history)
+    assert max(h["first_order_drift"] for o in jac for h in o.history) <= 1e-5
+    with pytest.raises(ValueError, match="max_drift"):
+        RecoveryConfig(max_drift=-1.0).validate()
+
+
 def test_jacobian_matches_autograd_jacobian(model):
     from saerecover.projection import batched_vjp_jacobian, defended_features, example_jacobians
 

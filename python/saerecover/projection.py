@@ -69,15 +69,77 @@ class EncoderNull:
         return out
 
 
-def defended_features(clamp: Clamp, states: Mapping, sites: list[str], phi_mask: torch.Tensor) -> torch.Tensor:
-    """Phi: E_S of the residual leaving every clamped site in ``sites``, at the rows of
-    ``phi_mask`` (n, seq), stacked to (n, m)."""
+def defended_feature_parts(clamp: Clamp, states: Mapping, sites: list[str], phi_mask: torch.Tensor) -> list[torch.Tensor]:
+    """Phi per site: E_S of the residual leaving each clamped site in ``sites`` at the rows of
+    ``phi_mask`` (n, seq), one (n, seq * |S_site|) tensor per site (row-major, feature-minor)."""
     parts = []
     for name in sites:
         sc = clamp.at(name)
         z = sc.site.encode(states[name].h_rec)[..., sc.features.to(phi_mask.device)]
         parts.append((z * phi_mask.unsqueeze(-1)).flatten(1))
+    return parts
+
+
+def defended_features(clamp: Clamp, states: Mapping, sites: list[str], phi_mask: torch.Tensor) -> torch.Tensor:
+    """Phi: E_S of the residual leaving every clamped site in ``sites``, at the rows of
+    ``phi_mask`` (n, seq), stacked to (n, m)."""
+    parts = defended_feature_parts(clamp, states, sites, phi_mask)
     return torch.cat(parts, dim=1) if parts else phi_mask.new_zeros((phi_mask.shape[0], 0), dtype=torch.float32)
+
+
+def packed_jacobians(parts: list[torch.Tensor], deltas: Mapping[str, torch.Tensor], mask: torch.Tensor,
+                     skip_zero: list[bool], *, phi_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Per-example J_b = dPhi_b/d delta_b (m_b, sites * rows_b * d), rows in site order.
+
+    parts: Phi per site (:func:`defended_feature_parts`), each still attached to the graph.
+    Examples are independent, so one vector-Jacobian product serves every example at once,
+    each with its own coordinate: VJP j seeds the j-th kept coordinate of every example, and a
+    site costs max_b(kept_b) products (batched with ``is_grads_batched``), each through that
+    site's part of the graph only. skip_zero[s]: drop coordinates that are 0 (rectified
+    encoders have zero derivative there, so those rows of J are exactly 0). phi_mask: (n, seq),
+    the rows Phi covers (other coordinates are 0 by construction and always dropped).
+    """
+    n = mask.shape[0]
+    names = list(deltas)
+    dev = mask.device
+    per_example: list[list[torch.Tensor]] = [[] for _ in range(n)]
+    for part, sparse in zip(parts, skip_zero):
+        if sparse:
+            keep = part.detach() != 0
+        elif phi_mask is not None:
+            keep = phi_mask.repeat_interleave(part.shape[1] // max(phi_mask.shape[1], 1), dim=1).to(part.device)
+        else:
+            keep = torch.ones_like(part, dtype=torch.bool)
+        counts = keep.sum(dim=1)
+        k = int(counts.max()) if n else 0
+        if k == 0:
+            continue
+        # slot j of example b holds its j-th kept coordinate
+        slot = torch.cumsum(keep.long(), dim=1) - 1
+        b_idx, c_idx = keep.nonzero(as_tuple=True)
+        seeds = torch.zeros((k, *part.shape), dtype=part.dtype, device=part.device)
+        seeds[slot[b_idx, c_idx], b_idx, c_idx] = 1.0
+        inputs = [deltas[nm] for nm in names]
+        try:
+            grads = torch.autograd.grad(part, inputs, grad_outputs=seeds, is_grads_batched=True,
+                                        retain_graph=True, allow_unused=True)
+        except RuntimeError:  # an op without a batching rule: one product at a time
+            per = [torch.autograd.grad(part, inputs, grad_outputs=seeds[j], retain_graph=True, allow_unused=True)
+                   for j in range(k)]
+            grads = tuple(torch.stack([p[i] if p[i] is not None else torch.zeros_like(deltas[nm]) for p in per])
+                          for i, nm in enumerate(names))
+        grads = [g if g is not None else deltas[nm].new_zeros((k, *deltas[nm].shape)) for nm, g in zip(names, grads)]
+        for b in range(n):
+            kb = int(counts[b])
+            if kb:
+                per_example[b].append(torch.cat([g[:kb, b][:, mask[b].to(dev)].reshape(kb, -1) for g in grads], dim=1))
+    out = []
+    for b in range(n):
+        width = int(mask[b].sum()) * sum(int(deltas[nm].shape[-1]) for nm in names)
+        first = next(iter(deltas.values()))
+        out.append(torch.cat(per_example[b], dim=0) if per_example[b]
+                   else first.new_zeros((0, width)))
+    return out
 
 
 def batched_vjp_jacobian(phi: torch.Tensor, deltas: Mapping[str, torch.Tensor], coords: torch.Tensor) -> dict[str, torch.Tensor]:

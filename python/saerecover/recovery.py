@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,9 +24,9 @@ from .metrics import c1_residual, clamped_features, example_metrics
 from .projection import (
     PROJECTIONS,
     EncoderNull,
-    batched_vjp_jacobian,
+    defended_feature_parts,
     defended_features,
-    example_jacobians,
+    packed_jacobians,
     flatten_example,
     project_out_basis,
     sketch_basis,
@@ -35,6 +35,15 @@ from .projection import (
 from .tasks.base import Examples, Task
 
 OPTIMIZERS = ("adam", "sgd")
+
+#: SAE architectures whose features have zero derivative wherever they are zero (ReLU, JumpReLU,
+#: TopK, gated), so that J's rows for all-zero coordinates can be skipped.
+RECTIFIED_ARCHITECTURES = ("standard", "jumprelu", "topk", "batchtopk", "gated")
+
+#: Jacobian mode: a step shorter than this fraction of ||delta|| is not taken (C4 at the budget
+#: shrinks steps toward 0; storing delta + step in float32 would then add round-off of relative
+#: size ~1e-7 ||delta|| in arbitrary directions, larger than the step's own first-order drift).
+MIN_RELATIVE_STEP = 1e-3
 
 
 @dataclass
@@ -58,6 +67,10 @@ class RecoveryConfig:
     sketch_drift_probe: bool = True
     seed: int = 0
     history: bool = True
+    #: Best checkpoint: keep, per example, the delta of the step with the highest behavior score
+    #: among those whose defended-feature drift ||Phi - Phi_def|| / ||Phi_def|| is at most this
+    #: (the paper's reference uses 0.03). None: keep the last delta.
+    max_drift: float | None = None
 
     def validate(self) -> None:
         """Raise TypeError / ValueError naming the first bad field and what would be valid."""
@@ -87,6 +100,9 @@ class RecoveryConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if not math.isfinite(self.stop_margin):
             raise ValueError(f"stop_margin must be finite, got {self.stop_margin}")
+        if self.max_drift is not None and (isinstance(self.max_drift, bool) or not isinstance(self.max_drift, numbers.Real)
+                                           or not (self.max_drift >= 0 and math.isfinite(self.max_drift))):
+            raise ValueError(f"max_drift must be None or a finite number >= 0, got {self.max_drift!r}")
         if self.sketch_probes < 0:
             raise ValueError(f"sketch_probes must be >= 0, got {self.sketch_probes}")
         linalg._check_rcond(self.rcond)
@@ -130,6 +146,22 @@ def _shrink_to_budget(old: torch.Tensor, step: torch.Tensor, budget: float) -> f
         return 1.0
     disc = max(os_ * os_ + ss * max(slack, 0.0), 0.0)
     return max(0.0, min(1.0, (-os_ + disc ** 0.5) / ss))
+
+
+def _budget_step(old: torch.Tensor, step: torch.Tensor, old_null: torch.Tensor, budget: float) -> torch.Tensor:
+    """Jacobian mode's C4: ``step`` and ``old_null`` (the part of ``old`` in J's null space) are
+    orthogonal to J's rows, so is ``step - gamma * old_null``; take the smallest gamma >= 0 that
+    brings ||old + step - gamma old_null|| down to the budget, else shorten the step."""
+    w = old + step
+    excess = float(w @ w) - budget * budget
+    if excess <= 0:
+        return step
+    a = float(old_null @ old_null)
+    b = float(w @ old_null)
+    disc = b * b - a * excess
+    if a > 0 and b > 0 and disc >= 0:
+        return step - ((b - disc ** 0.5) / a) * old_null
+    return _shrink_to_budget(old, step, budget) * step
 
 
 def recover_batch(
@@ -201,9 +233,11 @@ def recover_batch(
     steps_taken = torch.zeros(n, dtype=torch.long)
     first_order = torch.zeros(n, dtype=torch.float64)
     histories: list[list[dict[str, float]]] = [[] for _ in range(n)]
-    needs_phi = mode in ("jacobian", "sketch") or cfg.lambda_act > 0 or cfg.lambda_decode > 0
-    coords = torch.nonzero(torch.cat([phi_mask.any(0).repeat_interleave(clamp.at(s).features.numel())
-                                      for s in phi_sites])).flatten() if phi_sites else torch.zeros(0, dtype=torch.long)
+    needs_phi = mode in ("jacobian", "sketch") or cfg.lambda_act > 0 or cfg.lambda_decode > 0 or cfg.max_drift is not None
+    best = _Checkpoints(deltas, cfg.max_drift) if cfg.max_drift is not None else None
+    step_ratio = torch.full((n,), math.nan, dtype=torch.float64)
+    # rows of J for coordinates at 0 are exactly 0 for rectified encoders (zero derivative there)
+    rectified = [clamp.at(s).site.architecture in RECTIFIED_ARCHITECTURES for s in phi_sites]
 
     for step in range(cfg.steps):
         out = defended.forward(ex, deltas, reclamp=cfg.reclamp, track=tuple(phi_sites))
@@ -213,7 +247,9 @@ def recover_batch(
             if not bool(active.any()):
                 break
         loss_vec = task.loss(out.logits, ex)
-        phi = defended_features(clamp, out.sites, phi_sites, phi_mask) if needs_phi else None
+        phi_parts = defended_feature_parts(clamp, out.sites, phi_sites, phi_mask) if needs_phi else []
+        phi = (torch.cat(phi_parts, dim=1) if phi_parts else phi_mask.new_zeros((n, 0), dtype=torch.float32)) \
+            if needs_phi else None
         if cfg.lambda_act > 0:
             loss_vec = loss_vec + cfg.lambda_act * (phi - phi_ref).norm(dim=1) / (phi_ref_norm + 1e-8)
         if cfg.lambda_decode > 0:
@@ -225,6 +261,9 @@ def recover_batch(
         if not bool((finite | ~active).all()):
             bad = (~finite & active).nonzero().flatten().tolist()
             raise FloatingPointError(f"non-finite loss or score at step {step} for examples {[ex.ids[i] for i in bad]}")
+        drift = ((phi.detach() - phi_ref).norm(dim=1) / (phi_ref_norm + 1e-8)).cpu() if needs_phi else None
+        if best is not None:
+            best.offer(step, score.detach().cpu(), drift, active.cpu())
         grads = dict(zip(sites, torch.autograd.grad(loss, list(deltas.values()), retain_graph=mode in ("jacobian", "sketch"))))
         if any(not torch.isfinite(g).all() for g in grads.values()):
             bad = torch.zeros(n, dtype=torch.bool, device=dev)
@@ -236,7 +275,7 @@ def recover_batch(
         if mode == "encoder":
             grads = encoder(grads, mask)
         elif mode == "jacobian":
-            jacs = example_jacobians(batched_vjp_jacobian(phi, deltas, coords), mask)
+            jacs = packed_jacobians(phi_parts, deltas, mask, rectified, phi_mask=phi_mask)
             projected = {s: torch.zeros_like(g) for s, g in grads.items()}
             for b in range(n):
                 g_b = flatten_example(grads, b, mask)
@@ -267,16 +306,23 @@ def recover_batch(
             for b in (torch.nonzero(active).flatten().tolist() if mode == "jacobian" else []):
                 o = flatten_example(old, b, mask)
                 v = flatten_example(new, b, mask)
-                # the step actually taken is orthogonal to J's row space; C4 shortens it
-                st = linalg.jacobian_null_project(jacs[b], v - o, rcond=cfg.rcond)
-                alpha = _shrink_to_budget(o.double(), st.double(), float(budgets[b]))
-                v = o + alpha * st
+                # the step actually taken is orthogonal to J's row space; C4 either pulls delta back
+                # along its own null-space part (also orthogonal to J's rows) or shortens the step
+                both = linalg.jacobian_null_project(jacs[b], torch.stack([v - o, o]), rcond=cfg.rcond)
+                st = _budget_step(o.double(), both[0].double(), both[1].double(), float(budgets[b]))
+                if float(st.norm()) <= MIN_RELATIVE_STEP * float(o.norm()):
+                    st = torch.zeros_like(st)  # below the float32 resolution of delta: round-off would leave J's null space
+                v = o + st.to(o.dtype)
                 taken = (v - o).double()
                 jb = jacs[b].double()
                 if float(taken.norm()) > 0 and jb.numel():
-                    spectral = torch.linalg.matrix_norm(jb, ord=2)
+                    gram = jb @ jb.T if jb.shape[0] <= jb.shape[1] else jb.T @ jb
+                    spectral = torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt()  # ||J||_2
                     ratio = float((jb @ taken).norm() / (spectral * taken.norm() + 1e-30))
                     first_order[b] = max(float(first_order[b]), ratio)
+                    step_ratio[b] = ratio
+                else:
+                    step_ratio[b] = 0.0
                 unflatten_example(v, new, b, mask, final)
             for s, d in deltas.items():
                 d.copy_(final[s])
@@ -288,10 +334,59 @@ def recover_batch(
             lv = loss_vec.detach().cpu()
             dn = torch.sqrt(sum(d.detach().pow(2).flatten(1).sum(1) for d in deltas.values())).cpu()
             for i in torch.nonzero(active.cpu()).flatten().tolist():
-                histories[i].append({"step": step, "score": float(sc_[i]), "loss": float(lv[i]), "delta_norm": float(dn[i])})
+                entry = {"step": step, "score": float(sc_[i]), "loss": float(lv[i]), "delta_norm": float(dn[i])}
+                if drift is not None:  # measured at this step's delta, before its update
+                    entry["phi_relative_drift"] = float(drift[i])
+                if mode == "jacobian":  # ||J step|| / (||J|| ||step||) of the step taken
+                    entry["first_order_drift"] = float(step_ratio[i])
+                histories[i].append(entry)
 
-    return _evaluate(defended, task, ex, deltas, mask, phi_mask, phi_sites, phi_ref, sites, mode, cfg,
-                     steps_taken, first_order, histories)
+    checkpoint_steps = None
+    if best is not None:  # the last delta is a candidate too, then each example keeps its best
+        with torch.no_grad():
+            out = defended.forward(ex, deltas, reclamp=cfg.reclamp, track=tuple(phi_sites))
+            phi = defended_features(clamp, out.sites, phi_sites, phi_mask)
+            drift = ((phi - phi_ref).norm(dim=1) / (phi_ref_norm + 1e-8)).cpu()
+            best.offer(steps_taken, task.score(out.logits, ex).detach().cpu(), drift, torch.ones(n, dtype=torch.bool))
+            checkpoint_steps = best.restore(deltas)
+    outcomes = _evaluate(defended, task, ex, deltas, mask, phi_mask, phi_sites, phi_ref, sites, mode, cfg,
+                         steps_taken, first_order, histories)
+    if checkpoint_steps is not None:
+        for oc, st in zip(outcomes, checkpoint_steps):
+            oc.metrics["checkpoint_step"] = int(st)
+    return outcomes
+
+
+class _Checkpoints:
+    """Per example, the delta with the best behavior score among the steps whose defended-feature
+    drift is <= max_drift. Step 0 (delta = 0, drift 0) always qualifies, so every example has one."""
+
+    def __init__(self, deltas: Mapping[str, torch.Tensor], max_drift: float) -> None:
+        n = next(iter(deltas.values())).shape[0]
+        self.max_drift = float(max_drift)
+        self.score = torch.full((n,), -math.inf)
+        self.step = torch.zeros(n, dtype=torch.long)
+        self.delta = {s: torch.zeros_like(d.detach()) for s, d in deltas.items()}
+        self._deltas = deltas
+
+    def offer(self, step: int | torch.Tensor, score: torch.Tensor, drift: torch.Tensor, active: torch.Tensor) -> None:
+        """The deltas as they are now, after ``step`` updates (an int, or one per example), which
+        scored ``score`` with drift ``drift`` (n,)."""
+        better = active & (drift <= self.max_drift) & (score > self.score)
+        if not bool(better.any()):
+            return
+        self.score = torch.where(better, score, self.score)
+        self.step = torch.where(better, torch.as_tensor(step, dtype=torch.long).expand_as(self.step), self.step)
+        for s, d in self._deltas.items():
+            keep = better.to(d.device).view(-1, *([1] * (d.dim() - 1)))
+            self.delta[s] = torch.where(keep, d.detach(), self.delta[s])
+
+    def restore(self, deltas: Mapping[str, torch.Tensor]) -> list[int]:
+        """Put each example's best delta back into ``deltas``; the step it came from, per example."""
+        with torch.no_grad():
+            for s, d in deltas.items():
+                d.copy_(self.delta[s])
+        return self.step.tolist()
 
 
 def _decode_drift(clamp, dphi: torch.Tensor, phi_sites: list[str], phi_mask: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The ``saerecover`` command line: demo, run (ioi, tpp, unlearning), sweep, report, analyze, merge, bench."""
+"""The ``saerecover`` command line: demo, run (ioi, tpp, unlearning, refusal), sweep, attribute, report,
+analyze, merge, bench."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ IOI_DEFAULTS: dict[str, Any] = {
     "lambda_act": 0.0,
     "lambda_decode": 0.0,
     "lambda_delta": 0.0,
+    "max_drift": None,
     "batch_size": 32,
     "seed": 0,
     "out": None,
@@ -72,6 +74,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lambda-act", type=float)
     p.add_argument("--lambda-decode", type=float)
     p.add_argument("--lambda-delta", type=float)
+    p.add_argument("--max-drift", type=float,
+                   help="keep each example's best step whose defended-feature drift is <= this (e.g. 0.03)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--out", help="run directory (resumes if it exists with the same config)")
@@ -141,7 +145,7 @@ def run_ioi(opts: dict[str, Any], *, quiet: bool = False, world: Any = None, sha
         optimizer=opts["optimizer"], positions=opts["positions"], reclamp=bool(opts["reclamp"]),
         early_stop=bool(opts["early_stop"]), lambda_act=float(opts["lambda_act"]),
         lambda_decode=float(opts["lambda_decode"]), lambda_delta=float(opts["lambda_delta"]),
-        seed=int(opts["seed"]), shard=shard, overwrite=overwrite,
+        max_drift=opts["max_drift"], seed=int(opts["seed"]), shard=shard, overwrite=overwrite,
         extra_config={"source": {"model": opts["model"], "sae": opts["sae"], "top_k": opts["top_k"]}},
     )
 
@@ -203,6 +207,7 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cli_refusal import add_attribute_parser, add_refusal_parser
     from .cli_tasks import add_sweep_parser, add_tpp_parser, add_unlearning_parser
 
     parser = OneLineParser(prog="saerecover", description="Stress-test SAE feature clamps by post-intervention recovery.")
@@ -218,9 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     ioi.set_defaults(handler=cmd_run)
     add_tpp_parser(tasks)
     add_unlearning_parser(tasks)
+    add_refusal_parser(tasks)
     rep = sub.add_parser("report", help="regenerate report.md and plots of a run directory, sweep or TPP collection")
     rep.add_argument("run_dir")
     add_sweep_parser(sub)
+    add_attribute_parser(sub)
     add_analyze_parser(sub)
     add_merge_parser(sub)
     sub.add_parser("bench", help="projection benchmark (Rust core vs NumPy vs torch vs per-row solve)",

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["CHOICES", "CLIError", "LIST_OPTIONS", "POSITIVE_INTS", "OneLineParser", "OptionError", "check_options",
-           "check_out", "load_config_file", "one_line", "parse_features", "resolve_options"]
+           "check_out", "load_config_file", "one_line", "parse_features", "resolve_options", "split_list"]
 
 
 class OptionError(ValueError):
@@ -51,6 +51,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 #: Integer options that must be >= 1.
 POSITIVE_INTS = ("n", "top_k", "batch_size")
+#: Number options whose default None means "off".
+OPTIONAL_FLOATS = ("max_drift", "suffix_lr", "suffix_budget")
 #: Comma-separated options a config file may also give as a list.
 LIST_OPTIONS = ("modes", "patterns", "classes", "data_classes", "budgets", "ks")
 _HOOK_RE = re.compile(r"^blocks\.\d+\.hook_resid_(pre|post)$")
@@ -60,6 +62,8 @@ def coerce(key: str, value: Any, default: Any) -> Any:
     """``value`` of option ``key`` in the type of its default (None: any string); OptionError
     naming the key when it does not fit."""
     kind = type(default)
+    if key in OPTIONAL_FLOATS and value is not None:  # default None: no value means "off"
+        return coerce(key, value, 0.0)
     if value is None:
         if default is None:
             return None
@@ -91,6 +95,15 @@ def coerce(key: str, value: Any, default: Any) -> Any:
     if not isinstance(value, str):
         raise OptionError(f"option {key} must be a string, got {value!r}")
     return value
+
+
+def split_list(text: Any) -> list[str]:
+    """The items of a comma-separated option (or of a list from a config file), stripped; None: []."""
+    if text is None:
+        return []
+    if isinstance(text, (list, tuple)):
+        return [str(x).strip() for x in text if str(x).strip()]
+    return [x.strip() for x in str(text).split(",") if x.strip()]
 
 
 def parse_features(value: Any) -> list[int] | None:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cli_checks import CLIError, check_options, load_config_file, resolve_options
+from .cli_checks import CLIError, check_options, load_config_file, resolve_options, split_list
 
 # ----------------------------------------------------------------------------------------------
 # defaults (flags < config file < defaults, as for `run ioi`)
@@ -56,17 +56,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _split(text: Any) -> list[str]:
-    if text is None:
-        return []
-    if isinstance(text, (list, tuple)):
-        return [str(x).strip() for x in text if str(x).strip()]
-    return [x.strip() for x in str(text).split(",") if x.strip()]
-
-
 def _numbers(text: Any, key: str, *, integer: bool) -> list[Any]:
     try:
-        vals = [int(x) if integer else float(x) for x in _split(text)]
+        vals = [int(x) if integer else float(x) for x in split_list(text)]
     except ValueError as err:
         kind = "integers" if integer else "numbers"
         raise CLIError(f"option {key} must be comma-separated {kind}, got {text!r}") from err
@@ -125,7 +117,7 @@ def _recovery(opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def _modes(opts: dict[str, Any]) -> list[str]:
-    return _split(opts["modes"])
+    return split_list(opts["modes"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,7 +212,7 @@ def _tpp_data(opts: dict[str, Any]) -> Any:
     SAEBench class set, or every label)."""
     from .tasks import tpp
 
-    classes = _split(opts["data_classes"]) or None
+    classes = split_list(opts["data_classes"]) or None
     cols = {k: opts[k] for k in ("text_column", "label_column") if opts[k] is not None}
     sizes = {"n_train": opts["n_train"], "n_test": opts["n_test"], "seed": opts["seed"]}
     ds = opts["dataset"]
@@ -252,7 +244,7 @@ def cmd_run_tpp(args: argparse.Namespace) -> int:
     opts = _resolve(args, TPP_DEFAULTS, TOY_TPP)
     data = _tpp_data(opts)
     model, site = _load(opts, args.toy)
-    targets = _split(opts["classes"]) or None
+    targets = split_list(opts["classes"]) or None
     unknown = [c for c in targets or [] if c not in data.train]
     if unknown:
         raise CLIError(f"unknown target class(es) {unknown}; probe classes: {', '.join(data.classes)}")
@@ -298,7 +290,7 @@ def _unlearning_setup(opts: dict[str, Any], model: Any, site: Any, toy: bool) ->
         forget = ul.load_corpus(opts["forget_corpus"], column=opts["corpus_column"])
         retain = ul.load_corpus(opts["retain_corpus"], column=opts["corpus_column"])
         fmt = ul.WMDP_FORMAT
-    feats = [int(x) for x in _split(opts["features"])] if opts["features"] is not None else None
+    feats = [int(x) for x in split_list(opts["features"])] if opts["features"] is not None else None
     if opts["loss"] not in ul.LOSSES:
         raise CLIError(f"option loss: {opts['loss']!r}; valid for unlearning: {', '.join(ul.LOSSES)}")
     return ul.setup_unlearning(model, site, questions, forget, retain, fmt=fmt, top_n=opts["top_n"],
@@ -375,7 +367,7 @@ def _sweep_setup(args: argparse.Namespace, grid: str) -> tuple[dict[str, Any], l
         from .sweeps import attribution_clamps
         from .tasks.ioi import IOI
 
-        pats = _split(opts["patterns"])
+        pats = split_list(opts["patterns"])
         if args.toy:  # as ToyWorld.ioi_task: the corpus's own templates and names
             from .toy import corpus
 
@@ -385,7 +377,7 @@ def _sweep_setup(args: argparse.Namespace, grid: str) -> tuple[dict[str, Any], l
         else:
             task = IOI(model.tokenizer, n=opts["n"], seed=opts["seed"], patterns=pats)
         if opts.get("features") is not None:
-            feats = [int(x) for x in _split(opts["features"])]
+            feats = [int(x) for x in split_list(opts["features"])]
             clamp = Clamp({site: feats}, value=opts["clamp_value"], mode=opts["clamp_mode"], where=opts["clamp_where"])
             make = None
         else:

@@ -7,14 +7,13 @@ rebuilt on any machine from a copied run directory.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .runs import RunDirectoryError, atomic_write_bytes, atomic_write_text, open_run
+from .runs import RunDirectoryError, atomic_write_text, open_run
 
 __all__ = ["summary_table", "write_report"]
 
@@ -219,18 +218,15 @@ def _setup_lines(config: Mapping[str, Any]) -> list[str]:
 
 
 def _figure(width: float = 6.4, height: float = 4.4):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from .collection import figure
 
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
+    return figure(width, height)
 
 
 def _save(fig, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    atomic_write_bytes(path, buf.getvalue())
+    from .collection import save_figure
+
+    save_figure(fig, path)
 
 
 def _colors(names: Sequence[str]) -> dict[str, Any]:

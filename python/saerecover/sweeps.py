@@ -178,6 +178,20 @@ def write_sweep_report(root: str | Path, summary: Mapping[str, Any]) -> Path:
     return root / "report.md"
 
 
+def _plot_rate_and_drift(ax_rate: Any, ax_drift: Any, rows: Sequence[Mapping[str, Any]], mode: str, key: str,
+                         color: Any) -> list[Any]:
+    """One mode's recovery rate (Wilson bars) and mean activation drift against ``key``; the x values."""
+    sel = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r[key])
+    xs = [r[key] for r in sel]
+    ys = [r["recovery_rate"] if r["recovery_rate"] is not None else float("nan") for r in sel]
+    lo = [max(0.0, y - r["recovery_rate_ci95"][0]) if r.get("recovery_rate_ci95") else 0.0 for y, r in zip(ys, sel)]
+    hi = [max(0.0, r["recovery_rate_ci95"][1] - y) if r.get("recovery_rate_ci95") else 0.0 for y, r in zip(ys, sel)]
+    ax_rate.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, color=color, label=mode)
+    drift = [float("nan") if r["activation_drift_mean"] is None else r["activation_drift_mean"] for r in sel]
+    ax_drift.plot(xs, drift, marker="o", color=color, label=mode)
+    return xs
+
+
 def _plot_budget(summary: Mapping[str, Any], root: Path) -> str:
     rows = summary["budget_sweep"]
     modes = list(summary["modes"])
@@ -185,14 +199,7 @@ def _plot_budget(summary: Mapping[str, Any], root: Path) -> str:
     fig = collection.figure(15.0, 4.4)
     ax1, ax2, ax3 = fig.subplots(1, 3)
     for m in modes:
-        sel = sorted((r for r in rows if r["mode"] == m), key=lambda r: r["budget"])
-        xs = [r["budget"] for r in sel]
-        ys = [r["recovery_rate"] if r["recovery_rate"] is not None else float("nan") for r in sel]
-        lo = [max(0.0, y - r["recovery_rate_ci95"][0]) if r.get("recovery_rate_ci95") else 0.0 for y, r in zip(ys, sel)]
-        hi = [max(0.0, r["recovery_rate_ci95"][1] - y) if r.get("recovery_rate_ci95") else 0.0 for y, r in zip(ys, sel)]
-        ax1.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, color=col[m], label=m)
-        drift = [float("nan") if r["activation_drift_mean"] is None else r["activation_drift_mean"] for r in sel]
-        ax2.plot(xs, drift, marker="o", color=col[m], label=m)
+        xs = _plot_rate_and_drift(ax1, ax2, rows, m, "budget", col[m])
         per = summary["robustness"][m]["per_example"]
         n = len(per)
         if n:
@@ -306,14 +313,7 @@ def _plot_features(summary: Mapping[str, Any], root: Path) -> str:
     fig = collection.figure(10.5, 4.4)
     ax1, ax2 = fig.subplots(1, 2)
     for m in modes:
-        sel = sorted((r for r in rows if r["mode"] == m), key=lambda r: r["k"])
-        xs = [r["k"] for r in sel]
-        ys = [r["recovery_rate"] if r["recovery_rate"] is not None else float("nan") for r in sel]
-        lo = [max(0.0, y - r["recovery_rate_ci95"][0]) if r.get("recovery_rate_ci95") else 0.0 for y, r in zip(ys, sel)]
-        hi = [max(0.0, r["recovery_rate_ci95"][1] - y) if r.get("recovery_rate_ci95") else 0.0 for y, r in zip(ys, sel)]
-        ax1.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, color=col[m], label=m)
-        drift = [float("nan") if r["activation_drift_mean"] is None else r["activation_drift_mean"] for r in sel]
-        ax2.plot(xs, drift, marker="o", color=col[m], label=m)
+        _plot_rate_and_drift(ax1, ax2, rows, m, "k", col[m])
     first = sorted((r for r in rows if r["mode"] == modes[0]), key=lambda r: r["k"])
     axv = ax1.twinx()
     axv.bar([r["k"] for r in first], [r["n_valid"] or 0 for r in first], alpha=0.15, color="0.3",

@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="saerecover", description="Stress-test SAE feature clamps by post-intervention recovery.")
     parser.add_argument("--version", action="version", version=f"saerecover {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="the whole method on the shipped toy model (CPU, about 2 min)")
+    demo = sub.add_parser("demo", help="the whole method on the shipped toy model (CPU, about 15 s)")
     demo.add_argument("--out", help="run directory (default runs/demo)")
     demo.add_argument("--quiet", action="store_true")
     run = sub.add_parser("run", help="recover a clamped behavior and write a run directory")

@@ -29,7 +29,12 @@ _LAZY = {
     "load_site": "sites",
     "load_model": "models",
     "recover": "pipeline",
+    "find_flips": "pipeline",
     "RunResult": "pipeline",
+    "DefendedModel": "defense",
+    "attribute": "attribution",
+    "budget_sweep": "sweeps",
+    "feature_sweep": "sweeps",
     "RecoveryConfig": "recovery",
     "select_by_attribution": "features",
     "attribution_scores": "features",
@@ -38,7 +43,7 @@ _LAZY = {
     "jacobian_null_project": "linalg",
 }
 _SUBMODULES = ("linalg", "toy", "tasks", "models", "metrics", "stats", "runs", "report", "analysis", "merge", "sweeps",
-               "collection", "cli")
+               "collection", "attribution", "refusal", "cli")
 
 __all__ = ["__version__", *_LAZY, *_SUBMODULES]
 

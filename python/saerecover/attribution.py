@@ -4,8 +4,9 @@ For each recovered example, the delta at its site is split by ``analysis.decompo
 full delta, the SAE-explained part, the clamped and non-clamped parts of dz decoded, the top-k
 non-clamped features decoded, the top-k knockout (delta minus that) and the SAE residual
 delta_res = delta - (D(E(h_rec)) - D(E(h_def))). Each component is replayed alone as an
-additive perturbation at the same site and rows, with the clamp active, and judged by the same
-judge as the run (for refusal: generation, then the refusal detector). Decoder directions are
+additive perturbation at the same site and rows, with the clamp active, and judged like the run
+(for refusal: generation, then the refusal detector; for score-based tasks such as IOI, TPP and
+unlearning: the task's score > 0). Decoder directions are
 not orthogonal, so these replay counts, not the norms, are the evidence for where recovery
 lives; the paper's Table 10 reports them.
 
@@ -130,9 +131,13 @@ def replay(defended: DefendedModel, task: Any, ex: Examples, items: Sequence[Rep
                 raise ValueError(f"rows of {items[j].example_id!r} reach {int(rows.max())}, beyond its "
                                  f"{width} columns")
             delta[b, rows] = comp
+        deltas = {site.hook_name: delta.to(defended.model.device)}
         with torch.no_grad():
-            scores = task.judge(defended, part, with_clamp=True, deltas={site.hook_name: delta.to(defended.model.device)},
-                                reclamp=reclamp, stage="replay")
+            if hasattr(task, "judge"):  # e.g. refusal: generate with the edits, then detect
+                scores = task.judge(defended, part, with_clamp=True, deltas=deltas, reclamp=reclamp, stage="replay")
+            else:  # score-based tasks (IOI, TPP, unlearning): B holds iff score > 0
+                part = part.to(defended.model.device)
+                scores = task.score(defended.forward(part, deltas, reclamp=reclamp).logits, part)
         for b, (j, name, _) in enumerate(chunk):
             results[j]["replay"][name] = bool(scores[b] > 0)
     return results

@@ -33,6 +33,13 @@ def test_cli_run_ioi_on_local_toy_dirs(tmp_path, backend):
     assert summary["modes"]["none"]["activation_drift_mean"] > 1e-3
     assert (out / "report.md").exists()
     assert cli.main(["analyze", str(out)]) == 0
+    if backend == "hf":  # attribution rebuilds the IOI task from the config; the full delta replays exactly
+        assert cli.main(["attribute", str(out), "--top-k", "8"]) == 0
+        attribution = json.loads((out / "attribution.json").read_text())
+        records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+        for mode, agg in attribution["modes"].items():
+            n = sum(1 for r in records if r["mode"] == mode and r["recovered"] is True)
+            assert agg["n"] == n and agg["components"]["delta"]["recovered"] == n
 
 
 def test_hf_and_tlens_backends_find_the_same_flips(tmp_path):

@@ -279,16 +279,24 @@ def source_requests(source: Mapping[str, Any] | None) -> list[str]:
 
 
 def task_from_config(model: Any, desc: Mapping[str, Any], requests: Sequence[str] | None = None):
-    """Rebuild the Refusal task described by a run's ``config["task"]``.
+    """Rebuild the task described by a run's ``config["task"]``: refusal or IOI.
 
-    The config holds each request's sha256, not its text: the texts come from ``requests``
-    (default: the recorded source, :func:`source_requests`) and are matched by hash, so a
-    changed file is caught instead of silently attributing other prompts."""
+    Refusal: the config holds each request's sha256, not its text: the texts come from
+    ``requests`` (default: the recorded source, :func:`source_requests`) and are matched by
+    hash, so a changed file is caught instead of silently attributing other prompts. IOI: the
+    prompts are regenerated from the recorded templates, names, places, objects and seed."""
     from .tasks.refusal import Refusal, request_hash
 
+    if "request_sha256" not in desc and {"templates", "names", "places", "objects"} <= set(desc):
+        from .tasks.ioi import IOI
+
+        return IOI(model.tokenizer, n=int(desc["n"]), seed=int(desc["seed"]), patterns=list(desc["patterns"]),
+                   templates=desc["templates"], names=desc["names"], places=desc["places"],
+                   objects=desc["objects"], name=str(desc.get("name", "ioi")))
     hashes = desc.get("request_sha256")
     if not isinstance(hashes, list) or not hashes:
-        raise ValueError("the run's task description has no request hashes: only refusal runs can be attributed")
+        raise ValueError("saerecover attribute rebuilds refusal and IOI runs from their config; for other tasks "
+                         "use the Python API (saerecover.attribute on the run's outcomes)")
     pool = list(requests) if requests is not None else source_requests(desc.get("source"))
     by_hash = {request_hash(r): r for r in pool}
     missing = [i for i, h in enumerate(hashes) if h not in by_hash]
@@ -310,7 +318,7 @@ def attribute_run(run_dir: str | os.PathLike[str], *, modes: Sequence[str] | Non
                   top_k: int = DEFAULT_TOP_K, device: str | None = None, model: Any = None,
                   saes: Mapping[str, Any] | None = None, requests: Sequence[str] | None = None,
                   batch_size: int = 16, write: bool = True, plot: bool = True) -> AttributionResult:
-    """Attribution replays on a finished refusal run: loads the model (``config["source"]
+    """Attribution replays on a finished refusal or IOI run: loads the model (``config["source"]
     ["model"]`` or ``config["model"]["name"]``, or ``model`` given) and the clamp's SAEs from the
     config, rebuilds the task (requests from the recorded source or ``requests``, matched by
     sha256; base responses regenerated, greedy), and replays the components of

@@ -123,4 +123,5 @@ class IOI:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "n": self.n, "seed": self.seed, "patterns": list(self.patterns),
-                "templates": list(self.templates), "names": list(self.names)}
+                "templates": list(self.templates), "names": list(self.names), "places": list(self.places),
+                "objects": list(self.objects)}

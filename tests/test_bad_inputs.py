@@ -27,6 +27,8 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models, one thread
+
 HOOK = "blocks.0.hook_resid_post"
 D_MODEL, D_SAE = 32, 64
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md"
@@ -846,15 +848,6 @@ for _id, _inp, _match, _argv, _early in CLI_ROWS:
 
 
 # ------------------------------------------------------------------------------------- the tests
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -19,17 +19,10 @@ from saerecover.recovery import RecoveryConfig, recover_batch
 from saerecover.runs import RunDirectoryError
 from test_pipeline import MarginTask, build
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models, one thread
+
 KW = dict(projection=["none", "encoder"], steps=3, lr=0.1, budget=4.0, batch_size=8, progress=False, report=False)
 PACKAGE = Path(__file__).resolve().parents[1] / "python" / "saerecover"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -34,10 +34,11 @@ except ImportError:  # run from a source tree without an install
 
 import torch
 
-from saerecover import linalg, toy
-from saerecover.defense import DefendedModel
-from saerecover.pipeline import find_flips
-from saerecover.projection import (
+from saerecover import linalg
+from saerecover import toy
+from saerecover.core.defended import DefendedModel
+from saerecover.experiments.pipeline import find_flips
+from saerecover.core.projection import (
     batched_vjp_jacobian,
     defended_feature_parts,
     defended_features,
@@ -47,8 +48,8 @@ from saerecover.projection import (
     project_out_basis,
     sketch_basis,
 )
-from saerecover.recovery import RECTIFIED_ARCHITECTURES
-from saerecover.refusal import DEFAULT_TOY_SITES, toy_setting
+from saerecover.core.recovery import RECTIFIED_ARCHITECTURES
+from saerecover.experiments.refusal import DEFAULT_TOY_SITES, toy_setting
 
 
 def _sync(device: torch.device) -> None:

@@ -15,13 +15,13 @@ import time
 
 import torch
 
-import saerecover.projection as projection
+import saerecover.core.projection as projection
 from saerecover import toy
-from saerecover.clamp import Clamp
-from saerecover.defense import DefendedModel
-from saerecover.features import select_by_attribution
-from saerecover.pipeline import find_flips
-from saerecover.recovery import RecoveryConfig, recover_batch
+from saerecover.core.clamp import Clamp
+from saerecover.core.defended import DefendedModel
+from saerecover.core.selection import select_by_attribution
+from saerecover.experiments.pipeline import find_flips
+from saerecover.core.recovery import RecoveryConfig, recover_batch
 
 
 class ProjectionTimer:

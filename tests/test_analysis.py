@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from sae_lens import SAE
-
-from saerecover.analysis import COMPONENTS, analyze_run, compare_value, decompose
-from saerecover.clamp import Clamp
-from saerecover.cli_analysis import add_analyze_parser, cmd_analyze
-from saerecover.metrics import clamped_features, example_metrics
-from saerecover.runs import RunDirectory, open_run
-from saerecover.sites import Site, load_site
+from saerecover.cli.analysis import add_analyze_parser, cmd_analyze
+from saerecover.core.clamp import Clamp
+from saerecover.core.metrics import clamped_features, example_metrics
+from saerecover.core.sites import Site, load_site
+from saerecover.experiments.analysis import COMPONENTS, analyze_run, compare_value, decompose
+from saerecover.runs.directory import RunDirectory, open_run
 
 HOOK = "blocks.0.hook_resid_post"
 D_IN, D_SAE = 16, 48
@@ -94,7 +93,7 @@ def build_run(out: Path, sae_dir: Path, *, n: int = 6, rows: int = 3, center_inp
                     run.save_tensors(mode, eid, {"delta": delta, "rows": torch.arange(rows), "h_def": h_def,
                                                  "z_def": feats.z_def, "z_rec": feats.z_rec})
                 run.append_record(rec)
-        from saerecover.stats import summarize
+        from saerecover.runs.stats import summarize
 
         run.write_summary(summarize(run.records(), task="synthetic", modes=list(MODES)))
     return out
@@ -118,9 +117,8 @@ def analyze_cli(argv: list[str]) -> int:
 
 def no_model(monkeypatch) -> None:
     """Any attempt to load a model fails the test."""
-    import transformers
-
     import saerecover.models
+    import transformers
 
     def boom(*a, **k):
         raise AssertionError("the analysis must not load a model")
@@ -359,11 +357,11 @@ def test_real_run_reanalyzes_to_1e5_and_shards_merge(tmp_path, monkeypatch):
     pytest.importorskip("saerecover.linalg", reason="the Rust extension is not built")
     from dataclasses import dataclass
 
-    from saerecover.defense import DefendedModel
-    from saerecover.merge import merge_runs
+    from saerecover.core.defended import DefendedModel
+    from saerecover.core.examples import Examples, answer_logits, pad_right
+    from saerecover.experiments.merge import merge_runs
+    from saerecover.experiments.pipeline import recover
     from saerecover.models import load_model
-    from saerecover.pipeline import recover
-    from saerecover.tasks.base import Examples, answer_logits, pad_right
     from saerecover.testing import tiny_gpt2
 
     model = load_model(str(tiny_gpt2(tmp_path / "models", n_layers=2, d_model=D_IN)), device="cpu")

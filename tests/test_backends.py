@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from saerecover import testing
 from saerecover.models import (
     HFAdapter,
@@ -242,9 +241,8 @@ def test_unknown_backend_raises(tiny_gpt2_dir):
 
 
 def test_unsupported_architectures_are_named(tmp_path):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
     from saerecover.models import hooked_config_dict
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     cfg = GPTNeoXConfig(
         vocab_size=79, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -327,9 +325,8 @@ def test_loading_sets_eval_frozen_and_device(tiny_adapters, tiny_gpt2_dir):
 
 
 def test_wrappers_for_loaded_models(tiny_llama_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from saerecover.models import hooked_from_hf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf_model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     hf_model.train()
@@ -348,9 +345,8 @@ def test_tlens_hub_names_go_through_from_pretrained_without_processing(monkeypat
     """A TransformerLens model name is loaded by HookedTransformer.from_pretrained with every
     processing switch off unless asked for (checked without a download)."""
     import transformers
-    from transformer_lens import HookedTransformer
-
     from saerecover.models import hooked_from_hf
+    from transformer_lens import HookedTransformer
 
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
     tok = transformers.AutoTokenizer.from_pretrained(tiny_gpt2_dir)

@@ -58,7 +58,7 @@ class MarginTask:
         self.n, self.seed, self.ids, self.name = n, seed, ids, name
 
     def examples(self):
-        from saerecover.tasks.base import Examples, pad_right
+        from saerecover.core.examples import Examples, pad_right
 
         g = torch.Generator().manual_seed(self.seed)
         seqs = [torch.randint(4, 60, (int(torch.randint(4, 9, (1,), generator=g)),), generator=g).tolist()
@@ -68,7 +68,7 @@ class MarginTask:
                         self.ids or [f"ex-{i:03d}" for i in range(self.n)])
 
     def score(self, logits, ex):
-        from saerecover.tasks.base import answer_logits
+        from saerecover.core.examples import answer_logits
 
         last = answer_logits(logits, ex).float()
         return last[:, 5] - last[:, 6]
@@ -103,10 +103,10 @@ class Env:
 
 
 def build_env(root: Path) -> Env:
-    from saerecover.clamp import Clamp
+    from saerecover.core.clamp import Clamp
+    from saerecover.core.sites import Site, load_site
+    from saerecover.experiments.pipeline import recover
     from saerecover.models import load_model
-    from saerecover.pipeline import recover
-    from saerecover.sites import Site, load_site
     from saerecover.testing import tiny_gpt2
 
     root.mkdir(parents=True, exist_ok=True)
@@ -162,7 +162,7 @@ def cases(where: str, exc, rows: list[tuple[str, str, str, Callable]], *, early:
 
 
 def _rde():
-    from saerecover.runs import RunDirectoryError
+    from saerecover.runs.directory import RunDirectoryError
 
     return RunDirectoryError
 
@@ -268,7 +268,7 @@ cases("load_model", TypeError, [
 
 # -- load_site
 def _load_site(spec, **kw):
-    from saerecover.sites import load_site
+    from saerecover.core.sites import load_site
 
     return load_site(spec, **kw)
 
@@ -296,7 +296,7 @@ cases("load_site", TypeError, [
 
 # -- Site.check_features and Clamp
 def _clamp(e, feats, **kw):
-    from saerecover.clamp import Clamp
+    from saerecover.core.clamp import Clamp
 
     return Clamp({e.site: feats}, **kw)
 
@@ -334,14 +334,14 @@ cases("Clamp", TypeError, [
 
 # -- DefendedModel
 def _defended(e, site, feats=(1, 2)):
-    from saerecover.clamp import Clamp
-    from saerecover.defense import DefendedModel
+    from saerecover.core.clamp import Clamp
+    from saerecover.core.defended import DefendedModel
 
     return DefendedModel(e.model, Clamp({site: list(feats)}))
 
 
 def _site_at(hook, d_in=D_MODEL):
-    from saerecover.sites import Site
+    from saerecover.core.sites import Site
 
     return Site(hook, make_sae(d_in=d_in, hook=hook))
 
@@ -357,7 +357,7 @@ cases("DefendedModel", ValueError, [
 
 # -- RecoveryConfig
 def _cfg(**kw):
-    from saerecover.recovery import RecoveryConfig
+    from saerecover.core.recovery import RecoveryConfig
 
     return RecoveryConfig(**kw).validate()
 
@@ -391,8 +391,8 @@ cases("RecoveryConfig.validate", TypeError, [
 
 # -- recover_batch
 def _rb(e, ex=None, mode="encoder", clamp=None, **kw):
-    from saerecover.defense import DefendedModel
-    from saerecover.recovery import RecoveryConfig, recover_batch
+    from saerecover.core.defended import DefendedModel
+    from saerecover.core.recovery import RecoveryConfig, recover_batch
 
     cfg = kw.pop("cfg", RecoveryConfig(steps=1))
     return recover_batch(DefendedModel(e.model, clamp or e.clamp), e.task, ex if ex is not None else e.task.examples(),
@@ -400,13 +400,13 @@ def _rb(e, ex=None, mode="encoder", clamp=None, **kw):
 
 
 def _raw_cfg(**kw):
-    from saerecover.recovery import RecoveryConfig
+    from saerecover.core.recovery import RecoveryConfig
 
     return RecoveryConfig(**kw)
 
 
 def _empty_clamp(e):
-    from saerecover.clamp import Clamp
+    from saerecover.core.clamp import Clamp
 
     return Clamp({e.site: []})
 
@@ -459,7 +459,7 @@ cases("recover_batch", TypeError, [
 
 # -- pipeline.recover
 def _recover(e, t, clamp=None, task=None, **kw):
-    from saerecover.pipeline import recover
+    from saerecover.experiments.pipeline import recover
 
     kw.setdefault("projection", "encoder")
     kw.setdefault("steps", 1)
@@ -472,7 +472,7 @@ def _foreign_run(e, t, **changes):
 
     out = t / "foreign"
     shutil.copytree(e.run_dir, out)
-    from saerecover.runs import config_hash
+    from saerecover.runs.directory import config_hash
 
     cfg = json.loads((out / "config.json").read_text())
     cfg.update(changes)
@@ -489,7 +489,7 @@ def _nonrun_dir(t):
 
 
 def _narrow_clamp(e, t):
-    from saerecover.clamp import Clamp
+    from saerecover.core.clamp import Clamp
 
     return Clamp({_site_at(HOOK, 16): [1]})
 
@@ -541,7 +541,7 @@ cases("pipeline.recover", (_rde(),), [
 
 # -- select_by_attribution
 def _sel(e, site=None, top_k=4, ex=None, **kw):
-    from saerecover.features import select_by_attribution
+    from saerecover.core.selection import select_by_attribution
 
     return select_by_attribution(e.model, site or e.site, e.task, ex if ex is not None else e.task.examples(), top_k=top_k, **kw)
 
@@ -586,13 +586,13 @@ cases("tasks.IOI", TypeError, [
 
 # -- RunDirectory / open_run
 def _open(path):
-    from saerecover.runs import open_run
+    from saerecover.runs.directory import open_run
 
     return open_run(path)
 
 
 def _rundir(path, config):
-    from saerecover.runs import RunDirectory
+    from saerecover.runs.directory import RunDirectory
 
     return RunDirectory(path, config=config)
 
@@ -653,13 +653,13 @@ cases("RunDirectory / open_run", (_rde(),), [
 
 # -- analyze_run / merge_runs
 def _analyze(path, **kw):
-    from saerecover.analysis import analyze_run
+    from saerecover.experiments.analysis import analyze_run
 
     return analyze_run(path, **kw)
 
 
 def _merge(out, dirs):
-    from saerecover.merge import merge_runs
+    from saerecover.experiments.merge import merge_runs
 
     return merge_runs(out, dirs, report=False)
 
@@ -691,13 +691,13 @@ cases("merge_runs", (_rde(),), [
 
 # -- generate
 def _gen(e, ids=None, **kw):
-    from saerecover.generation import generate
+    from saerecover.models.generation import generate
 
     return generate(e.model, ids if ids is not None else [[5, 6, 7]], **kw)
 
 
 def _identity_edit():
-    from saerecover.generation import static_edit
+    from saerecover.models.generation import static_edit
 
     return static_edit(lambda h: h)
 
@@ -714,7 +714,7 @@ cases("generate", ValueError, [
      lambda e, t: _gen(e, torch.tensor([[5, 6, 7]]), attention_mask=torch.ones(1, 2))),
 ])
 def _additive(delta, mask=None):
-    from saerecover.generation import additive_edit
+    from saerecover.models.generation import additive_edit
 
     return additive_edit(delta, mask)
 

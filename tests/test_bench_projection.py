@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-
 from saerecover.bench import projection as bp
 
 TINY = [

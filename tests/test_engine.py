@@ -7,14 +7,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 from sae_lens import SAE
-
-from saerecover.clamp import Clamp
-from saerecover.defense import DefendedModel
-from saerecover.metrics import c1_residual
+from saerecover.core.clamp import Clamp
+from saerecover.core.defended import DefendedModel
+from saerecover.core.examples import Examples, answer_logits, pad_right
+from saerecover.core.metrics import c1_residual
+from saerecover.core.recovery import RecoveryConfig, recover_batch
+from saerecover.core.sites import Site
 from saerecover.models import load_model
-from saerecover.recovery import RecoveryConfig, recover_batch
-from saerecover.sites import Site
-from saerecover.tasks.base import Examples, answer_logits, pad_right
 from saerecover.testing import tiny_gpt2
 
 HOOK = "blocks.0.hook_resid_post"
@@ -265,7 +264,7 @@ def test_best_checkpoint_under_a_drift_threshold(model):
 
 
 def test_jacobian_matches_autograd_jacobian(model):
-    from saerecover.projection import batched_vjp_jacobian, defended_features, example_jacobians
+    from saerecover.core.projection import batched_vjp_jacobian, defended_features, example_jacobians
 
     ex = random_examples(2, seed=7)
     clamp = two_site_clamp(model, k=3)

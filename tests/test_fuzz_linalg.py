@@ -18,7 +18,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from saerecover.linalg import EncoderNullProjector, jacobian_null_project
 
 N_EXAMPLES = int(os.environ.get("SAERECOVER_FUZZ_EXAMPLES", "120"))

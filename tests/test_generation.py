@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from saerecover import testing
-from saerecover.generation import (
+from saerecover.models.generation import (
     GenerationResult,
     additive_edit,
     bind_positions,

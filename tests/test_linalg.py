@@ -10,7 +10,6 @@ import tracemalloc
 
 import numpy as np
 import pytest
-
 from saerecover import linalg
 from saerecover.linalg import EncoderNullProjector, jacobian_null_project
 

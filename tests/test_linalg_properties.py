@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from saerecover.linalg import EncoderNullProjector, jacobian_null_project
 
 BAR = {np.float32: 1e-5, np.float64: 1e-12}

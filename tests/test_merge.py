@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from saerecover.cli_analysis import add_merge_parser, cmd_merge
-from saerecover.merge import MergeError, merge_runs
-from saerecover.runs import VOLATILE_KEYS, RunDirectory, open_run
-from saerecover.stats import CONTINUOUS_METRICS, summarize
+from saerecover.cli.analysis import add_merge_parser, cmd_merge
+from saerecover.experiments.merge import MergeError, merge_runs
+from saerecover.runs.directory import VOLATILE_KEYS, RunDirectory, open_run
+from saerecover.runs.stats import CONTINUOUS_METRICS, summarize
 
 CONFIG = {
     "task": {"name": "ioi", "n": 10, "seed": 0},
@@ -207,9 +206,8 @@ def test_cli_merge_exit_codes(tmp_path, capsys):
 
 def test_merged_sharded_run_analyzes_clean(tmp_path):
     """Shards of a run whose records came from saerecover.metrics: the merged run re-analyzes."""
+    from saerecover.experiments.analysis import analyze_run
     from test_analysis import build_run, save_sae
-
-    from saerecover.analysis import analyze_run
 
     sae_dir = save_sae(tmp_path / "sae")
     whole = build_run(tmp_path / "whole", sae_dir)

@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from sae_lens import SAE
-
-from saerecover.clamp import Clamp
+from saerecover.core.clamp import Clamp
+from saerecover.core.examples import Examples, answer_logits, pad_right
+from saerecover.core.sites import load_site
+from saerecover.experiments.pipeline import recover
 from saerecover.models import load_model
-from saerecover.pipeline import recover
-from saerecover.runs import RunDirectory
-from saerecover.sites import load_site
-from saerecover.tasks.base import Examples, answer_logits, pad_right
+from saerecover.runs.directory import RunDirectory
 from saerecover.testing import tiny_gpt2
 
 HOOK = "blocks.0.hook_resid_post"
@@ -69,7 +68,7 @@ def build(root: Path):
     site = load_site(sae_dir, model=model)
     task = MarginTask()
     # clamp the features that most support the margin, hard, so that flips exist
-    from saerecover.features import attribution_scores
+    from saerecover.core.selection import attribution_scores
 
     scores = attribution_scores(model, site, task, task.examples())
     feats = torch.argsort(scores, descending=True)[:24]
@@ -157,7 +156,7 @@ import sys
 sys.path.insert(0, {tests!r})
 from test_pipeline import build, KW
 from pathlib import Path
-from saerecover.pipeline import recover
+from saerecover.experiments.pipeline import recover
 model, clamp, task = build(Path({root!r}))
 recover(model, clamp, task, out=Path({out!r}), **{{**KW, "batch_size": 1}})
 """

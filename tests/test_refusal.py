@@ -12,26 +12,19 @@ import time
 import pytest
 import torch
 from sae_lens import SAE
-
-from saerecover import refusal_text as rt
-from saerecover.analysis import COMPONENTS
-from saerecover.clamp import Clamp
-from saerecover.defense import DefendedModel
-from saerecover.generation import generate
+from saerecover.core.clamp import Clamp
+from saerecover.core.defended import DefendedModel
+from saerecover.core.recovery import RecoveryConfig
+from saerecover.core.sites import load_site
+from saerecover.data.requests import load_requests
+from saerecover.experiments.analysis import COMPONENTS
+from saerecover.experiments.refusal import SuffixSettings, build_setting, refusal_summary, run_refusal
+from saerecover.experiments.suffix import placeholder_token, recover_suffix, suffix_examples
 from saerecover.models import load_model
-from saerecover.refusal import (
-    SuffixSettings,
-    build_setting,
-    placeholder_token,
-    recover_suffix,
-    refusal_summary,
-    run_refusal,
-    suffix_examples,
-)
-from saerecover.recovery import RecoveryConfig
-from saerecover.refusal_features import mean_activation_clamp, refusal_contrast, select_refusal_features
-from saerecover.sites import load_site
-from saerecover.tasks.refusal import DEFAULT_TEMPLATE, Refusal, load_requests
+from saerecover.models.generation import generate
+from saerecover.tasks.refusal import judge as rt
+from saerecover.tasks.refusal.features import mean_activation_clamp, refusal_contrast, select_refusal_features
+from saerecover.tasks.refusal.task import DEFAULT_TEMPLATE, Refusal
 from saerecover.testing import tiny_gpt2
 
 HOOKS = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
@@ -294,8 +287,12 @@ def test_run_refusal_on_a_tiny_model_writes_notes_and_every_mode(tiny, setting, 
 
 def test_packed_jacobians_span_the_same_rows_as_one_vjp_per_coordinate(tiny, setting):
     from saerecover import linalg
-    from saerecover.projection import (batched_vjp_jacobian, defended_feature_parts, example_jacobians,
-                                       packed_jacobians)
+    from saerecover.core.projection import (
+        batched_vjp_jacobian,
+        defended_feature_parts,
+        example_jacobians,
+        packed_jacobians,
+    )
 
     model, _ = tiny
     clamp = setting.clamp
@@ -397,8 +394,8 @@ def test_toy_refusal_constraints_hold_where_they_should(toy_run):
 
 
 def test_toy_refusal_records_hold_hashes_not_texts(toy_run):
-    from saerecover.refusal import toy_requests
-    from saerecover.tasks.refusal import request_hash
+    from saerecover.experiments.refusal import toy_requests
+    from saerecover.tasks.refusal.task import request_hash
 
     out, _ = toy_run
     config_text = (out / "config.json").read_text()
@@ -430,7 +427,7 @@ def test_toy_refusal_run_resumes_without_redoing_work(toy_run):
 
 
 def test_toy_refusal_attribution_replays_every_component(toy_run, capsys):
-    from saerecover.attribution import ATTRIBUTION_FILE
+    from saerecover.experiments.attribution import ATTRIBUTION_FILE
 
     out, _ = toy_run
     assert _cli(["attribute", str(out), "--top-k", "8"]) == 0

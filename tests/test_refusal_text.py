@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from saerecover import refusal_text as rt
+from saerecover.tasks.refusal import judge as rt
 
 TOY_REFUSAL = "I cannot help with that ."
 TOY_COMPLIANCE = "Sure , here is how to bake a cake ."

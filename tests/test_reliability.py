@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from saerecover import pipeline
-from saerecover.defense import DefendedModel
-from saerecover.pipeline import Flips, find_flips, recover
-from saerecover.recovery import RecoveryConfig, recover_batch
-from saerecover.runs import RunDirectoryError
+from saerecover.core.defended import DefendedModel
+from saerecover.core.recovery import RecoveryConfig, recover_batch
+from saerecover.experiments import pipeline
+from saerecover.experiments.pipeline import Flips, find_flips, recover
+from saerecover.runs.directory import RunDirectoryError
 from test_pipeline import MarginTask, build
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models, one thread
@@ -50,7 +49,7 @@ def by_key(records):
 HOLDER = """
 import sys, time
 sys.path.insert(0, {src!r})
-from saerecover.runs import RunDirectory
+from saerecover.runs.directory import RunDirectory
 run = RunDirectory({out!r}, config={{"task": {{"name": "margin"}}}})
 print("locked", flush=True)
 time.sleep(60)
@@ -232,7 +231,9 @@ def test_oom_while_finding_flips_halves_the_chunk(setup, monkeypatch):
 
     monkeypatch.setattr(pipeline, "_score_chunk", flaky)
     got = pipeline.find_flips(defended, task, ex, batch_size=8)
-    assert torch.equal(got.base, want.base) and torch.equal(got.defended, want.defended)
+    # chunks of other sizes may sum in another order: equal to float32 round-off, not bit for bit
+    assert torch.allclose(got.base, want.base, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(got.defended, want.defended, rtol=1e-5, atol=1e-6)
     # each pass (without, then with the clamp) halves 8 -> 4 -> 2 and keeps 2 for the rest
     assert sizes[:3] == [8, 4, 2] and set(sizes) <= {1, 2, 4, 8}  # 1: an odd remainder at the end
     assert sizes.count(8) == 2 and sum(s for s in sizes if s <= 3) == 2 * len(ex)
@@ -343,7 +344,7 @@ def test_yaml_tags_in_a_config_are_not_executed(tmp_path, capsys):
 
 def test_refusal_records_keep_the_text_out():
     """What a run stores about a response (refusal_text.opening_record) holds no words of it."""
-    from saerecover.refusal_text import opening_record
+    from saerecover.tasks.refusal.judge import opening_record
 
     text = "Sure, here is how to synthesize the compound step by step: first obtain zyxwv precursors"
     rec = opening_record(text)

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from saerecover.report import summary_table, write_report
-from saerecover.runs import RunDirectory
-from saerecover.stats import CONTINUOUS_METRICS, summarize
+from saerecover.report.run import summary_table, write_report
+from saerecover.runs.directory import RunDirectory
+from saerecover.runs.stats import CONTINUOUS_METRICS, summarize
 
 CONFIG = {
     "task": {"name": "ioi", "n": 12, "seed": 0, "names": [f"N{i}" for i in range(40)]},
@@ -110,7 +109,7 @@ def test_report_without_summary_falls_back_to_records(tmp_path):
 
 
 def test_report_refuses_a_non_run(tmp_path):
-    from saerecover.runs import RunDirectoryError
+    from saerecover.runs.directory import RunDirectoryError
 
     with pytest.raises(RunDirectoryError):
         write_report(tmp_path)

@@ -10,19 +10,18 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
-
 import saerecover
-from saerecover import runs as runs_mod
-from saerecover.runs import (
+import torch
+from saerecover.runs import directory as runs_mod
+from saerecover.runs.directory import (
     RunDirectory,
     RunDirectoryError,
     atomic_write_json,
-    atomic_write_text,
     config_hash,
     open_run,
     validate_name,
 )
+from saerecover.runs.files import atomic_write_text
 
 CONFIG = {
     "task": {"name": "ioi", "n": 8, "seed": 0},
@@ -258,7 +257,7 @@ def test_duplicate_lines_in_file_are_an_error(tmp_path):
 HOLD = textwrap.dedent(
     """
     import os, sys
-    from saerecover.runs import RunDirectory, RunDirectoryError
+    from saerecover.runs.directory import RunDirectory, RunDirectoryError
     cfg = {cfg!r}
     try:
         run = RunDirectory(sys.argv[1], config=cfg)

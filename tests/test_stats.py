@@ -7,8 +7,7 @@ import math
 
 import numpy as np
 import pytest
-
-from saerecover.stats import CONTINUOUS_METRICS, bootstrap_ci, summarize, wilson_interval
+from saerecover.runs.stats import CONTINUOUS_METRICS, bootstrap_ci, summarize, wilson_interval
 
 # Wilson 95% intervals from statsmodels 0.15 proportion_confint(k, n, alpha=0.05, method="wilson").
 WILSON_KNOWN = {

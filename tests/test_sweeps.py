@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from saerecover import sweeps
 from saerecover import toy
+from saerecover.experiments import sweeps
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 from sae_lens import SAE
-
-from saerecover import cli, toy
+from saerecover import toy
+from saerecover import cli
 
 N, STEPS = 64, 12
 
@@ -81,8 +81,8 @@ def test_attribution_replays_score_based_recoveries():
     """Attribution works for score-based tasks too (no judge): replaying the full delta under the
     clamp reproduces every recovery, and the components' counts are bounded by it."""
     import saerecover as sr
-    from saerecover.attribution import attribute, items_from_outcomes
-    from saerecover.defense import DefendedModel
+    from saerecover.core.defended import DefendedModel
+    from saerecover.experiments.attribution import attribute, items_from_outcomes
 
     torch.set_num_threads(1)
     world = toy.load()

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from saerecover.toy import corpus
+from saerecover.data import toy_corpus as corpus
 from saerecover.toy.evaluate import evaluate_model, residuals, sae_stats
 
 ASSETS = Path(corpus.__file__).resolve().parent / "assets"

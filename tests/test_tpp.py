@@ -8,12 +8,14 @@ import json
 import pytest
 import torch
 from sae_lens import SAE
-
-from saerecover.models import load_model
-from saerecover.sites import load_site
-from saerecover.tasks import tpp
-from saerecover.testing import tiny_gpt2
 from saerecover import toy
+from saerecover.core.sites import load_site
+from saerecover.data.text_classes import load_amazon_reviews, load_bias_in_bios, load_text_classes, toy_topics
+from saerecover.experiments.tpp import run_tpp
+from saerecover.models import load_model
+from saerecover.tasks import tpp
+from saerecover.tasks.probes import train_probe
+from saerecover.testing import tiny_gpt2
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -71,8 +73,8 @@ def test_probe_training_is_seeded_and_separates():
     torch.manual_seed(0)
     x = torch.randn(80, 6)
     y = (x[:, 0] > 0).float()
-    w1, b1 = tpp.train_probe(x, y, epochs=10, lr=0.05, seed=3)
-    w2, b2 = tpp.train_probe(x, y, epochs=10, lr=0.05, seed=3)
+    w1, b1 = train_probe(x, y, epochs=10, lr=0.05, seed=3)
+    w2, b2 = train_probe(x, y, epochs=10, lr=0.05, seed=3)
     assert torch.equal(w1, w2) and b1 == b2
     assert float((((x @ w1 + b1) > 0).float() == y).float().mean()) > 0.9
 
@@ -81,21 +83,21 @@ def test_local_loaders(tmp_path):
     rows = [{"text": f"text {i} of {c}", "label": c, "split": "test" if i % 4 == 0 else "train"}
             for c in ("a", "b", "c") for i in range(12)]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    data = tpp.load_text_classes(tmp_path / "d.jsonl", classes=["a", "b"])
+    data = load_text_classes(tmp_path / "d.jsonl", classes=["a", "b"])
     assert data.classes == ["a", "b"] and len(data.train["a"]) == 9 and len(data.test["b"]) == 3
     with open(tmp_path / "bios.csv", "w") as f:
         f.write("hard_text,profession\n" + "".join(f"bio {i},{i % 3}\n" for i in range(30)))
-    bios = tpp.load_bias_in_bios(tmp_path / "bios.csv", classes=["0", "2"], n_train=5, n_test=2, seed=1)
+    bios = load_bias_in_bios(tmp_path / "bios.csv", classes=["0", "2"], n_train=5, n_test=2, seed=1)
     assert bios.classes == ["0", "2"] and len(bios.train["0"]) == 5 and len(bios.test["2"]) == 2
     assert bios.describe()["source"].endswith("bios.csv")
     with open(tmp_path / "amz.csv", "w") as f:
         f.write("text,category\n" + "".join(f"review {i},{i % 2 + 1}\n" for i in range(20)))
-    amz = tpp.load_amazon_reviews(tmp_path / "amz.csv", classes=["1", "2"], n_train=4, n_test=2)
+    amz = load_amazon_reviews(tmp_path / "amz.csv", classes=["1", "2"], n_train=4, n_test=2)
     assert amz.classes == ["1", "2"]
     with pytest.raises(ValueError, match="not found"):
-        tpp.load_text_classes(tmp_path / "d.jsonl", classes=["zzz"])
+        load_text_classes(tmp_path / "d.jsonl", classes=["zzz"])
     with pytest.raises(ValueError, match="no column"):
-        tpp.load_text_classes(tmp_path / "d.jsonl", label_column="profession")
+        load_text_classes(tmp_path / "d.jsonl", label_column="profession")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,13 +106,13 @@ def test_local_loaders(tmp_path):
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
-    from saerecover.cli_tasks import TOY_TPP
+    from saerecover.cli.tasks import TOY_TPP
 
     world = toy.load()
     site = world.site(TOY_TPP["hook"])
-    data = tpp.toy_topics(n_train=40, n_test=10, seed=0)
+    data = toy_topics(n_train=40, n_test=10, seed=0)
     out = tmp_path_factory.mktemp("tpp") / "toy-tpp"
-    res = tpp.run_tpp(world.model, site, data, out=out, classes=["sports", "music"], top_n=TOY_TPP["top_n"],
+    res = run_tpp(world.model, site, data, out=out, classes=["sports", "music"], top_n=TOY_TPP["top_n"],
                       probe={"lr": TOY_TPP["probe_lr"]}, steps=30, budget=TOY_TPP["budget"], report=False)
     return res
 

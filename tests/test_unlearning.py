@@ -7,11 +7,12 @@ import json
 
 import pytest
 import torch
-
+from saerecover import toy
+from saerecover.data.questions import load_corpus, load_questions, load_wmdp, toy_corpora, toy_questions
+from saerecover.experiments.unlearning import run_unlearning
 from saerecover.models import load_model
 from saerecover.tasks import unlearning as ul
 from saerecover.testing import tiny_gpt2
-from saerecover import toy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -80,15 +81,15 @@ def test_question_and_corpus_loaders(tmp_path):
     rows = [{"question": "q?", "choices": ["a", "b", "c", "d"], "answer": 1},
             {"question": "r?", "choices": ["a", "b", "c", "d"], "answer": "D", "id": "custom id"}]
     (tmp_path / "q.json").write_text(json.dumps(rows))
-    qs = ul.load_questions(tmp_path / "q.json")
+    qs = load_questions(tmp_path / "q.json")
     assert [q.answer for q in qs] == [1, 3] and qs[1].id == "custom_id"
     (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    assert ul.load_wmdp(tmp_path / "q.jsonl", limit=1)[0].question == "q?"
+    assert load_wmdp(tmp_path / "q.jsonl", limit=1)[0].question == "q?"
     (tmp_path / "bad.json").write_text(json.dumps([{"question": "q", "choices": ["a", "b"], "answer": 0}]))
     with pytest.raises(ValueError, match="4"):
-        ul.load_questions(tmp_path / "bad.json")
+        load_questions(tmp_path / "bad.json")
     (tmp_path / "c.txt").write_text("one text\n\ntwo text\n")
-    assert ul.load_corpus(tmp_path / "c.txt") == ["one text", "two text"]
+    assert load_corpus(tmp_path / "c.txt") == ["one text", "two text"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,14 +98,14 @@ def test_question_and_corpus_loaders(tmp_path):
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
-    from saerecover.cli_tasks import TOY_UNLEARNING as T
+    from saerecover.cli.tasks import TOY_UNLEARNING as T
 
     world = toy.load()
     site = world.site(T["hook"])
-    forget, retain = ul.toy_corpora("inventor")
+    forget, retain = toy_corpora("inventor")
     out = tmp_path_factory.mktemp("unlearning") / "toy-unlearning"
-    questions = ul.toy_questions("inventor")[:3]  # 72 orders: enough flips, fast
-    return ul.run_unlearning(world.model, site, questions, forget, retain, out=out,
+    questions = toy_questions("inventor")[:3]  # 72 orders: enough flips, fast
+    return run_unlearning(world.model, site, questions, forget, retain, out=out,
                              fmt=ul.TOY_FORMAT, top_n=T["top_n"], retain_threshold=T["retain_threshold"],
                              clamp_value=T["clamp_value"], steps=30, budget=T["budget"], report=False,
                              name="toy-unlearning")

@@ -23,27 +23,35 @@ try:
 except PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0.0.0+local"
 
+#: Public names, each from the module that defines it (imported on first use: ``import
+#: saerecover`` stays cheap and loads neither torch nor transformers).
 _LAZY = {
-    "Clamp": "clamp",
-    "Site": "sites",
-    "load_site": "sites",
+    "Clamp": "core.clamp",
+    "Site": "core.sites",
+    "load_site": "core.sites",
     "load_model": "models",
-    "recover": "pipeline",
-    "find_flips": "pipeline",
-    "RunResult": "pipeline",
-    "DefendedModel": "defense",
-    "attribute": "attribution",
-    "budget_sweep": "sweeps",
-    "feature_sweep": "sweeps",
-    "RecoveryConfig": "recovery",
-    "select_by_attribution": "features",
-    "attribution_scores": "features",
-    "IOI": "tasks",
+    "recover": "experiments.pipeline",
+    "find_flips": "experiments.pipeline",
+    "RunResult": "experiments.pipeline",
+    "DefendedModel": "core.defended",
+    "attribute": "experiments.attribution",
+    "budget_sweep": "experiments.sweeps",
+    "feature_sweep": "experiments.sweeps",
+    "RecoveryConfig": "core.config",
+    "select_by_attribution": "core.selection",
+    "attribution_scores": "core.selection",
+    "IOI": "tasks.ioi",
     "EncoderNullProjector": "linalg",
     "jacobian_null_project": "linalg",
 }
-_SUBMODULES = ("linalg", "toy", "tasks", "models", "metrics", "stats", "runs", "report", "analysis", "merge", "sweeps",
-               "collection", "attribution", "refusal", "cli")
+#: Modules reachable as attributes (``sr.runs``, ``sr.metrics``), by short name.
+_SUBMODULES = {
+    "linalg": "linalg", "toy": "toy", "tasks": "tasks", "models": "models", "data": "data", "core": "core",
+    "runs": "runs", "report": "report", "experiments": "experiments", "cli": "cli",
+    "metrics": "core.metrics", "stats": "runs.stats", "collection": "runs.collection",
+    "analysis": "experiments.analysis", "merge": "experiments.merge", "sweeps": "experiments.sweeps",
+    "attribution": "experiments.attribution", "refusal": "experiments.refusal",
+}
 
 __all__ = ["__version__", *_LAZY, *_SUBMODULES]
 
@@ -53,5 +61,5 @@ def __getattr__(name: str) -> Any:
         module = importlib.import_module(f".{_LAZY[name]}", __name__)
         return getattr(module, name)
     if name in _SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
+        return importlib.import_module(f".{_SUBMODULES[name]}", __name__)
     raise AttributeError(f"module 'saerecover' has no attribute {name!r}")

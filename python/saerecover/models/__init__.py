@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .base import (
+from saerecover.models.base import (
     SUPPORTED_ARCHITECTURES,
     Edit,
     ModelAdapter,
@@ -18,8 +18,8 @@ from .base import (
     resolve_device,
     resolve_dtype,
 )
-from .hf import HFAdapter, find_decoder_layers, from_hf, load_hf, use_softcap_safe_attention
-from .tlens import (
+from saerecover.models.hf import HFAdapter, find_decoder_layers, from_hf, load_hf, use_softcap_safe_attention
+from saerecover.models.tlens import (
     NO_PROCESSING,
     PROCESSING_KWARGS,
     TLensAdapter,

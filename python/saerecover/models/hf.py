@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .base import (
+from saerecover.models.base import (
     SUPPORTED_ARCHITECTURES,
     Edit,
     TorchModelAdapter,
@@ -139,10 +139,10 @@ class HFAdapter(TorchModelAdapter):
             for name, (layer, kind) in plan.items():
                 module = self.layers[layer]
                 if kind == "pre":
-                    hook = partial(_pre_hook, partial(visit, name))
+                    hook = partial(layer_pre_hook, partial(visit, name))
                     handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
                 else:
-                    hook = partial(_post_hook, partial(visit, name))
+                    hook = partial(layer_post_hook, partial(visit, name))
                     handles.append(module.register_forward_hook(hook, with_kwargs=True))
             out = self.model(**kwargs)
         finally:
@@ -154,7 +154,7 @@ class HFAdapter(TorchModelAdapter):
     __call__ = forward
 
 
-def _pre_hook(visit, module, args, kwargs):
+def layer_pre_hook(visit, module, args, kwargs):
     """The decoder layer's hidden states come first positionally, or as ``hidden_states=``."""
     if args:
         return (visit(args[0]), *args[1:]), kwargs
@@ -163,7 +163,7 @@ def _pre_hook(visit, module, args, kwargs):
     raise RuntimeError(f"{type(module).__name__} was called without hidden states")
 
 
-def _post_hook(visit, module, args, kwargs, output):
+def layer_post_hook(visit, module, args, kwargs, output):
     """A decoder layer returns a tensor (transformers 5) or a tuple whose first item is it."""
     if isinstance(output, torch.Tensor):
         return visit(output)

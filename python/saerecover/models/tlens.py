@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .base import (
+from saerecover.models.base import (
     SUPPORTED_ARCHITECTURES,
     Edit,
     TorchModelAdapter,

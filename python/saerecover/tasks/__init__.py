@@ -1,6 +1,6 @@
 """Tasks: the behaviors a clamp suppresses and recovery tries to bring back."""
 
-from .base import Examples, Task
-from .ioi import IOI
+from saerecover.core.examples import Examples, Task
+from saerecover.tasks.ioi import IOI
 
 __all__ = ["IOI", "Examples", "Task"]

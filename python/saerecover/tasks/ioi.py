@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .base import Examples, answer_logits, pad_right
+from saerecover.core.examples import Examples, answer_logits, pad_right
 
 #: Templates with {N1} {N2} (the two names of the first clause, order set by the pattern),
 #: {S} (the repeated subject), {PLACE} and {OBJECT}; the prompt ends right before the answer.

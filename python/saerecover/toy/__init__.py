@@ -60,7 +60,7 @@ class ToyWorld:
 
     def site(self, hook_name: str | None = None) -> Any:
         """The SAE site at ``hook_name`` (default: the demo's layer-1 site)."""
-        from ..sites import load_site
+        from saerecover.core.sites import load_site
 
         name = hook_name or DEMO_OPTIONS["hook"]
         if name not in self._sites:
@@ -72,8 +72,8 @@ class ToyWorld:
 
     def ioi_task(self, n: int = 256, seed: int = 0, patterns: Any = ("BABA", "ABBA")) -> Any:
         """Toy IOI: the corpus's own templates and names."""
-        from ..tasks.ioi import IOI
-        from . import corpus
+        from saerecover.data import toy_corpus as corpus
+        from saerecover.tasks.ioi import IOI
 
         return IOI(self.tokenizer, n=n, seed=seed, patterns=tuple(patterns), templates=corpus.IOI_TEMPLATES,
                    names=corpus.NAMES, places=corpus.IOI_PLACES, objects=corpus.IOI_OBJECTS, name="toy-ioi")
@@ -81,7 +81,7 @@ class ToyWorld:
 
 def load(*, backend: str = "hf", device: str | None = None, dtype: Any = None) -> ToyWorld:
     """Load the shipped toy model (``backend`` "hf" or "tlens") and its SAEs."""
-    from ..models import load_model
+    from saerecover.models import load_model
 
     root = assets_path()
     model = load_model(str(root / "model"), backend=backend, device=device, dtype=dtype)

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from . import corpus
+from saerecover.data import toy_corpus as corpus
 
 #: Evaluation sets are drawn with this seed (training documents use other seeds).
 EVAL_SEED = 1000

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from . import corpus
-from .evaluate import evaluate_model, residuals, sae_stats
+from saerecover.data import toy_corpus as corpus
+from saerecover.toy.evaluate import evaluate_model, residuals, sae_stats
 
 
 @dataclass

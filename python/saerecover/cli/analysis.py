@@ -1,0 +1,143 @@
+"""``saerecover analyze`` and ``saerecover merge``: parsers and commands (wired in cli.py).
+
+Exit status: analyze 0 when every recomputed metric matches the run within tolerance, 1 when
+one does not (or a needed tensor is missing), 2 on a usage error; merge 0 or 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_analyze_parser", "add_merge_parser", "cmd_analyze", "cmd_merge"]
+
+MAX_LISTED = 10
+
+
+def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``analyze RUN_DIR [--sae SRC] [--json PATH] ...`` to ``subparsers``."""
+    from saerecover.experiments.analysis import DEFAULT_TOP_K
+
+    p = subparsers.add_parser(
+        "analyze",
+        help="recompute a run's metrics from its saved tensors (no model) and decompose each delta",
+        description="Recompute every per-example metric of a run directory from the saved tensors "
+                    "(the SAE only; the model is never loaded), compare with the recorded values, "
+                    "and report the recovery-path decomposition of each delta. Writes "
+                    "RUN_DIR/analysis.json. Exit status 1 if a metric differs beyond tolerance.",
+    )
+    p.add_argument("run_dir", help="run directory (config.json, records.jsonl, tensors/)")
+    p.add_argument("--sae", help="SAE of the delta site: local directory or RELEASE/ID "
+                                 "(default: the 'sae' source in config.json)")
+    p.add_argument("--json", metavar="PATH", help="also write the analysis to PATH")
+    p.add_argument("--no-save", action="store_true", help="do not write RUN_DIR/analysis.json")
+    p.add_argument("--atol", type=float, default=1e-5,
+                   help="tolerance: a value matches if |diff| <= atol or |diff|/max(|a|,|b|) <= rtol "
+                        "(default 1e-5)")
+    p.add_argument("--rtol", type=float, default=None, help="relative tolerance (default: --atol)")
+    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
+                   help=f"non-clamped features in the top-k components (default {DEFAULT_TOP_K})")
+    p.add_argument("--device", default="cpu", help="device for the SAE (default cpu)")
+    return p
+
+
+def add_merge_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``merge OUT RUN_DIR...`` to ``subparsers``."""
+    p = subparsers.add_parser(
+        "merge",
+        help="merge the run directories of a sharded run (--shard i/n) into one",
+        description="Merge the finished shards of one run (saerecover run ... --shard i/n) into a "
+                    "new run directory OUT: records, tensors, summary and report.",
+    )
+    p.add_argument("out", help="the merged run directory (must not exist or be empty)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="shard run directories, all n of them")
+    p.add_argument("--no-report", action="store_true", help="skip report.md and plots")
+    return p
+
+
+def _error(msg: Any) -> int:
+    print(f"saerecover: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _fmt(x: Any) -> str:
+    """Enough digits to see a difference of 1e-6 relative."""
+    if isinstance(x, bool) or x is None:
+        return str(x)
+    return f"{float(x):.9g}"
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from saerecover.experiments.analysis import ANALYSIS_FILE, analyze_run
+    from saerecover.experiments.merge import run_in_use
+    from saerecover.runs import RunDirectoryError
+
+    run_dir = Path(args.run_dir)
+    save = not getattr(args, "no_save", False)
+    try:
+        pid = run_in_use(run_dir) if run_dir.is_dir() else None
+        if pid is not None and save:
+            if not args.json:
+                return _error(f"{run_dir} is being written by a running process (pid {pid}); "
+                              f"not writing {ANALYSIS_FILE} into it: pass --json PATH (and --no-save) "
+                              "to analyze the records so far")
+            print(f"note: {run_dir} is still being written (pid {pid}); writing only {args.json}")
+            save = False
+        result = analyze_run(run_dir, sae=args.sae, device=args.device, atol=args.atol, rtol=args.rtol,
+                             top_k=args.top_k)
+        written = []
+        if save:
+            written.append(result.write())
+        if args.json:
+            written.append(result.write(args.json))
+    except (RunDirectoryError, ValueError, TypeError, FileNotFoundError, OSError) as err:
+        return _error(err)
+
+    site = result.site
+    print(f"analysis of {result.run_dir}: site {site['hook_name']} ({site['sae']}; "
+          f"{site['n_features']} clamped features; centring {site['center_input']['value']}, "
+          f"from {site['center_input']['from']})")
+    print(result.table())
+    for note in result.notes:
+        print(f"note: {note}")
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} valid example(s) without an outcome (failed)")
+    for path in written:
+        print(f"wrote {path}")
+    if result.ok:
+        n = sum(len(ex["checks"]) for ex in result.examples)
+        print(f"OK: {n} recomputed values over {result.n_examples} example(s) match within "
+              f"atol={result.atol:g} / rtol={result.rtol:g}")
+        return 0
+    for problem in result.problems[:MAX_LISTED]:
+        print(f"PROBLEM: {problem}")
+    bad = result.mismatches
+    for m in bad[:MAX_LISTED]:
+        values = "" if m["recorded"] is None and m["recomputed"] is None else \
+            f": recorded {_fmt(m['recorded'])}, recomputed {_fmt(m['recomputed'])}"
+        print(f"MISMATCH: {m['name']} of example {m['example_id']!r} (mode {m['mode']}){values} "
+              f"(abs diff {m['abs']:.3g}, rel {m['rel']:.3g})")
+    if len(bad) > MAX_LISTED:
+        print(f"... and {len(bad) - MAX_LISTED} more mismatches (see the JSON)")
+    names = sorted({m["name"] for m in bad})
+    print(f"FAILED: {len(bad)} mismatch(es) in {', '.join(names) or 'none'}; "
+          f"{len(result.problems)} problem(s)")
+    return 1
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from saerecover.experiments.merge import merge_runs
+    from saerecover.report.run import summary_table
+    from saerecover.runs import RunDirectoryError, open_run
+
+    try:
+        out = merge_runs(args.out, args.run_dirs, report=not getattr(args, "no_report", False))
+        run = open_run(out)
+        summary = run.read_summary()
+    except (RunDirectoryError, ValueError, OSError) as err:
+        return _error(err)
+    print(summary_table(summary))
+    print(f"\nmerged {len(args.run_dirs)} shard(s), {summary.get('n_records')} records -> {out}")
+    return 0

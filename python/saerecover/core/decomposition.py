@@ -1,0 +1,82 @@
+"""The recovery-path decomposition of a delta (PAPER_NOTES, "Recovery-path attribution"): how
+much of it the SAE explains, on clamped and non-clamped features, and what it leaves in the
+SAE error. Norms only; the replays that are the evidence live in experiments.attribution."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from saerecover.core.metrics import EPS
+from saerecover.core.sites import Site
+
+#: The recovery-path components (PAPER_NOTES, "Recovery-path attribution"), in report order.
+#: delta: the full perturbation; sae_explained: D(E(h_rec)) - D(E(h_def)); clamped /
+#: nonclamped: dz on / off the clamped features, decoded; topk_nonclamped: dz of the top-k
+#: non-clamped features (by ||dz_j|| over the rows), decoded; topk_knockout: delta minus
+#: that; residual: delta_res = delta - sae_explained (the SAE-unexplained part).
+COMPONENTS = ("delta", "sae_explained", "clamped", "nonclamped", "topk_nonclamped", "topk_knockout",
+              "residual")
+
+
+DEFAULT_TOP_K = 10
+
+
+def decompose(site: Site, features: torch.Tensor, h_def: torch.Tensor, delta: torch.Tensor, *,
+              top_k: int = DEFAULT_TOP_K) -> dict[str, Any]:
+    """The recovery-path decomposition of one example's delta, norms only (no replay).
+
+    h_def, delta: (rows, d_model) at the delta site, in the model's residual coordinates (the
+    site applies its own input map, e.g. centring). With dz = E(h_def + delta) - E(h_def) over
+    all features, returns ``components`` (name -> (rows, d_model) float32, see
+    :data:`COMPONENTS`), ``norms`` (Frobenius), ``shares`` (norm / ||delta||) and
+    ``energy`` (squared share), ``dz`` (rows, d_sae), ``topk_features`` (the top-k non-clamped
+    features, by the L2 norm of dz over the rows, largest first) and ``n_changed`` (how many
+    non-clamped features moved at all). Identities: residual + sae_explained = delta, and
+    clamped + nonclamped = sae_explained when the decoder is affine.
+    """
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    with torch.no_grad():
+        dev = site.sae.W_dec.device
+        idx = site.check_features(features).to(dev)
+        h_def = h_def.to(dev, torch.float32)
+        delta = delta.to(dev, torch.float32)
+        z_def = site.encode(h_def)
+        z_rec = site.encode(h_def + delta)
+        dz = z_rec - z_def
+        explained = site.decode(z_rec) - site.decode(z_def)
+
+        clamped_mask = torch.zeros(site.d_sae, dtype=torch.bool, device=dev)
+        clamped_mask[idx] = True
+        changed = (dz != 0).any(dim=0) & ~clamped_mask  # decode only what moved: d_sae may be 10^5
+        moved = changed.nonzero().flatten()
+        clamped = site.decode_features(dz[:, idx], idx)
+        nonclamped = site.decode_features(dz[:, moved], moved)
+        strength = dz[:, moved].norm(dim=0)
+        k = min(int(top_k), int(moved.numel()))
+        order = torch.argsort(strength, descending=True, stable=True)[:k]
+        top = moved[order]
+        topk = site.decode_features(dz[:, top], top)
+
+        comps = {
+            "delta": delta,
+            "sae_explained": explained,
+            "clamped": clamped,
+            "nonclamped": nonclamped,
+            "topk_nonclamped": topk,
+            "topk_knockout": delta - topk,
+            "residual": delta - explained,
+        }
+        norms = {name: float(c.double().norm()) for name, c in comps.items()}
+    ref = norms["delta"]
+    return {
+        "components": comps,
+        "norms": norms,
+        "shares": {name: v / (ref + EPS) for name, v in norms.items()},
+        "energy": {name: (v / (ref + EPS)) ** 2 for name, v in norms.items()},
+        "dz": dz,
+        "topk_features": top.cpu(),
+        "n_changed": int(moved.numel()),
+    }

@@ -1,0 +1,101 @@
+"""Per-example recovery metrics (PAPER_NOTES, "Metrics"), computed on what was applied.
+
+All metrics are taken over the optimized rows of one example at the delta site:
+z_def = E_S(h_def), z_rec = E_S(h_rec) with h_rec the residual the model actually saw.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from saerecover.core.sites import Site
+
+EPS = 1e-8
+#: ||z_def|| at or below this makes the relative metrics undefined (NaN, stored as null): a
+#: clamp to a value <= 0 leaves E(h_def) = 0 on the clamped features, and dividing by EPS there
+#: would report 1e7-sized "relative drifts" that mean nothing. Summaries count them apart.
+UNDEFINED_BELOW = 1e-6
+
+
+@dataclass
+class SiteFeatures:
+    """The clamped features at the optimized rows of one example: (rows, |S|) float32."""
+
+    z_def: torch.Tensor
+    z_rec: torch.Tensor
+
+
+def clamped_features(site: Site, features: torch.Tensor, h_def: torch.Tensor, h_rec: torch.Tensor) -> SiteFeatures:
+    """E_S of the defended and recovered residual rows (rows, d_model) -> (rows, |S|)."""
+    idx = features.to(h_def.device)
+    with torch.no_grad():
+        z_def = site.encode(h_def)[..., idx]
+        z_rec = site.encode(h_rec)[..., idx]
+    return SiteFeatures(z_def=z_def.float(), z_rec=z_rec.float())
+
+
+def c1_residual(a: torch.Tensor, delta_rows: torch.Tensor) -> float:
+    """C1 check: max over rows of ||A_S^T delta|| / (||A_S||_2 ||delta|| + eps), float64.
+
+    a: (d_model, |S|) encoder columns as seen from the residual; delta_rows: (rows, d_model).
+    """
+    if a.numel() == 0 or delta_rows.numel() == 0:
+        return 0.0
+    a64 = a.detach().to("cpu", torch.float64)
+    d64 = delta_rows.detach().to("cpu", torch.float64)
+    spectral = torch.linalg.matrix_norm(a64, ord=2)
+    num = (d64 @ a64).norm(dim=-1)
+    den = spectral * d64.norm(dim=-1) + EPS
+    return float((num / den).max())
+
+
+def example_metrics(
+    *,
+    site: Site,
+    features: torch.Tensor,
+    feats: SiteFeatures,
+    delta_rows: torch.Tensor,
+    h_def_rows: torch.Tensor,
+    a: torch.Tensor,
+    recovered: bool,
+    eta: float = 0.0,
+) -> dict[str, float | bool]:
+    """Every per-example metric of PAPER_NOTES plus ``c1_residual``.
+
+    reactivated_fraction: share of (row, feature) pairs with z_def <= eta and z_rec > eta.
+    zero_reactivation: recovered and no clamped feature reactivated (the paper's
+    "max_i z_i(h_rec) <= eta" over features the clamp had silenced).
+    """
+    with torch.no_grad():
+        return _example_metrics(site, features, feats, delta_rows, h_def_rows, a, recovered, eta)
+
+
+def _example_metrics(site, features, feats, delta_rows, h_def_rows, a, recovered, eta):
+    dz = feats.z_rec - feats.z_def
+    def_norm = float(feats.z_def.norm())
+    activation_drift = float(dz.norm())
+    decode_drift = float(site.decode_features(dz, features.to(dz.device)).norm())
+    floor = float(torch.clamp(feats.z_def - feats.z_rec, min=0).norm())
+    silenced = feats.z_def <= eta
+    reactivated = silenced & (feats.z_rec > eta)
+    n_pairs = feats.z_def.numel()
+    delta_norm = float(delta_rows.float().norm())
+    return {
+        "activation_drift": activation_drift,
+        "decode_drift": decode_drift,
+        "relative_drift": _relative(activation_drift, def_norm),
+        "floor_violation": _relative(floor, def_norm),
+        "reactivated_fraction": float(reactivated.sum()) / n_pairs if n_pairs else 0.0,
+        "zero_reactivation": bool(recovered and not bool(reactivated.any())),
+        "delta_norm": delta_norm,
+        "relative_delta_norm": delta_norm / (float(h_def_rows.float().norm()) + EPS),
+        "c1_residual": c1_residual(a, delta_rows),
+    }
+
+
+def _relative(value: float, def_norm: float) -> float:
+    """``value / (||z_def|| + EPS)`` (PAPER_NOTES), NaN where ||z_def|| <= UNDEFINED_BELOW."""
+    return value / (def_norm + EPS) if def_norm > UNDEFINED_BELOW else math.nan

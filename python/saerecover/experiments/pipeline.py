@@ -1,0 +1,373 @@
+"""One verb for the whole method: find the valid flips, recover them per mode, write the run.
+
+base pass (B true?) -> defended pass (B false?) -> valid flips -> recovery per mode, batched
+-> records (appended as each batch finishes) -> summary -> report.
+"""
+
+from __future__ import annotations
+
+import numbers
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from saerecover.core.clamp import Clamp
+from saerecover.core.defended import DefendedModel
+from saerecover.core.examples import Examples, Task
+from saerecover.core.recovery import PROJECTIONS, ExampleOutcome, RecoveryConfig, recover_batch
+from saerecover.models.base import ModelAdapter
+from saerecover.runs.records import make_record
+
+
+@dataclass
+class Flips:
+    """Base and defended behavior scores for every example; valid = B(base) and not B(defended)."""
+
+    base: torch.Tensor
+    defended: torch.Tensor
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """B(base) and not B(defended), both scores finite (a NaN defended score is not a flip)."""
+        finite = torch.isfinite(self.base) & torch.isfinite(self.defended)
+        return finite & (self.base > 0) & ~(self.defended > 0)
+
+    def record(self, i: int, example_id: str, mode: str, task: Task, outcome: ExampleOutcome | None = None,
+               error: str | None = None) -> dict[str, Any]:
+        """The records.jsonl line of example ``i`` in ``mode`` (see :func:`saerecover.runs.records.make_record`),
+        with the task's own per-example fields when it has ``record_fields``."""
+        extra = (task.record_fields(example_id, "recovered" if outcome is not None else "flips")
+                 if hasattr(task, "record_fields") else None)
+        return make_record(example_id, mode, valid=bool(self.valid[i]), base_score=float(self.base[i]),
+                           defended_score=float(self.defended[i]), outcome=outcome, error=error, extra=extra)
+
+    @property
+    def non_finite(self) -> torch.Tensor:
+        """Examples whose base or defended score is NaN or infinite (never valid)."""
+        return ~(torch.isfinite(self.base) & torch.isfinite(self.defended))
+
+
+@dataclass
+class RunResult:
+    """What :func:`recover` returns: the summary, every record, and where they were written."""
+
+    summary: dict[str, Any]
+    records: list[dict[str, Any]]
+    path: Path | None = None
+    flips: Flips | None = None
+    seconds: float = 0.0
+    outcomes: dict[str, list[ExampleOutcome]] = field(default_factory=dict)
+
+    def table(self) -> str:
+        from saerecover.report.run import summary_table
+
+        return summary_table(self.summary)
+
+
+def behavior_scores(defended: DefendedModel, task: Task, ex: Examples, *, with_clamp: bool,
+                    batch_size: int = 64) -> torch.Tensor:
+    """Behavior scores (n,) of the base (with_clamp=False) or defended model, no gradients.
+
+    A task with a ``judge`` method (e.g. one that generates text and looks for a refusal)
+    decides the behavior itself; otherwise B holds iff ``task.score(...) > 0``. On CUDA out of
+    memory a chunk is halved and retried, and the smaller size kept for the chunks after it;
+    one example that does not fit raises MemoryError.
+    """
+    out: list[torch.Tensor] = []
+    size, start = max(1, int(batch_size)), 0
+    with torch.no_grad():
+        while start < len(ex):
+            stop = min(start + size, len(ex))
+            try:
+                out.append(_score_chunk(defended, task, ex.select(list(range(start, stop))), with_clamp))
+            except torch.cuda.OutOfMemoryError as err:
+                _free_cuda()
+                if stop - start == 1:
+                    raise MemoryError(f"CUDA out of memory scoring one example ({ex.ids[start]!r}) "
+                                      f"{'with' if with_clamp else 'without'} the clamp: {_first_line(err)}") from err
+                size = (stop - start + 1) // 2
+                continue
+            start = stop
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def _score_chunk(defended: DefendedModel, task: Task, part: Examples, with_clamp: bool) -> torch.Tensor:
+    part = part.to(defended.model.device)
+    if hasattr(task, "judge"):
+        return task.judge(defended, part, with_clamp=with_clamp).float().cpu()
+    logits = defended.forward(part, defended=with_clamp).logits
+    return task.score(logits, part).float().cpu()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def find_flips(defended: DefendedModel, task: Task, ex: Examples, *, batch_size: int = 64) -> Flips:
+    """Behavior scores without and with the clamp; warns when some are not finite (those
+    examples are never valid, and their records keep the NaN/inf scores as null)."""
+    flips = Flips(base=behavior_scores(defended, task, ex, with_clamp=False, batch_size=batch_size),
+                  defended=behavior_scores(defended, task, ex, with_clamp=True, batch_size=batch_size))
+    bad = int(flips.non_finite.sum())
+    if bad:
+        warnings.warn(f"{bad} of {len(flips.base)} examples have a non-finite base or defended behavior score "
+                      "(NaN/inf from the model or the clamp); they are not counted as valid flips",
+                      RuntimeWarning, stacklevel=2)
+    return flips
+
+
+def describe_model(model: ModelAdapter) -> dict[str, Any]:
+    return {
+        "name": str(getattr(model, "name", getattr(getattr(model.model, "config", None), "_name_or_path", "")) or ""),
+        "backend": model.backend,
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "n_layers": model.n_layers,
+        "d_model": model.d_model,
+    }
+
+
+
+def _recover_chunk(defended, task, part, mode, cfg, delta_site):
+    """Recover a batch; if it hits a non-finite value, retry one by one and mark the culprits."""
+    try:
+        return [(oc, None) for oc in recover_batch(defended, task, part, mode=mode, cfg=cfg, delta_site=delta_site)]
+    except FloatingPointError as err:
+        if len(part) == 1:
+            return [(None, f"non-finite loss or gradient: {err}")]
+    results = []
+    for j in range(len(part)):
+        single = part.select([j])
+        try:
+            results.append((recover_batch(defended, task, single, mode=mode, cfg=cfg, delta_site=delta_site)[0], None))
+        except FloatingPointError as err:
+            results.append((None, f"non-finite loss or gradient: {err}"))
+    return results
+
+
+#: Values kept per token and layer for the backward pass, for the activation-memory estimate
+#: of ``memory_limit_mb`` (about 34 bytes x d_model at 16 bits per layer: Korthikanti et al.
+#: 2022, "Reducing activation recomputation", without the attention-score term).
+ACTIVATION_VALUES_PER_TOKEN_LAYER = 17
+
+
+def estimate_activation_bytes(batch: int, seq: int, d_model: int, n_layers: int, *, bytes_per_value: int = 4) -> int:
+    """A rough estimate of the activation memory of one recovery step: batch * seq * d_model *
+    n_layers * ``ACTIVATION_VALUES_PER_TOKEN_LAYER`` values."""
+    return batch * seq * d_model * n_layers * ACTIVATION_VALUES_PER_TOKEN_LAYER * bytes_per_value
+
+
+def _token_limit(model: ModelAdapter, max_batch_tokens: int | None, memory_limit_mb: float | None) -> int | None:
+    """The tokens (batch * padded seq) one recovery chunk may hold, from either limit."""
+    limits = []
+    if max_batch_tokens is not None:
+        limits.append(int(max_batch_tokens))
+    if memory_limit_mb is not None:
+        per_token = estimate_activation_bytes(1, 1, model.d_model, model.n_layers,
+                                              bytes_per_value=max(torch.finfo(model.dtype).bits // 8, 4))
+        limits.append(max(1, int(memory_limit_mb * 2**20 // per_token)))
+    return min(limits) if limits else None
+
+
+def _next_chunk(todo: list[int], start: int, batch: int, lengths: torch.Tensor, tokens: int | None) -> list[int]:
+    """Up to ``batch`` examples from ``todo[start:]`` whose padded size fits ``tokens`` (at least one)."""
+    chunk = [todo[start]]
+    longest = int(lengths[todo[start]])
+    for i in todo[start + 1:start + batch]:
+        longest_next = max(longest, int(lengths[i]))
+        if tokens is not None and (len(chunk) + 1) * longest_next > tokens:
+            break
+        chunk.append(i)
+        longest = longest_next
+    return chunk
+
+
+def _free_cuda() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _recover_fitting(run_chunk, chunk: list[int], emit, state: dict[str, int], retries: int = 0) -> None:
+    """Run ``run_chunk(chunk)`` and pass ``emit(i, outcome, error, retries)`` each result. On a CUDA
+    out-of-memory error the chunk is halved and each half retried, down to one example (which is
+    then marked failed); ``state["batch"]`` keeps the smaller size for later chunks and
+    ``state["oom_retries"]`` counts the halvings."""
+    try:
+        results = run_chunk(chunk)
+    except torch.cuda.OutOfMemoryError as err:
+        results, reason = None, str(err).strip().splitlines()[0] if str(err).strip() else "CUDA out of memory"
+    if results is not None:
+        for i, (oc, err_msg) in zip(chunk, results):
+            emit(i, oc, err_msg, retries)
+        return
+    _free_cuda()
+    if len(chunk) == 1:
+        emit(chunk[0], None, f"CUDA out of memory even with a batch of 1 ({reason})", retries)
+        return
+    state["oom_retries"] += 1
+    half = (len(chunk) + 1) // 2
+    state["batch"] = min(state["batch"], half)
+    for part in (chunk[:half], chunk[half:]):
+        _recover_fitting(run_chunk, part, emit, state, retries + 1)
+
+
+def recover(
+    model: ModelAdapter,
+    clamp: Clamp,
+    task: Task,
+    *,
+    projection: str | Sequence[str] = ("none", "encoder"),
+    out: str | Path | None = None,
+    batch_size: int = 32,
+    delta_site: str | None = None,
+    config: RecoveryConfig | None = None,
+    progress: bool = True,
+    extra_config: dict[str, Any] | None = None,
+    report: bool = True,
+    shard: tuple[int, int] | None = None,
+    overwrite: bool = False,
+    max_batch_tokens: int | None = None,
+    memory_limit_mb: float | None = None,
+    **overrides: Any,
+) -> RunResult:
+    """Stress-test ``clamp`` on ``task``: recover every valid flip in each projection mode.
+
+    overrides: RecoveryConfig fields (steps, lr, budget, optimizer, positions, ...).
+    out: a run directory; an existing one with the same config resumes where it stopped
+    (``overwrite=True`` empties it first). shard: ``(i, n)`` runs only examples i, i+n, i+2n, ...
+    so that n processes can share the work; ``saerecover merge`` joins their run directories.
+    max_batch_tokens / memory_limit_mb: cap each recovery chunk at this many tokens (batch x padded
+    length), or at an activation-memory estimate (:func:`estimate_activation_bytes`); neither
+    changes results. On CUDA out-of-memory a chunk is halved and retried (down to 1); records
+    of examples that needed it carry ``oom_retries`` and the summary counts the halvings.
+    """
+    t0 = time.perf_counter()
+    modes = [projection] if isinstance(projection, str) else list(projection)
+    bad = [m for m in modes if m not in PROJECTIONS]
+    if bad or not modes:
+        raise ValueError(f"unknown projection mode(s) {bad}; valid: {', '.join(PROJECTIONS)}")
+    if len(set(modes)) != len(modes):
+        raise ValueError(f"projection modes repeat: {modes}; give each mode once")
+    for name, limit in (("max_batch_tokens", max_batch_tokens), ("memory_limit_mb", memory_limit_mb)):
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Real) or not limit > 0
+                                  or limit == float("inf")):
+            raise ValueError(f"{name} must be a finite number > 0 (or None for no limit), got {limit!r}")
+    cfg = config or RecoveryConfig()
+    for key, value in overrides.items():
+        if not hasattr(cfg, key):
+            raise TypeError(f"unknown recovery option {key!r}; valid: {', '.join(cfg.to_dict())}")
+        setattr(cfg, key, value)
+    cfg.validate()
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if not isinstance(clamp, Clamp):
+        raise TypeError(f"clamp must be a saerecover Clamp, got {type(clamp).__name__}")
+    if len(clamp) == 0:
+        raise ValueError("the clamp has no sites: nothing is defended")
+    for sc in clamp.site_clamps:
+        if sc.features.numel() == 0:
+            raise ValueError(f"the clamp at {sc.site.hook_name!r} has an empty feature set: nothing is defended "
+                             f"there; give at least one feature index (valid: 0..{sc.site.d_sae - 1})")
+    defended = DefendedModel(model, clamp)
+    if delta_site is not None and clamp.at(delta_site) is None:
+        raise ValueError(f"delta site {delta_site!r} is not clamped; clamped sites: "
+                         f"{[sc.site.hook_name for sc in clamp.site_clamps]}")
+    ex = task.examples()
+    ex.validate()
+    if len(ex) == 0:
+        raise ValueError(f"task {getattr(task, 'name', task)!r} has no examples")
+    from saerecover.runs import validate_name
+
+    for eid in ex.ids:  # ids become file names in the run directory: no path escapes
+        validate_name(eid, "example_id")
+    if shard is not None:
+        index, count = (int(shard[0]), int(shard[1]))
+        if count < 1 or not 0 <= index < count:
+            raise ValueError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
+        ex = ex.select(list(range(index, len(ex), count)))
+
+    resolved = {
+        "task": task.describe(),
+        "model": describe_model(model),
+        "clamp": clamp.describe(),
+        "recovery": cfg.to_dict(),
+        "modes": modes,
+        "delta_site": delta_site or clamp.site_clamps[0].site.hook_name,
+        **(extra_config or {}),
+    }
+    if shard is not None:
+        resolved["shard"] = {"index": index, "count": count}
+    run_dir = None
+    if out is not None:
+        from saerecover.runs import RunDirectory
+
+        run_dir = RunDirectory(out, config=resolved, overwrite=overwrite)
+    try:
+        flips = find_flips(defended, task, ex, batch_size=batch_size)
+        done = run_dir.done() if run_dir is not None else set()
+        records: list[dict[str, Any]] = []
+        outcomes: dict[str, list[ExampleOutcome]] = {m: [] for m in modes}
+        valid_idx = torch.nonzero(flips.valid).flatten().tolist()
+        lengths = ex.attention_mask.sum(dim=1)
+        tokens = _token_limit(model, max_batch_tokens, memory_limit_mb)
+        oom = {"batch": batch_size, "oom_retries": 0}
+
+        def emit(rec: dict[str, Any], oc: ExampleOutcome | None) -> None:
+            if run_dir is not None:
+                if oc is not None:
+                    run_dir.save_tensors(rec["mode"], rec["example_id"], oc.tensors)
+                run_dir.append_record(rec)
+            else:
+                records.append(rec)
+
+        for mode in modes:
+            for i, eid in enumerate(ex.ids):
+                if not bool(flips.valid[i]) and (eid, mode) not in done:
+                    emit(flips.record(i, eid, mode, task), None)
+            todo = [i for i in valid_idx if (ex.ids[i], mode) not in done]
+            bar = tqdm(total=len(todo), desc=f"recover [{mode}]", disable=not progress or not todo, leave=False)
+            def emit_result(i: int, oc: ExampleOutcome | None, err: str | None, retries: int) -> None:
+                rec = flips.record(i, ex.ids[i], mode, task, oc, err)
+                if retries:
+                    rec["oom_retries"] = retries
+                emit(rec, oc)
+                if oc is not None:
+                    outcomes[mode].append(oc)
+                bar.update(1)
+
+            def run_chunk(chunk: list[int]) -> list:
+                return _recover_chunk(defended, task, ex.select(chunk), mode, cfg, delta_site)
+
+            start = 0
+            while start < len(todo):
+                chunk = _next_chunk(todo, start, oom["batch"], lengths, tokens)
+                _recover_fitting(run_chunk, chunk, emit_result, oom)
+                start += len(chunk)
+            bar.close()
+
+        from saerecover.runs.stats import summarize
+
+        if run_dir is not None:
+            records = run_dir.records()
+        summary = summarize(records, task=getattr(task, "name", "task"), modes=modes,
+                            extra={"n_examples": len(ex), "clamp": clamp.describe(),
+                                   "model": resolved["model"], "seconds": time.perf_counter() - t0,
+                                   "oom_retries": oom["oom_retries"]})
+        if run_dir is not None:
+            run_dir.write_summary(summary)
+        path = run_dir.path if run_dir is not None else None
+    finally:
+        if run_dir is not None:
+            run_dir.close()
+    if path is not None and report:
+        from saerecover.report.run import write_report
+
+        write_report(path)
+    return RunResult(summary=summary, records=records, path=path, flips=flips,
+                     seconds=time.perf_counter() - t0, outcomes=outcomes)

@@ -1,0 +1,62 @@
+"""Reports of collections (a directory of related runs with one combined summary, see
+:mod:`saerecover.runs.collection`). Each kind of collection registers, in
+:data:`COLLECTION_REPORTS`, how its report.md is rendered and what its main table is; adding a
+kind is one entry there."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from saerecover.report.sweeps import budget_report, feature_report, sweep_table
+from saerecover.report.tpp import tpp_report, tpp_table
+from saerecover.runs.collection import REPORT_FILE, read_summary, write
+from saerecover.runs.errors import RunDirectoryError
+
+
+@dataclass(frozen=True)
+class CollectionReport:
+    """How one kind of collection is reported: ``render(root, summary)`` returns report.md (and
+    may write plots under ``root``); ``table(summary)`` is the table printed on the terminal."""
+
+    render: Callable[[Path, Mapping[str, Any]], str]
+    table: Callable[[Mapping[str, Any]], str]
+
+
+#: The collection kinds (``summary["collection"]``) and their reports.
+COLLECTION_REPORTS: dict[str, CollectionReport] = {
+    "budget_sweep": CollectionReport(budget_report, sweep_table),
+    "feature_sweep": CollectionReport(feature_report, sweep_table),
+    "tpp": CollectionReport(tpp_report, tpp_table),
+}
+
+
+def _report_of(root: Path, summary: Mapping[str, Any]) -> CollectionReport:
+    kind = summary.get("collection")
+    if kind not in COLLECTION_REPORTS:
+        raise RunDirectoryError(f"{root}: unknown collection kind {kind!r}; known: {', '.join(COLLECTION_REPORTS)}")
+    return COLLECTION_REPORTS[kind]
+
+
+def write_collection_report(root: str | Path, summary: Mapping[str, Any]) -> Path:
+    """(Re)write a collection's summary.json, report.md and plots; the report path."""
+    root = Path(root)
+    write(root, summary, _report_of(root, summary).render(root, summary))
+    return root / REPORT_FILE
+
+
+def collection_table(summary: Mapping[str, Any]) -> str:
+    """The main table of a collection's summary."""
+    return _report_of(Path("."), summary).table(summary)
+
+
+def rewrite_report(root: str | Path) -> tuple[Path, str]:
+    """Regenerate a collection's report.md and plots from its summary.json (``saerecover
+    report`` on a sweep or TPP directory); returns (report path, the main table)."""
+    summary = read_summary(root)
+    if summary is None:
+        raise RunDirectoryError(f"{root} holds no collection summary.json")
+    path = write_collection_report(root, summary)
+    return path, _report_of(Path(root), summary).table(summary)

@@ -1,0 +1,39 @@
+"""The refusal section of a run report: non-refusal and base-like rates with Wilson intervals,
+the defended-feature drift Phi with a bootstrap interval."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from saerecover.report.format import NA, markdown_table, mean_ci, num, rate_with_ci
+
+
+def refusal_table(summary: Mapping[str, Any]) -> str:
+    """Markdown table of the refusal metrics of a summary (see
+    :func:`saerecover.experiments.refusal.refusal_summary`)."""
+    rows = []
+    for mode, m in (summary.get("modes") or {}).items():
+        m = m or {}
+        rows.append([
+            str(mode), f"{m.get('non_refusal', NA)}/{m.get('n_valid', NA)}",
+            rate_with_ci(m, "non_refusal_rate"), rate_with_ci(m, "base_like_rate"),
+            rate_with_ci(m, "base_like_strict_rate"), mean_ci(m, "phi_relative_drift"),
+            num(m.get("phi_floor_violation_mean")), num(m.get("relative_delta_norm_mean")),
+            num(m.get("c1_residual_max")), num(m.get("jacobian_step_residual_max")),
+        ])
+    return markdown_table(["mode", "non-refusal / valid", "non-refusal rate [95% CI]", "base-like rate [95% CI]",
+                           "strict base-like rate [95% CI]", "phi relative drift [95% CI]", "phi floor violation",
+                           "relative delta norm", "C1 max", "J step ratio max"], rows)
+
+
+def refusal_section(summary: Mapping[str, Any]) -> list[str] | None:
+    """The report's "Refusal" section, for a summary that carries the refusal metrics."""
+    if "refusal_metrics" not in summary:
+        return None
+    return ["## Refusal", "",
+            "Over valid flips (base answered without refusal or safety cue, clamped model refuses). "
+            "Non-refusal: the response generated with the clamp and delta active is answered by the "
+            "task's judge. Base-like: close to the unclamped base response (lenient / strict). "
+            "Phi drift: relative change of every clamped feature at every clamped site.", "",
+            refusal_table(summary), ""]

@@ -33,11 +33,8 @@ except ImportError:  # run from a source tree without an install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 import torch
-
-from saerecover import linalg
-from saerecover import toy
+from saerecover import linalg, toy
 from saerecover.core.defended import DefendedModel
-from saerecover.experiments.pipeline import find_flips
 from saerecover.core.projection import (
     batched_vjp_jacobian,
     defended_feature_parts,
@@ -49,6 +46,7 @@ from saerecover.core.projection import (
     sketch_basis,
 )
 from saerecover.core.recovery import RECTIFIED_ARCHITECTURES
+from saerecover.experiments.pipeline import find_flips
 from saerecover.experiments.refusal import DEFAULT_TOY_SITES, toy_setting
 
 

@@ -13,15 +13,15 @@ import argparse
 import json
 import time
 
-import torch
-
 import saerecover.core.projection as projection
+import torch
 from saerecover import toy
 from saerecover.core.clamp import Clamp
+from saerecover.core.config import RecoveryConfig
 from saerecover.core.defended import DefendedModel
+from saerecover.core.recovery import recover_batch
 from saerecover.core.selection import select_by_attribution
 from saerecover.experiments.pipeline import find_flips
-from saerecover.core.recovery import RecoveryConfig, recover_batch
 
 
 class ProjectionTimer:

@@ -12,9 +12,10 @@ import torch
 from sae_lens import SAE
 from saerecover.cli.analysis import add_analyze_parser, cmd_analyze
 from saerecover.core.clamp import Clamp
+from saerecover.core.decomposition import COMPONENTS, decompose
 from saerecover.core.metrics import clamped_features, example_metrics
 from saerecover.core.sites import Site, load_site
-from saerecover.experiments.analysis import COMPONENTS, analyze_run, compare_value, decompose
+from saerecover.experiments.analysis import analyze_run, compare_value
 from saerecover.runs.directory import RunDirectory, open_run
 
 HOOK = "blocks.0.hook_resid_post"

@@ -162,7 +162,7 @@ def cases(where: str, exc, rows: list[tuple[str, str, str, Callable]], *, early:
 
 
 def _rde():
-    from saerecover.runs.directory import RunDirectoryError
+    from saerecover.runs.errors import RunDirectoryError
 
     return RunDirectoryError
 
@@ -357,7 +357,7 @@ cases("DefendedModel", ValueError, [
 
 # -- RecoveryConfig
 def _cfg(**kw):
-    from saerecover.core.recovery import RecoveryConfig
+    from saerecover.core.config import RecoveryConfig
 
     return RecoveryConfig(**kw).validate()
 
@@ -391,8 +391,9 @@ cases("RecoveryConfig.validate", TypeError, [
 
 # -- recover_batch
 def _rb(e, ex=None, mode="encoder", clamp=None, **kw):
+    from saerecover.core.config import RecoveryConfig
     from saerecover.core.defended import DefendedModel
-    from saerecover.core.recovery import RecoveryConfig, recover_batch
+    from saerecover.core.recovery import recover_batch
 
     cfg = kw.pop("cfg", RecoveryConfig(steps=1))
     return recover_batch(DefendedModel(e.model, clamp or e.clamp), e.task, ex if ex is not None else e.task.examples(),
@@ -400,7 +401,7 @@ def _rb(e, ex=None, mode="encoder", clamp=None, **kw):
 
 
 def _raw_cfg(**kw):
-    from saerecover.core.recovery import RecoveryConfig
+    from saerecover.core.config import RecoveryConfig
 
     return RecoveryConfig(**kw)
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 from sae_lens import SAE
 from saerecover.core.clamp import Clamp
+from saerecover.core.config import RecoveryConfig
 from saerecover.core.defended import DefendedModel
 from saerecover.core.examples import Examples, answer_logits, pad_right
 from saerecover.core.metrics import c1_residual
-from saerecover.core.recovery import RecoveryConfig, recover_batch
+from saerecover.core.recovery import recover_batch
 from saerecover.core.sites import Site
 from saerecover.models import load_model
 from saerecover.testing import tiny_gpt2

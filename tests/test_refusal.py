@@ -13,13 +13,13 @@ import pytest
 import torch
 from sae_lens import SAE
 from saerecover.core.clamp import Clamp
+from saerecover.core.config import RecoveryConfig
+from saerecover.core.decomposition import COMPONENTS
 from saerecover.core.defended import DefendedModel
-from saerecover.core.recovery import RecoveryConfig
 from saerecover.core.sites import load_site
 from saerecover.data.requests import load_requests
-from saerecover.experiments.analysis import COMPONENTS
-from saerecover.experiments.refusal import SuffixSettings, build_setting, refusal_summary, run_refusal
-from saerecover.experiments.suffix import placeholder_token, recover_suffix, suffix_examples
+from saerecover.experiments.refusal import build_setting, refusal_summary, run_refusal
+from saerecover.experiments.suffix import SuffixSettings, placeholder_token, recover_suffix, suffix_examples
 from saerecover.models import load_model
 from saerecover.models.generation import generate
 from saerecover.tasks.refusal import judge as rt
@@ -394,8 +394,7 @@ def test_toy_refusal_constraints_hold_where_they_should(toy_run):
 
 
 def test_toy_refusal_records_hold_hashes_not_texts(toy_run):
-    from saerecover.experiments.refusal import toy_requests
-    from saerecover.tasks.refusal.task import request_hash
+    from saerecover.data.requests import request_hash, toy_requests
 
     out, _ = toy_run
     config_text = (out / "config.json").read_text()

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from saerecover.core.config import RecoveryConfig
 from saerecover.core.defended import DefendedModel
-from saerecover.core.recovery import RecoveryConfig, recover_batch
+from saerecover.core.recovery import recover_batch
 from saerecover.experiments import pipeline
 from saerecover.experiments.pipeline import Flips, find_flips, recover
-from saerecover.runs.directory import RunDirectoryError
+from saerecover.runs.errors import RunDirectoryError
 from test_pipeline import MarginTask, build
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models, one thread

@@ -109,7 +109,7 @@ def test_report_without_summary_falls_back_to_records(tmp_path):
 
 
 def test_report_refuses_a_non_run(tmp_path):
-    from saerecover.runs.directory import RunDirectoryError
+    from saerecover.runs.errors import RunDirectoryError
 
     with pytest.raises(RunDirectoryError):
         write_report(tmp_path)

@@ -13,15 +13,9 @@ import pytest
 import saerecover
 import torch
 from saerecover.runs import directory as runs_mod
-from saerecover.runs.directory import (
-    RunDirectory,
-    RunDirectoryError,
-    atomic_write_json,
-    config_hash,
-    open_run,
-    validate_name,
-)
-from saerecover.runs.files import atomic_write_text
+from saerecover.runs.directory import RunDirectory, config_hash, open_run, validate_name
+from saerecover.runs.errors import RunDirectoryError
+from saerecover.runs.files import atomic_write_json, atomic_write_text
 
 CONFIG = {
     "task": {"name": "ioi", "n": 8, "seed": 0},

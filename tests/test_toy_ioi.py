@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 from sae_lens import SAE
-from saerecover import toy
-from saerecover import cli
+from saerecover import cli, toy
 
 N, STEPS = 64, 12
 

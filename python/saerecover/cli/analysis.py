@@ -18,7 +18,7 @@ MAX_LISTED = 10
 
 def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``analyze RUN_DIR [--sae SRC] [--json PATH] ...`` to ``subparsers``."""
-    from saerecover.experiments.analysis import DEFAULT_TOP_K
+    from saerecover.core.decomposition import DEFAULT_TOP_K
 
     p = subparsers.add_parser(
         "analyze",
@@ -71,8 +71,8 @@ def _fmt(x: Any) -> str:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from saerecover.experiments.analysis import ANALYSIS_FILE, analyze_run
-    from saerecover.experiments.merge import run_in_use
     from saerecover.runs import RunDirectoryError
+    from saerecover.runs.directory import run_in_use
 
     run_dir = Path(args.run_dir)
     save = not getattr(args, "no_save", False)

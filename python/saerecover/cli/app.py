@@ -188,9 +188,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from saerecover.report.collections import rewrite_report
     from saerecover.report.run import summary_table, write_report
     from saerecover.runs import open_run
-    from saerecover.report.collections import rewrite_report
     from saerecover.runs.collection import read_summary
 
     if read_summary(args.run_dir) is not None:  # a sweep or TPP directory: its combined report

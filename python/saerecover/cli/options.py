@@ -145,7 +145,8 @@ def check_options(opts: dict[str, Any], defaults: dict[str, Any], *, local: bool
     FileNotFoundError naming the option and what would be valid. ``local``: also check that a
     ``model`` or ``sae`` given as a local path exists (with config.json / cfg.json).
     ``choices`` and ``positive`` add a task's own word options and integers >= 1."""
-    from saerecover.core.recovery import PROJECTIONS, RecoveryConfig
+    from saerecover.core.config import RecoveryConfig
+    from saerecover.core.recovery import PROJECTIONS
     from saerecover.core.sites import check_sae_source
     from saerecover.models import check_model_source, resolve_device
     from saerecover.tasks.ioi import PATTERNS

@@ -226,7 +226,7 @@ def _parse_feature_map(text: Any) -> dict[str, list[int]] | None:
 
 def _check(opts: dict[str, Any]) -> None:
     from saerecover.cli.options import CLIError
-    from saerecover.core.recovery import RecoveryConfig
+    from saerecover.core.config import RecoveryConfig
     from saerecover.experiments.refusal import REFUSAL_MODES
 
     if not opts.get("out"):
@@ -264,8 +264,9 @@ def run_refusal_from_options(opts: dict[str, Any], *, quiet: bool = False, overw
     ``attribute``) the attribution replays."""
     import torch
 
-    from saerecover.experiments.refusal import SuffixSettings, build_setting, run_refusal, toy_requests
-    from saerecover.data.requests import load_requests
+    from saerecover.data.requests import load_requests, toy_requests
+    from saerecover.experiments.refusal import build_setting, run_refusal
+    from saerecover.experiments.suffix import SuffixSettings
 
     _check(opts)
     features = _parse_feature_map(opts["features"])

@@ -10,13 +10,11 @@ the loss is a sum over examples, so a batch gives the same result as one example
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from saerecover import linalg
 from saerecover.core.checkpoints import Checkpoints
 from saerecover.core.config import RecoveryConfig
 from saerecover.core.defended import DefendedModel
@@ -24,25 +22,15 @@ from saerecover.core.examples import Examples, Task
 from saerecover.core.metrics import c1_residual, clamped_features, example_metrics
 from saerecover.core.projection import (
     PROJECTIONS,
-    EncoderNull,
+    StepContext,
+    StepState,
     defended_feature_parts,
     defended_features,
-    flatten_example,
-    packed_jacobians,
-    project_out_basis,
-    sketch_basis,
-    unflatten_example,
 )
 
 #: SAE architectures whose features have zero derivative wherever they are zero (ReLU, JumpReLU,
 #: TopK, gated), so that J's rows for all-zero coordinates can be skipped.
 RECTIFIED_ARCHITECTURES = ("standard", "jumprelu", "topk", "batchtopk", "gated")
-
-#: Jacobian mode: a step shorter than this fraction of ||delta|| is not taken (C4 at the budget
-#: shrinks steps toward 0; storing delta + step in float32 would then add round-off of relative
-#: size ~1e-7 ||delta|| in arbitrary directions, larger than the step's own first-order drift).
-MIN_RELATIVE_STEP = 1e-3
-
 
 
 @dataclass
@@ -66,36 +54,6 @@ def _optimizer(cfg: RecoveryConfig, params: list[torch.Tensor]) -> torch.optim.O
 
 def _site_order(model) -> dict[str, int]:
     return {name: i for i, name in enumerate(model.site_names())}
-
-
-def _shrink_to_budget(old: torch.Tensor, step: torch.Tensor, budget: float) -> float:
-    """Largest alpha in [0, 1] with ||old + alpha step|| <= budget (C4 without leaving J's null
-    space: the step is shortened, never rotated)."""
-    ss = float(step @ step)
-    if ss == 0.0:
-        return 1.0
-    os_ = float(old @ step)
-    slack = budget * budget - float(old @ old)
-    if float((old + step) @ (old + step)) <= budget * budget:
-        return 1.0
-    disc = max(os_ * os_ + ss * max(slack, 0.0), 0.0)
-    return max(0.0, min(1.0, (-os_ + disc ** 0.5) / ss))
-
-
-def _budget_step(old: torch.Tensor, step: torch.Tensor, old_null: torch.Tensor, budget: float) -> torch.Tensor:
-    """Jacobian mode's C4: ``step`` and ``old_null`` (the part of ``old`` in J's null space) are
-    orthogonal to J's rows, so is ``step - gamma * old_null``; take the smallest gamma >= 0 that
-    brings ||old + step - gamma old_null|| down to the budget, else shorten the step."""
-    w = old + step
-    excess = float(w @ w) - budget * budget
-    if excess <= 0:
-        return step
-    a = float(old_null @ old_null)
-    b = float(w @ old_null)
-    disc = b * b - a * excess
-    if a > 0 and b > 0 and disc >= 0:
-        return step - ((b - disc ** 0.5) / a) * old_null
-    return _shrink_to_budget(old, step, budget) * step
 
 
 def recover_batch(
@@ -151,9 +109,11 @@ def recover_batch(
     first_row = torch.where(mask, pos, seq).min(dim=1).values
     phi_mask = ex.attention_mask.bool() & (pos >= first_row.unsqueeze(1))
     budgets = (budget if budget is not None else torch.full((n,), cfg.budget)).to(dev, torch.float32)
-    encoder = EncoderNull(clamp, sites, cfg.rcond) if mode == "encoder" else None
+    # rows of J for coordinates at 0 are exactly 0 for rectified encoders (zero derivative there)
+    rectified = [clamp.at(s).site.architecture in RECTIFIED_ARCHITECTURES for s in phi_sites]
+    projection = PROJECTIONS[mode](StepContext(clamp=clamp, cfg=cfg, sites=sites, phi_sites=phi_sites, mask=mask,
+                                               phi_mask=phi_mask, rectified=rectified, example_ids=list(ex.ids)))
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
 
     with torch.no_grad():
         ref_states = defended.forward(ex, track=tuple(phi_sites)).sites
@@ -165,13 +125,9 @@ def recover_batch(
     opt = _optimizer(cfg, list(deltas.values()))
     active = torch.ones(n, dtype=torch.bool, device=dev)
     steps_taken = torch.zeros(n, dtype=torch.long)
-    first_order = torch.zeros(n, dtype=torch.float64)
     histories: list[list[dict[str, float]]] = [[] for _ in range(n)]
-    needs_phi = mode in ("jacobian", "sketch") or cfg.lambda_act > 0 or cfg.lambda_decode > 0 or cfg.max_drift is not None
+    needs_phi = projection.needs_phi or cfg.lambda_act > 0 or cfg.lambda_decode > 0 or cfg.max_drift is not None
     best = Checkpoints(deltas, cfg.max_drift) if cfg.max_drift is not None else None
-    step_ratio = torch.full((n,), math.nan, dtype=torch.float64)
-    # rows of J for coordinates at 0 are exactly 0 for rectified encoders (zero derivative there)
-    rectified = [clamp.at(s).site.architecture in RECTIFIED_ARCHITECTURES for s in phi_sites]
 
     for step in range(cfg.steps):
         out = defended.forward(ex, deltas, reclamp=cfg.reclamp, track=tuple(phi_sites))
@@ -198,66 +154,22 @@ def recover_batch(
         drift = ((phi.detach() - phi_ref).norm(dim=1) / (phi_ref_norm + 1e-8)).cpu() if needs_phi else None
         if best is not None:
             best.offer(step, score.detach().cpu(), drift, active.cpu())
-        grads = dict(zip(sites, torch.autograd.grad(loss, list(deltas.values()), retain_graph=mode in ("jacobian", "sketch"))))
+        grads = dict(zip(sites, torch.autograd.grad(loss, list(deltas.values()), retain_graph=projection.needs_phi)))
         if any(not torch.isfinite(g).all() for g in grads.values()):
             bad = torch.zeros(n, dtype=torch.bool, device=dev)
             for g in grads.values():
                 bad |= ~torch.isfinite(g.flatten(1)).all(dim=1)
             raise FloatingPointError(f"non-finite gradient for examples {[ex.ids[i] for i in bad.nonzero().flatten().tolist()]}")
         grads = {s: g * mask.unsqueeze(-1) for s, g in grads.items()}
-        jacs = bases = None
-        if mode == "encoder":
-            grads = encoder(grads, mask)
-        elif mode == "jacobian":
-            jacs = packed_jacobians(phi_parts, deltas, mask, rectified, phi_mask=phi_mask)
-            projected = {s: torch.zeros_like(g) for s, g in grads.items()}
-            for b in range(n):
-                g_b = flatten_example(grads, b, mask)
-                unflatten_example(linalg.jacobian_null_project(jacs[b], g_b, rcond=cfg.rcond), grads, b, mask, projected)
-            grads = projected
-        elif mode == "sketch":
-            bases = sketch_basis(phi, phi_ref, deltas, mask, probes=cfg.sketch_probes,
-                                 drift_probe=cfg.sketch_drift_probe, generator=gen)
-            projected = {s: torch.zeros_like(g) for s, g in grads.items()}
-            for b in range(n):
-                unflatten_example(project_out_basis(flatten_example(grads, b, mask), bases[b]), grads, b, mask, projected)
-            grads = projected
+        grads = projection.project_gradient(grads, StepState(step=step, deltas=deltas, phi_parts=phi_parts,
+                                                             phi=phi, phi_ref=phi_ref, active=active))
         old = {s: d.detach().clone() for s, d in deltas.items()}
         for s, d in deltas.items():
             d.grad = grads[s]  # the paper's projected gradient
         opt.step()
         with torch.no_grad():
             new = {s: d.detach() * mask.unsqueeze(-1) for s, d in deltas.items()}
-            if mode == "encoder":
-                new = encoder(new, mask)  # the delta actually applied stays in the null space (C1)
-            if mode != "jacobian":  # C4 by rescaling, as the paper (keeps encoder-null rows in the null space)
-                norms = torch.sqrt(sum(v.pow(2).flatten(1).sum(1) for v in new.values()))
-                scale = torch.clamp(budgets / norms.clamp_min(1e-30), max=1.0).view(n, 1, 1)
-                keep = active.view(n, 1, 1)
-                final = {s: torch.where(keep, new[s] * scale, old[s]) for s in sites}
-            else:
-                final = {s: old[s].clone() for s in sites}
-            for b in (torch.nonzero(active).flatten().tolist() if mode == "jacobian" else []):
-                o = flatten_example(old, b, mask)
-                v = flatten_example(new, b, mask)
-                # the step actually taken is orthogonal to J's row space; C4 either pulls delta back
-                # along its own null-space part (also orthogonal to J's rows) or shortens the step
-                both = linalg.jacobian_null_project(jacs[b], torch.stack([v - o, o]), rcond=cfg.rcond)
-                st = _budget_step(o.double(), both[0].double(), both[1].double(), float(budgets[b]))
-                if float(st.norm()) <= MIN_RELATIVE_STEP * float(o.norm()):
-                    st = torch.zeros_like(st)  # below the float32 resolution of delta: round-off would leave J's null space
-                v = o + st.to(o.dtype)
-                taken = (v - o).double()
-                jb = jacs[b].double()
-                if float(taken.norm()) > 0 and jb.numel():
-                    gram = jb @ jb.T if jb.shape[0] <= jb.shape[1] else jb.T @ jb
-                    spectral = torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt()  # ||J||_2
-                    ratio = float((jb @ taken).norm() / (spectral * taken.norm() + 1e-30))
-                    first_order[b] = max(float(first_order[b]), ratio)
-                    step_ratio[b] = ratio
-                else:
-                    step_ratio[b] = 0.0
-                unflatten_example(v, new, b, mask, final)
+            final = projection.take_step(old, new, budgets, active)  # C1 on what is applied, and C4
             for s, d in deltas.items():
                 d.copy_(final[s])
             if on_step is not None:
@@ -271,8 +183,7 @@ def recover_batch(
                 entry = {"step": step, "score": float(sc_[i]), "loss": float(lv[i]), "delta_norm": float(dn[i])}
                 if drift is not None:  # measured at this step's delta, before its update
                     entry["phi_relative_drift"] = float(drift[i])
-                if mode == "jacobian":  # ||J step|| / (||J|| ||step||) of the step taken
-                    entry["first_order_drift"] = float(step_ratio[i])
+                entry.update(projection.history_fields(i))
                 histories[i].append(entry)
 
     checkpoint_steps = None
@@ -283,8 +194,8 @@ def recover_batch(
             drift = ((phi - phi_ref).norm(dim=1) / (phi_ref_norm + 1e-8)).cpu()
             best.offer(steps_taken, task.score(out.logits, ex).detach().cpu(), drift, torch.ones(n, dtype=torch.bool))
             checkpoint_steps = best.restore(deltas)
-    outcomes = _evaluate(defended, task, ex, deltas, mask, phi_mask, phi_sites, phi_ref, sites, mode, cfg,
-                         steps_taken, first_order, histories)
+    outcomes = _evaluate(defended, task, ex, deltas, mask, phi_mask, phi_sites, phi_ref, sites, projection, cfg,
+                         steps_taken, histories)
     if checkpoint_steps is not None:
         for oc, st in zip(outcomes, checkpoint_steps):
             oc.metrics["checkpoint_step"] = int(st)
@@ -306,8 +217,8 @@ def _decode_drift(clamp, dphi: torch.Tensor, phi_sites: list[str], phi_mask: tor
     return total
 
 
-def _evaluate(defended, task, ex, deltas, mask, phi_mask, phi_sites, phi_ref, sites, mode, cfg,
-              steps_taken, first_order, histories) -> list[ExampleOutcome]:
+def _evaluate(defended, task, ex, deltas, mask, phi_mask, phi_sites, phi_ref, sites, projection, cfg,
+              steps_taken, histories) -> list[ExampleOutcome]:
     """Final pass with the clamp active: behavior, then every metric on what was applied."""
     clamp = defended.clamp
     primary = clamp.at(sites[0])
@@ -345,8 +256,7 @@ def _evaluate(defended, task, ex, deltas, mask, phi_mask, phi_sites, phi_ref, si
         ref_norm = float(phi_ref[i].norm())
         metrics["phi_relative_drift"] = float(dphi.norm()) / (ref_norm + 1e-8)
         metrics["phi_floor_violation"] = float(torch.clamp(-dphi, min=0).norm()) / (ref_norm + 1e-8)
-        if mode == "jacobian":
-            metrics["jacobian_step_residual"] = float(first_order[i])
+        metrics.update(projection.metrics(i))
         tensors = {
             "delta": d_rows.cpu().contiguous(),
             "rows": rows.cpu().contiguous(),

@@ -115,3 +115,15 @@ def requests_hash(requests: Sequence[str]) -> str:
 def request_hash(request: str) -> str:
     """sha256 (hex) of one request's UTF-8 text: what a run stores instead of the text."""
     return hashlib.sha256(request.encode("utf-8")).hexdigest()
+
+
+def source_requests(source: Mapping[str, Any] | None) -> list[str]:
+    """The requests a run's ``config["task"]["source"]`` points to: a file (:func:`load_requests`)
+    or the toy world's harmless corpus requests (:func:`toy_requests`)."""
+    kind = (source or {}).get("kind")
+    if kind == "file":
+        return load_requests(source["path"], column=source.get("column"), limit=source.get("limit"))
+    if kind == "toy":
+        return toy_requests(int(source["n"]), harmful=False, seed=int(source["seed"]))
+    raise ValueError("the run does not record where its requests came from (config task.source); "
+                     "pass the requests (attribute_run(..., requests=[...]) or --requests FILE)")

@@ -183,7 +183,7 @@ class AnalysisResult:
         Refuses the run directory itself while a process holds its lock (the run is still
         being written): pass another ``path``.
         """
-        from saerecover.experiments.merge import run_in_use
+        from saerecover.runs.directory import run_in_use
 
         target = Path(path) if path is not None else self.run_dir / ANALYSIS_FILE
         if target.resolve().parent == self.run_dir.resolve():

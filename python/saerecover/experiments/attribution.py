@@ -26,11 +26,12 @@ from typing import Any
 
 import torch
 
+from saerecover.core.decomposition import COMPONENTS, DEFAULT_TOP_K, decompose
 from saerecover.core.defended import DefendedModel
 from saerecover.core.examples import Examples
 from saerecover.core.sites import Site
-from saerecover.experiments.analysis import COMPONENTS, DEFAULT_TOP_K, decompose
 from saerecover.report.format import markdown_table, num, rate
+from saerecover.tasks import task_from_config
 
 ATTRIBUTION_FILE = "attribution.json"
 ATTRIBUTION_PLOT = "attribution.png"
@@ -262,58 +263,6 @@ def _clamp_from_config(entries: Sequence[Mapping[str, Any]], model: Any, saes: M
     return Clamp.combine(*parts)
 
 
-def source_requests(source: Mapping[str, Any] | None) -> list[str]:
-    """The requests a run's ``config["task"]["source"]`` points to: a file (``load_requests``)
-    or the toy world's harmless corpus requests (``refusal.toy_requests``)."""
-    from saerecover.data.requests import load_requests
-
-    kind = (source or {}).get("kind")
-    if kind == "file":
-        return load_requests(source["path"], column=source.get("column"), limit=source.get("limit"))
-    if kind == "toy":
-        from saerecover.experiments.refusal import toy_requests
-
-        return toy_requests(int(source["n"]), harmful=False, seed=int(source["seed"]))
-    raise ValueError("the run does not record where its requests came from (config task.source); "
-                     "pass the requests (attribute_run(..., requests=[...]) or --requests FILE)")
-
-
-def task_from_config(model: Any, desc: Mapping[str, Any], requests: Sequence[str] | None = None):
-    """Rebuild the task described by a run's ``config["task"]``: refusal or IOI.
-
-    Refusal: the config holds each request's sha256, not its text: the texts come from
-    ``requests`` (default: the recorded source, :func:`source_requests`) and are matched by
-    hash, so a changed file is caught instead of silently attributing other prompts. IOI: the
-    prompts are regenerated from the recorded templates, names, places, objects and seed."""
-    from saerecover.tasks.refusal.task import Refusal, request_hash
-
-    if "request_sha256" not in desc and {"templates", "names", "places", "objects"} <= set(desc):
-        from saerecover.tasks.ioi import IOI
-
-        return IOI(model.tokenizer, n=int(desc["n"]), seed=int(desc["seed"]), patterns=list(desc["patterns"]),
-                   templates=desc["templates"], names=desc["names"], places=desc["places"],
-                   objects=desc["objects"], name=str(desc.get("name", "ioi")))
-    hashes = desc.get("request_sha256")
-    if not isinstance(hashes, list) or not hashes:
-        raise ValueError("saerecover attribute rebuilds refusal and IOI runs from their config; for other tasks "
-                         "use the Python API (saerecover.attribute on the run's outcomes)")
-    pool = list(requests) if requests is not None else source_requests(desc.get("source"))
-    by_hash = {request_hash(r): r for r in pool}
-    missing = [i for i, h in enumerate(hashes) if h not in by_hash]
-    if missing:
-        raise ValueError(f"{len(missing)} of the run's {len(hashes)} requests are not among the {len(pool)} "
-                         "requests given (sha256 mismatch): the request source changed since the run")
-    keys = ("template", "max_new_tokens", "lists", "cues", "strict", "prefix_weight", "prefix_tokens",
-            "discourage_refusal", "store_generations", "window", "ids", "name", "refusal_prefixes", "source")
-    kw = {k: desc[k] for k in keys if k in desc}
-    if kw.get("template") is None and desc.get("chat_template") is False:
-        kw.pop("template", None)
-    for k in ("lists", "cues"):
-        if isinstance(kw.get(k), list):
-            kw[k] = tuple(x if isinstance(x, str) else tuple(x) for x in kw[k])
-    return Refusal(model, [by_hash[h] for h in hashes], **kw)
-
-
 def attribute_run(run_dir: str | os.PathLike[str], *, modes: Sequence[str] | None = None,
                   top_k: int = DEFAULT_TOP_K, device: str | None = None, model: Any = None,
                   saes: Mapping[str, Any] | None = None, requests: Sequence[str] | None = None,
@@ -340,7 +289,7 @@ def attribute_run(run_dir: str | os.PathLike[str], *, modes: Sequence[str] | Non
         model = load_model(str(name), backend=backend, device=device, dtype=dtype)
     clamp = _clamp_from_config(cfg.get("clamp") or [], model, saes)
     defended = DefendedModel(model, clamp)
-    task = task_from_config(model, cfg.get("task") or {}, requests)
+    task = task_from_config(model, cfg.get("task") or {}, requests=requests)
     site = cfg.get("delta_site") or clamp.site_clamps[0].site.hook_name
     reclamp = bool((cfg.get("recovery") or {}).get("reclamp", False))
     run_modes = [m for m in (cfg.get("modes") or []) if isinstance(m, str)]
@@ -385,6 +334,4 @@ __all__ = [
     "items_from_outcomes",
     "plot_counts",
     "replay",
-    "source_requests",
-    "task_from_config",
 ]

@@ -9,8 +9,9 @@ from __future__ import annotations
 import numbers
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,11 @@ import torch
 from tqdm.auto import tqdm
 
 from saerecover.core.clamp import Clamp
+from saerecover.core.config import RecoveryConfig
 from saerecover.core.defended import DefendedModel
 from saerecover.core.examples import Examples, Task
-from saerecover.core.recovery import PROJECTIONS, ExampleOutcome, RecoveryConfig, recover_batch
+from saerecover.core.recovery import PROJECTIONS, ExampleOutcome, recover_batch
+from saerecover.experiments.baselines import Baseline
 from saerecover.models.base import ModelAdapter
 from saerecover.runs.records import make_record
 
@@ -134,18 +137,24 @@ def describe_model(model: ModelAdapter) -> dict[str, Any]:
 
 
 
-def _recover_chunk(defended, task, part, mode, cfg, delta_site):
-    """Recover a batch; if it hits a non-finite value, retry one by one and mark the culprits."""
+def _recover_residual(defended: DefendedModel, task: Task, part: Examples, *, mode: str, cfg: RecoveryConfig,
+                      delta_site: str | None) -> list[ExampleOutcome]:
+    """A projection mode's recovery of a batch: a residual delta at the delta site."""
+    return recover_batch(defended, task, part, mode=mode, cfg=cfg, delta_site=delta_site)
+
+
+def _recover_chunk(run: Callable[[Examples], list[ExampleOutcome]], part: Examples) -> list:
+    """``run(part)`` as (outcome, error) pairs; if it hits a non-finite value, retry one by one
+    and mark the culprits."""
     try:
-        return [(oc, None) for oc in recover_batch(defended, task, part, mode=mode, cfg=cfg, delta_site=delta_site)]
+        return [(oc, None) for oc in run(part)]
     except FloatingPointError as err:
         if len(part) == 1:
             return [(None, f"non-finite loss or gradient: {err}")]
     results = []
     for j in range(len(part)):
-        single = part.select([j])
         try:
-            results.append((recover_batch(defended, task, single, mode=mode, cfg=cfg, delta_site=delta_site)[0], None))
+            results.append((run(part.select([j]))[0], None))
         except FloatingPointError as err:
             results.append((None, f"non-finite loss or gradient: {err}"))
     return results
@@ -234,9 +243,12 @@ def recover(
     overwrite: bool = False,
     max_batch_tokens: int | None = None,
     memory_limit_mb: float | None = None,
+    baselines: Mapping[str, Baseline] | None = None,
+    summarize_extra: Callable[[dict[str, Any], list[dict[str, Any]]], Any] | None = None,
     **overrides: Any,
 ) -> RunResult:
-    """Stress-test ``clamp`` on ``task``: recover every valid flip in each projection mode.
+    """Stress-test ``clamp`` on ``task``: recover every valid flip in each projection mode, then
+    with each baseline.
 
     overrides: RecoveryConfig fields (steps, lr, budget, optimizer, positions, ...).
     out: a run directory; an existing one with the same config resumes where it stopped
@@ -246,6 +258,9 @@ def recover(
     length), or at an activation-memory estimate (:func:`estimate_activation_bytes`); neither
     changes results. On CUDA out-of-memory a chunk is halved and retried (down to 1); records
     of examples that needed it carry ``oom_retries`` and the summary counts the halvings.
+    baselines: other ways to recover the same valid flips (e.g. ``{"suffix": SuffixSettings()}``),
+    each a mode of the run after the projection modes, written and summarised the same way.
+    summarize_extra: ``(summary, records)``, adds a task's own summary fields before it is written.
     """
     t0 = time.perf_counter()
     modes = [projection] if isinstance(projection, str) else list(projection)
@@ -254,6 +269,11 @@ def recover(
         raise ValueError(f"unknown projection mode(s) {bad}; valid: {', '.join(PROJECTIONS)}")
     if len(set(modes)) != len(modes):
         raise ValueError(f"projection modes repeat: {modes}; give each mode once")
+    baselines = dict(baselines or {})
+    clash = [b for b in baselines if b in PROJECTIONS]
+    if clash:
+        raise ValueError(f"baseline name(s) {clash} are projection modes; name baselines otherwise")
+    all_modes = [*modes, *baselines]
     for name, limit in (("max_batch_tokens", max_batch_tokens), ("memory_limit_mb", memory_limit_mb)):
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Real) or not limit > 0
                                   or limit == float("inf")):
@@ -312,7 +332,7 @@ def recover(
         flips = find_flips(defended, task, ex, batch_size=batch_size)
         done = run_dir.done() if run_dir is not None else set()
         records: list[dict[str, Any]] = []
-        outcomes: dict[str, list[ExampleOutcome]] = {m: [] for m in modes}
+        outcomes: dict[str, list[ExampleOutcome]] = {m: [] for m in all_modes}
         valid_idx = torch.nonzero(flips.valid).flatten().tolist()
         lengths = ex.attention_mask.sum(dim=1)
         tokens = _token_limit(model, max_batch_tokens, memory_limit_mb)
@@ -321,12 +341,13 @@ def recover(
         def emit(rec: dict[str, Any], oc: ExampleOutcome | None) -> None:
             if run_dir is not None:
                 if oc is not None:
-                    run_dir.save_tensors(rec["mode"], rec["example_id"], oc.tensors)
+                    meta = getattr(baselines.get(rec["mode"]), "tensor_metadata", None)
+                    run_dir.save_tensors(rec["mode"], rec["example_id"], oc.tensors, metadata=meta)
                 run_dir.append_record(rec)
             else:
                 records.append(rec)
 
-        for mode in modes:
+        for mode in all_modes:
             for i, eid in enumerate(ex.ids):
                 if not bool(flips.valid[i]) and (eid, mode) not in done:
                     emit(flips.record(i, eid, mode, task), None)
@@ -341,8 +362,11 @@ def recover(
                     outcomes[mode].append(oc)
                 bar.update(1)
 
-            def run_chunk(chunk: list[int]) -> list:
-                return _recover_chunk(defended, task, ex.select(chunk), mode, cfg, delta_site)
+            def run_chunk(chunk: list[int], mode: str = mode) -> list:
+                if mode in baselines:
+                    return _recover_chunk(partial(baselines[mode].recover, defended, task, cfg=cfg), ex.select(chunk))
+                return _recover_chunk(partial(_recover_residual, defended, task, mode=mode, cfg=cfg,
+                                              delta_site=delta_site), ex.select(chunk))
 
             start = 0
             while start < len(todo):
@@ -355,10 +379,12 @@ def recover(
 
         if run_dir is not None:
             records = run_dir.records()
-        summary = summarize(records, task=getattr(task, "name", "task"), modes=modes,
+        summary = summarize(records, task=getattr(task, "name", "task"), modes=all_modes,
                             extra={"n_examples": len(ex), "clamp": clamp.describe(),
                                    "model": resolved["model"], "seconds": time.perf_counter() - t0,
                                    "oom_retries": oom["oom_retries"]})
+        if summarize_extra is not None:
+            summarize_extra(summary, records)
         if run_dir is not None:
             run_dir.write_summary(summary)
         path = run_dir.path if run_dir is not None else None

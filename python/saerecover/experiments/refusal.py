@@ -22,7 +22,6 @@ refusal features by contrast at two or more sites, the mean-activation clamp).
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +30,12 @@ from typing import Any
 import torch
 
 from saerecover.core.clamp import Clamp
+from saerecover.core.config import RecoveryConfig
 from saerecover.core.projection import PROJECTIONS
-from saerecover.core.recovery import RecoveryConfig
 from saerecover.data.requests import toy_requests
+from saerecover.experiments.baselines import BASELINES
 from saerecover.experiments.pipeline import RunResult, recover
-from saerecover.experiments.suffix import SUFFIX, SuffixSettings, run_suffix
-from saerecover.report.run import write_report
+from saerecover.experiments.suffix import SUFFIX, SuffixSettings
 from saerecover.tasks.refusal.features import (
     contrast_table,
     mean_activation_clamp,
@@ -45,7 +44,7 @@ from saerecover.tasks.refusal.features import (
 )
 from saerecover.tasks.refusal.task import Refusal
 
-REFUSAL_MODES = (*PROJECTIONS, SUFFIX)
+REFUSAL_MODES = (*PROJECTIONS, *BASELINES)
 DEFAULT_TOY_SITES = ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post")
 
 
@@ -148,9 +147,6 @@ def run_refusal(
     row). The summary's modes carry the refusal metrics (:func:`refusal_summary`) and the
     report gets a refusal table.
     """
-    from saerecover.runs.stats import summarize
-
-    t0 = time.perf_counter()
     modes = list(modes)
     bad = [m for m in modes if m not in REFUSAL_MODES]
     if bad or not modes or len(set(modes)) != len(modes):
@@ -164,44 +160,15 @@ def run_refusal(
         setattr(cfg, key, value)
     cfg.validate()
     suffix = suffix or SuffixSettings()
-    residual = [m for m in modes if m != SUFFIX]
+    residual = [m for m in modes if m not in BASELINES]
     extra = {"refusal": {"modes": modes, "suffix": suffix.to_dict() if SUFFIX in modes else None},
              **dict(extra_config or {})}
-    # recover() needs at least one residual mode to find the flips and own the run directory;
-    # with only "suffix" asked for, "none" runs as well
+    # the run's projection modes; with only "suffix" asked for, "none" runs as well (its
+    # records are the reference the suffix is read against)
     run_modes = residual or ["none"]
-    result = recover(model, clamp, task, projection=run_modes, out=out, batch_size=batch_size,
-                     delta_site=delta_site, config=cfg, progress=progress, extra_config=extra,
-                     report=False, overwrite=overwrite)
-    flips = result.flips
-    records = list(result.records)
-    outcomes = dict(result.outcomes)
-    run_dir = None
-    if result.path is not None:
-        from saerecover.runs import RunDirectory, open_run
-
-        run_dir = RunDirectory(result.path, config=open_run(result.path).config)
-    try:
-        if SUFFIX in modes:
-            outcomes[SUFFIX] = run_suffix(model, clamp, task, flips, cfg, suffix, batch_size, run_dir,
-                                           records, progress)
-        if run_dir is not None:
-            records = run_dir.records()
-        all_modes = run_modes + ([SUFFIX] if SUFFIX in modes else [])
-        summary = summarize(records, task=task.name, modes=all_modes,
-                            extra={k: v for k, v in result.summary.items()
-                                   if k not in ("task", "n_valid", "n_records", "modes", "intervals")})
-        summary["seconds"] = time.perf_counter() - t0
-        add_refusal_summary(summary, records)
-        if run_dir is not None:
-            run_dir.write_summary(summary)
-    finally:
-        if run_dir is not None:
-            run_dir.close()
-    if result.path is not None and report:
-        write_report(result.path)
-    return RunResult(summary=summary, records=records, path=result.path, flips=flips,
-                     seconds=time.perf_counter() - t0, outcomes=outcomes)
+    return recover(model, clamp, task, projection=run_modes, baselines={SUFFIX: suffix} if SUFFIX in modes else None,
+                   out=out, batch_size=batch_size, delta_site=delta_site, config=cfg, progress=progress,
+                   extra_config=extra, report=report, overwrite=overwrite, summarize_extra=add_refusal_summary)
 
 
 

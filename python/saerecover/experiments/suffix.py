@@ -9,7 +9,7 @@ prompt, so the drift / recovery trade-off of residual recovery and of suffixes r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -18,7 +18,6 @@ from saerecover.core.defended import DefendedModel
 from saerecover.core.examples import Examples, pad_right
 from saerecover.core.projection import defended_features
 from saerecover.core.recovery import ExampleOutcome
-from saerecover.experiments.pipeline import Flips
 from saerecover.tasks.refusal.task import Refusal
 
 SUFFIX = "suffix"
@@ -173,55 +172,24 @@ def recover_suffix(
 
 @dataclass
 class SuffixSettings:
-    """The soft-suffix baseline: ``n_suffix`` placeholder tokens; lr / budget default to the
-    residual modes' (``RecoveryConfig.lr`` / ``budget``)."""
+    """The soft-suffix baseline (a :class:`saerecover.experiments.baselines.Baseline`):
+    ``n_suffix`` placeholder tokens; lr / budget default to the residual modes'
+    (``RecoveryConfig.lr`` / ``budget``)."""
 
     n_suffix: int = 8
     token: str | int | None = None
     lr: float | None = None
     budget: float | None = None
 
+    #: saved with each example's tensors: where the suffix delta acts
+    tensor_metadata: ClassVar[dict[str, str]] = {"site": SUFFIX_SITE}
+
     def to_dict(self) -> dict[str, Any]:
         return {"n_suffix": self.n_suffix, "token": self.token, "lr": self.lr, "budget": self.budget,
                 "site": SUFFIX_SITE}
 
-
-def run_suffix(model, clamp, task, flips: Flips, cfg, suffix: SuffixSettings, batch_size, run_dir, records,
-                progress) -> list[ExampleOutcome]:
-    from tqdm.auto import tqdm
-
-    defended = DefendedModel(model, clamp)
-    ex = task.examples()
-    done = run_dir.done() if run_dir is not None else set()
-    results: list[ExampleOutcome] = []
-
-    def emit(rec, oc):
-        if run_dir is not None:
-            if oc is not None:
-                run_dir.save_tensors(SUFFIX, rec["example_id"], oc.tensors, metadata={"site": SUFFIX_SITE})
-            run_dir.append_record(rec)
-        else:
-            records.append(rec)
-
-    for i, eid in enumerate(ex.ids):
-        if not bool(flips.valid[i]) and (eid, SUFFIX) not in done:
-            emit(flips.record(i, eid, SUFFIX, task), None)
-    todo = [i for i in torch.nonzero(flips.valid).flatten().tolist() if (ex.ids[i], SUFFIX) not in done]
-    bar = tqdm(total=len(todo), desc=f"recover [{SUFFIX}]", disable=not progress or not todo, leave=False)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
-        part = ex.select(chunk)
-        try:
-            ocs = recover_suffix(defended, task, part, cfg=cfg, n_suffix=suffix.n_suffix, token=suffix.token,
-                                 lr=suffix.lr, budget=suffix.budget)
-            errs = [None] * len(chunk)
-        except FloatingPointError as err:
-            ocs, errs = [None] * len(chunk), [f"non-finite loss or gradient: {err}"] * len(chunk)
-        for i, oc, err in zip(chunk, ocs, errs):
-            rec = flips.record(i, ex.ids[i], SUFFIX, task, oc, err)
-            emit(rec, oc)
-            if oc is not None:
-                results.append(oc)
-            bar.update(1)
-    bar.close()
-    return results
+    def recover(self, defended: DefendedModel, task: Refusal, ex: Examples, *,
+                cfg: RecoveryConfig) -> list[ExampleOutcome]:
+        """The baseline on a batch of valid flips (see :func:`recover_suffix`)."""
+        return recover_suffix(defended, task, ex, cfg=cfg, n_suffix=self.n_suffix, token=self.token,
+                              lr=self.lr, budget=self.budget)

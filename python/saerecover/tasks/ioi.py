@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numbers
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,3 +125,16 @@ class IOI:
         return {"name": self.name, "n": self.n, "seed": self.seed, "patterns": list(self.patterns),
                 "templates": list(self.templates), "names": list(self.names), "places": list(self.places),
                 "objects": list(self.objects)}
+
+    @staticmethod
+    def describes(desc: Mapping[str, Any]) -> bool:
+        """Whether a run's ``config["task"]`` is an IOI task's :meth:`describe`."""
+        return "request_sha256" not in desc and {"templates", "names", "places", "objects"} <= set(desc)
+
+    @classmethod
+    def from_config(cls, model: Any, desc: Mapping[str, Any], **_: Any) -> IOI:
+        """The task a run's ``config["task"]`` describes: the prompts regenerated from the recorded
+        templates, names, places, objects and seed."""
+        return cls(model.tokenizer, n=int(desc["n"]), seed=int(desc["seed"]), patterns=list(desc["patterns"]),
+                   templates=desc["templates"], names=desc["names"], places=desc["places"], objects=desc["objects"],
+                   name=str(desc.get("name", "ioi")))

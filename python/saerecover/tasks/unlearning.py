@@ -27,7 +27,8 @@ import torch
 
 from saerecover.core.examples import Examples, answer_logits, pad_right
 from saerecover.data.questions import LETTERS, MCQuestion
-from saerecover.tasks.tpp import pool_mask, run_to_site, special_ids, tokenize
+from saerecover.models.partial import run_to_site
+from saerecover.tasks.text import pool_mask, special_ids, tokenize
 
 #: All 24 orders of four options (indices into the original choices).
 PERMUTATIONS: tuple[tuple[int, ...], ...] = tuple(itertools.permutations(range(4)))

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from saerecover.core.examples import Examples, answer_logits, pad_right
-from saerecover.data.requests import request_hash, requests_hash
+from saerecover.data.requests import request_hash, requests_hash, source_requests
 from saerecover.models.generation import additive_edit, chain, generate, static_edit
 from saerecover.tasks.refusal import judge as rt
 
@@ -385,6 +385,37 @@ class Refusal:
             out["base_like"] = bool(rec.get("base_like", False))
             out["base_like_strict"] = bool(rec.get("base_like_strict", False))
         return out
+
+    @staticmethod
+    def describes(desc: Mapping[str, Any]) -> bool:
+        """Whether a run's ``config["task"]`` is a refusal task's :meth:`describe`."""
+        return isinstance(desc.get("request_sha256"), list)
+
+    @classmethod
+    def from_config(cls, model: Any, desc: Mapping[str, Any], *, requests: Sequence[str] | None = None,
+                    **_: Any) -> Refusal:
+        """The task a run's ``config["task"]`` describes. The config holds each request's sha256,
+        not its text: the texts come from ``requests`` (default: the recorded source,
+        :func:`saerecover.data.requests.source_requests`) and are matched by hash, so a changed
+        file is caught instead of silently using other prompts."""
+        hashes = desc.get("request_sha256")
+        if not isinstance(hashes, list) or not hashes:
+            raise ValueError("the run's config lists no request hashes (task.request_sha256)")
+        pool = list(requests) if requests is not None else source_requests(desc.get("source"))
+        by_hash = {request_hash(r): r for r in pool}
+        missing = [i for i, h in enumerate(hashes) if h not in by_hash]
+        if missing:
+            raise ValueError(f"{len(missing)} of the run's {len(hashes)} requests are not among the {len(pool)} "
+                             "requests given (sha256 mismatch): the request source changed since the run")
+        keys = ("template", "max_new_tokens", "lists", "cues", "strict", "prefix_weight", "prefix_tokens",
+                "discourage_refusal", "store_generations", "window", "ids", "name", "refusal_prefixes", "source")
+        kw = {k: desc[k] for k in keys if k in desc}
+        if kw.get("template") is None and desc.get("chat_template") is False:
+            kw.pop("template", None)
+        for k in ("lists", "cues"):
+            if isinstance(kw.get(k), list):
+                kw[k] = tuple(x if isinstance(x, str) else tuple(x) for x in kw[k])
+        return cls(model, [by_hash[h] for h in hashes], **kw)
 
     def describe(self) -> dict[str, Any]:
         return {

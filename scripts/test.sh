@@ -9,6 +9,9 @@ python -m pip install --quiet -e ".[dev]"
 
 cargo test --locked --quiet
 
+# the architecture contract: layers import only downwards, no cycles (pyproject [tool.importlinter])
+lint-imports
+
 set +e
 python -m pytest "$@"
 status=$?

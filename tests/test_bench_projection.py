@@ -8,6 +8,9 @@ import json
 import numpy as np
 import pytest
 from saerecover.bench import projection as bp
+from saerecover.bench.projection import environment
+from saerecover.bench.projection import implementations
+from saerecover.bench.projection import options
 
 TINY = [
     "--d", "48", "--k", "3,7", "--n", "1,9",
@@ -23,7 +26,7 @@ ROW_KEYS = {
 
 
 def _core():
-    core, _ = bp._load_core()
+    core, _ = environment.load_core()
     return core
 
 
@@ -74,12 +77,12 @@ def test_tiny_grid_rows_schema(tmp_path, capsys, dtype):
 
 def test_only_and_overrides():
     args = bp.build_parser().parse_args(["--quick", "--only", "jacobian", "--m", "8,9", "--batch", "2"])
-    cfg = bp.Config.from_args(args)
+    cfg = options.Config.from_args(args)
     assert cfg.ops == ("jacobian",)
     assert cfg.grid["m"] == [8, 9] and cfg.grid["batch"] == [2]
-    assert cfg.grid["jac_n"] == bp.QUICK_GRID["jac_n"]
-    full = bp.Config.from_args(bp.build_parser().parse_args([]))
-    assert full.grid == bp.DEFAULT_GRID and full.dtype == "float32"
+    assert cfg.grid["jac_n"] == options.QUICK_GRID["jac_n"]
+    full = options.Config.from_args(bp.build_parser().parse_args([]))
+    assert full.grid == options.DEFAULT_GRID and full.dtype == "float32"
     with pytest.raises(SystemExit):
         bp.build_parser().parse_args(["--impls", "nonsense"])
 
@@ -118,30 +121,30 @@ def _encoder_problem(dtype, d=40, k=6, n=5, duplicate=False, seed=0):
 @pytest.mark.parametrize("duplicate", [False, True])
 def test_encoder_impls_agree(dtype, duplicate):
     A, X = _encoder_problem(dtype, duplicate=duplicate)
-    rcond = bp.default_rcond(A.shape, dtype)
-    truth = bp.encoder_truth(A, X, rcond)
+    rcond = implementations.default_rcond(A.shape, dtype)
+    truth = implementations.encoder_truth(A, X, rcond)
     assert truth["rank"] == A.shape[1] - int(duplicate)
     # with a repeated column, the ridge bias depends on the smallest *non-zero* singular value
-    impls = bp.encoder_impls(A, X, core=_core(), rcond=None, ridge=bp.REFERENCE_RIDGE, kappa=truth["kappa"], sigma_min=truth["sigma_min"])
+    impls = implementations.encoder_impls(A, X, core=_core(), rcond=None, ridge=options.REFERENCE_RIDGE, kappa=truth["kappa"], sigma_min=truth["sigma_min"])
     scale = float(np.linalg.norm(X.astype(np.float64), axis=1).max())
-    results = {i.name: bp.as_numpy(i.call()) for i in impls if i.phase == "apply"}
+    results = {i.name: implementations.as_numpy(i.call()) for i in impls if i.phase == "apply"}
     assert {"numpy", "torch", "rowsolve"} <= results.keys()
     for impl in impls:
         if impl.phase != "apply":
             continue
         Y = results[impl.name]
         assert Y.shape == X.shape and Y.dtype == X.dtype, impl.name
-        err = bp.rel_row_error(Y, truth["Y"], scale)
-        assert err <= bp.BASE_TOL[dtype] + impl.extra_tol, (impl.name, err)
+        err = implementations.rel_row_error(Y, truth["Y"], scale)
+        assert err <= options.BASE_TOL[dtype] + impl.extra_tol, (impl.name, err)
         assert np.abs(Y.astype(np.float64) @ A.astype(np.float64)).max() <= 1e-3 * scale + impl.extra_tol * scale
     # pairwise: the exact formulations agree with each other to the base tolerance
     exact = [name for name in results if name != "rowsolve"]
     for a in exact:
         for b in exact:
-            assert bp.rel_row_error(results[a], results[b].astype(np.float64), scale) <= 2 * bp.BASE_TOL[dtype]
+            assert implementations.rel_row_error(results[a], results[b].astype(np.float64), scale) <= 2 * options.BASE_TOL[dtype]
     # the per-row reference on its first rows equals its full call
     ref = next(i for i in impls if i.name == "rowsolve")
-    np.testing.assert_allclose(bp.as_numpy(ref.verify_rows(2)), results["rowsolve"][:2], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(implementations.as_numpy(ref.verify_rows(2)), results["rowsolve"][:2], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -151,24 +154,24 @@ def test_jacobian_impls_agree(dtype, shape):
     rng = np.random.default_rng(1)
     J = rng.standard_normal((m, n)).astype(dtype)
     G = rng.standard_normal((b, n)).astype(dtype)
-    truth = bp.jacobian_truth(J, G, bp.default_rcond(J.shape, dtype))
+    truth = implementations.jacobian_truth(J, G, implementations.default_rcond(J.shape, dtype))
     assert truth["rank"] == min(m, n)
-    impls = bp.jacobian_impls(J, G, core=_core(), rcond=None, kappa=truth["kappa"])
+    impls = implementations.jacobian_impls(J, G, core=_core(), rcond=None, kappa=truth["kappa"])
     scale = float(np.linalg.norm(G.astype(np.float64), axis=1).max())
     names = set()
     for impl in impls:
-        Y = bp.as_numpy(impl.call())
+        Y = implementations.as_numpy(impl.call())
         names.add(impl.name)
         assert Y.shape == G.shape and Y.dtype == G.dtype, impl.name
-        err = bp.rel_row_error(Y, truth["Y"], scale)
-        assert err <= bp.BASE_TOL[dtype] + impl.extra_tol, (impl.name, err)
+        err = implementations.rel_row_error(Y, truth["Y"], scale)
+        assert err <= options.BASE_TOL[dtype] + impl.extra_tol, (impl.name, err)
     assert {"numpy_gram", "numpy_svd", "numpy_pinv", "numpy_lstsq", "torch_gram", "torch_svd", "torch_pinv", "torch_lstsq"} <= names
 
 
 def test_disagreement_aborts_the_cell(monkeypatch, tmp_path):
     """A wrong implementation makes its cell an error (exit status 1), and nothing is timed."""
-    real = bp.numpy_encoder_apply
-    monkeypatch.setattr(bp, "numpy_encoder_apply", lambda X, U: real(X, U[:, :-1]))  # drops a direction
+    real = implementations.numpy_encoder_apply
+    monkeypatch.setattr(implementations, "numpy_encoder_apply", lambda X, U: real(X, U[:, :-1]))  # drops a direction
     out = tmp_path / "rows.json"
     argv = [*TINY, "--only", "encoder", "--k", "3", "--n", "9", "--json", str(out)]
     assert bp.main(argv) == 1
@@ -178,10 +181,10 @@ def test_disagreement_aborts_the_cell(monkeypatch, tmp_path):
 
 
 def test_flop_counts():
-    assert bp.encoder_apply_flops(d=10, n=3, r=2) == 4 * 3 * 10 * 2
-    assert bp.qr_flops(100, 10) == pytest.approx(2 * 10 * 10 * (100 - 10 / 3))
-    assert bp.qr_flops(10, 100) == bp.qr_flops(100, 10)
-    assert bp.jacobian_flops(m=4, n=50, b=2, r=4) == pytest.approx(bp.qr_flops(50, 4) + 4 * 2 * 50 * 4)
+    assert implementations.encoder_apply_flops(d=10, n=3, r=2) == 4 * 3 * 10 * 2
+    assert implementations.qr_flops(100, 10) == pytest.approx(2 * 10 * 10 * (100 - 10 / 3))
+    assert implementations.qr_flops(10, 100) == implementations.qr_flops(100, 10)
+    assert implementations.jacobian_flops(m=4, n=50, b=2, r=4) == pytest.approx(implementations.qr_flops(50, 4) + 4 * 2 * 50 * 4)
 
 
 def test_report_merges_json_files(tmp_path, capsys):

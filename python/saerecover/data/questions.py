@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from saerecover.data import toy_corpus as corpus
 from saerecover.data.files import read_rows
 
 WMDP = "cais/wmdp"
@@ -97,8 +98,6 @@ def load_corpus(path: str | Path, *, column: str = "text", limit: int | None = N
 
 def toy_questions(relation: str = "inventor") -> list[MCQuestion]:
     """The toy facts of one relation ("capital", "color" or "inventor") as questions."""
-    from saerecover.data import toy_corpus as corpus
-
     facts = [f for f in corpus.FACTS if f.relation == relation]
     if not facts:
         raise ValueError(f"unknown toy relation {relation!r}; valid: {sorted({f.relation for f in corpus.FACTS})}")
@@ -108,8 +107,6 @@ def toy_questions(relation: str = "inventor") -> list[MCQuestion]:
 def toy_corpora(forget_relation: str = "inventor", *, orders: int = 6) -> tuple[list[str], list[str]]:
     """Forget text (the forget relation's statements and questions in ``orders`` option orders)
     and retain text (the same for every other relation)."""
-    from saerecover.data import toy_corpus as corpus
-
     def texts(facts) -> list[str]:
         out = []
         for f in facts:

@@ -12,11 +12,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from saerecover.data import toy_corpus as corpus
+
 
 def toy_requests(n: int, *, harmful: bool, seed: int, exclude: Sequence[str] = ()) -> list[str]:
     """``n`` distinct toy-corpus requests (harmful: danger level >= the threshold)."""
-    from saerecover.data import toy_corpus as corpus
-
     rng = random.Random(f"refusal-{seed}-{int(harmful)}")
     seen = set(exclude)
     out: list[str] = []

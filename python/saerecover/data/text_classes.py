@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from saerecover.data import toy_corpus as corpus
 from saerecover.data.files import read_rows
 from saerecover.data.hub import hub_rows
 
@@ -174,8 +175,6 @@ def load_amazon_reviews(path: str | Path | None = None, *, classes: Sequence[str
 
 def toy_topics(n_train: int = 60, n_test: int = 24, seed: int = 0) -> TextClasses:
     """The toy world's topic sentences (corpus ``TOPICS``), without the ``Topic :`` suffix."""
-    from saerecover.data import toy_corpus as corpus
-
     def split(n: int, s: str) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {c: [] for c in corpus.TOPIC_LABELS}
         for e in corpus.topic_examples(n * len(corpus.TOPIC_LABELS), seed=s):  # type: ignore[arg-type]

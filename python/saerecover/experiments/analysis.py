@@ -19,11 +19,13 @@ from typing import Any
 
 import torch
 
+from saerecover import linalg
 from saerecover.core.decomposition import COMPONENTS, DEFAULT_TOP_K, decompose
 from saerecover.core.metrics import EPS, clamped_features, example_metrics
 from saerecover.core.sites import Site, load_site
 from saerecover.report.format import markdown_table, num
 from saerecover.runs import RunDirectory, RunDirectoryError, atomic_write_json, open_run
+from saerecover.runs.directory import run_in_use
 
 __all__ = [
     "ANALYSIS_FILE",
@@ -183,8 +185,6 @@ class AnalysisResult:
         Refuses the run directory itself while a process holds its lock (the run is still
         being written): pass another ``path``.
         """
-        from saerecover.runs.directory import run_in_use
-
         target = Path(path) if path is not None else self.run_dir / ANALYSIS_FILE
         if target.resolve().parent == self.run_dir.resolve():
             pid = run_in_use(self.run_dir)
@@ -287,15 +287,6 @@ def _settle_centering(site: Site, features: torch.Tensor, h_def: torch.Tensor, z
 
 # --------------------------------------------------------------------------------------------
 # the analysis
-
-
-def _encoder_null_projector(a: torch.Tensor, rcond: float | None, notes: list[str]) -> Any:
-    try:
-        from saerecover import linalg
-    except Exception as e:  # the Rust extension is not built
-        notes.append(f"encoder-null share not computed: saerecover.linalg unavailable ({type(e).__name__}: {e})")
-        return None
-    return linalg.EncoderNullProjector(a, rcond=rcond)
 
 
 def _h_rec(h_def: torch.Tensor, delta: torch.Tensor, *, reclamp: bool, model_dtype: torch.dtype) -> torch.Tensor:
@@ -412,7 +403,7 @@ def analyze_run(run_dir: str | os.PathLike[str], *, sae: Any = None, device: str
     if first is not None:
         _settle_centering(site, features, first["h_def"].float(), first["z_def"], info)
     a = site.encoder_columns(features)
-    projector = _encoder_null_projector(a, rcfg.get("rcond"), result.notes) if features.numel() else None
+    projector = linalg.EncoderNullProjector(a, rcond=rcfg.get("rcond")) if features.numel() else None
     dev = site.sae.W_dec.device
 
     by_mode: dict[str, list[dict[str, Any]]] = {}

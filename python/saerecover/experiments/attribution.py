@@ -26,11 +26,15 @@ from typing import Any
 
 import torch
 
+from saerecover.core.clamp import Clamp
 from saerecover.core.decomposition import COMPONENTS, DEFAULT_TOP_K, decompose
 from saerecover.core.defended import DefendedModel
 from saerecover.core.examples import Examples
-from saerecover.core.sites import Site
+from saerecover.core.sites import Site, load_site
+from saerecover.models import load_model
 from saerecover.report.format import markdown_table, num, rate
+from saerecover.runs import atomic_write_json, open_run
+from saerecover.runs.stats import wilson_interval
 from saerecover.tasks import task_from_config
 
 ATTRIBUTION_FILE = "attribution.json"
@@ -147,8 +151,6 @@ def replay(defended: DefendedModel, task: Any, ex: Examples, items: Sequence[Rep
 def aggregate(results: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per mode: n, and per component the replay count, rate with Wilson 95% interval, and
     mean norm / share of norm(delta) (the paper's Table 10 plus norms)."""
-    from saerecover.runs.stats import wilson_interval
-
     by_mode: dict[str, list[Mapping[str, Any]]] = {}
     for r in results:
         by_mode.setdefault(str(r["mode"]), []).append(r)
@@ -241,9 +243,6 @@ def plot_counts(result: AttributionResult, path: str | os.PathLike[str]) -> Path
 
 
 def _clamp_from_config(entries: Sequence[Mapping[str, Any]], model: Any, saes: Mapping[str, Any] | None):
-    from saerecover.core.clamp import Clamp
-    from saerecover.core.sites import load_site
-
     parts = []
     for e in entries:
         hook = e["hook_name"]
@@ -273,13 +272,9 @@ def attribute_run(run_dir: str | os.PathLike[str], *, modes: Sequence[str] | Non
     sha256; base responses regenerated, greedy), and replays the components of
     every recovered example of ``modes`` (default: every residual mode of the run). Writes
     RUN_DIR/attribution.json and RUN_DIR/plots/attribution.png."""
-    from saerecover.runs import atomic_write_json, open_run
-
     run = open_run(run_dir)
     cfg = run.config
     if model is None:
-        from saerecover.models import load_model
-
         src = cfg.get("source") or {}
         name = src.get("model") or (cfg.get("model") or {}).get("name")
         if not name:

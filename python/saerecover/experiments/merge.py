@@ -22,6 +22,7 @@ try:  # POSIX only
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
+from saerecover.report.run import write_report
 from saerecover.runs import (
     LOCK_FILE,
     RECORDS_FILE,
@@ -32,6 +33,7 @@ from saerecover.runs import (
     open_run,
 )
 from saerecover.runs.directory import run_in_use
+from saerecover.runs.stats import summarize
 
 __all__ = ["MergeError", "merge_runs", "run_in_use"]
 
@@ -99,8 +101,6 @@ def _prepare_out(out: Path) -> None:
 
 def _merged_summary(records: list[dict], shards: list[tuple[int, RunDirectory, dict]],
                     config: Mapping[str, Any]) -> dict[str, Any]:
-    from saerecover.runs.stats import summarize
-
     summaries = [s for _, _, s in shards]
     tasks = {s.get("task") for s in summaries}
     if len(tasks) != 1:
@@ -232,7 +232,5 @@ def merge_runs(out: str | os.PathLike[str], run_dirs: Sequence[str | os.PathLike
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if report:
-        from saerecover.report.run import write_report
-
         write_report(out)
     return out

@@ -25,7 +25,10 @@ from saerecover.core.examples import Examples, Task
 from saerecover.core.recovery import PROJECTIONS, ExampleOutcome, recover_batch
 from saerecover.experiments.baselines import Baseline
 from saerecover.models.base import ModelAdapter
+from saerecover.report.run import summary_table, write_report
+from saerecover.runs import RunDirectory, validate_name
 from saerecover.runs.records import make_record
+from saerecover.runs.stats import summarize
 
 
 @dataclass
@@ -68,8 +71,6 @@ class RunResult:
     outcomes: dict[str, list[ExampleOutcome]] = field(default_factory=dict)
 
     def table(self) -> str:
-        from saerecover.report.run import summary_table
-
         return summary_table(self.summary)
 
 
@@ -302,7 +303,6 @@ def recover(
     ex.validate()
     if len(ex) == 0:
         raise ValueError(f"task {getattr(task, 'name', task)!r} has no examples")
-    from saerecover.runs import validate_name
 
     for eid in ex.ids:  # ids become file names in the run directory: no path escapes
         validate_name(eid, "example_id")
@@ -325,8 +325,6 @@ def recover(
         resolved["shard"] = {"index": index, "count": count}
     run_dir = None
     if out is not None:
-        from saerecover.runs import RunDirectory
-
         run_dir = RunDirectory(out, config=resolved, overwrite=overwrite)
     try:
         flips = find_flips(defended, task, ex, batch_size=batch_size)
@@ -375,8 +373,6 @@ def recover(
                 start += len(chunk)
             bar.close()
 
-        from saerecover.runs.stats import summarize
-
         if run_dir is not None:
             records = run_dir.records()
         summary = summarize(records, task=getattr(task, "name", "task"), modes=all_modes,
@@ -392,8 +388,6 @@ def recover(
         if run_dir is not None:
             run_dir.close()
     if path is not None and report:
-        from saerecover.report.run import write_report
-
         write_report(path)
     return RunResult(summary=summary, records=records, path=path, flips=flips,
                      seconds=time.perf_counter() - t0, outcomes=outcomes)

@@ -36,6 +36,7 @@ from saerecover.data.requests import toy_requests
 from saerecover.experiments.baselines import BASELINES
 from saerecover.experiments.pipeline import RunResult, recover
 from saerecover.experiments.suffix import SUFFIX, SuffixSettings
+from saerecover.runs.stats import bootstrap_ci, wilson_interval
 from saerecover.tasks.refusal.features import (
     contrast_table,
     mean_activation_clamp,
@@ -58,8 +59,6 @@ DEFAULT_TOY_SITES = ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post")
 
 
 def _wilson(k: int, n: int) -> list[float] | None:
-    from saerecover.runs.stats import wilson_interval
-
     ci = wilson_interval(k, n)
     return None if ci is None else [ci[0], ci[1]]
 
@@ -71,8 +70,6 @@ def refusal_summary(records: Sequence[Mapping[str, Any]], modes: Sequence[str] |
     and bootstrap 95% interval of ``phi_relative_drift``, ``phi_floor_violation``,
     ``relative_drift`` (delta site only) and ``relative_delta_norm``, plus the largest
     ``jacobian_step_residual`` and ``c1_residual``."""
-    from saerecover.runs.stats import bootstrap_ci
-
     by_mode: dict[str, list[Mapping[str, Any]]] = {}
     for r in records:
         by_mode.setdefault(str(r["mode"]), []).append(r)

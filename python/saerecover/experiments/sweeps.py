@@ -24,6 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from saerecover.core.clamp import Clamp
+from saerecover.core.selection import attribution_scores, top_features
+from saerecover.experiments.pipeline import recover
 from saerecover.report.collections import collection_table, write_collection_report
 from saerecover.runs import collection
 from saerecover.runs.stats import wilson_interval
@@ -130,8 +133,6 @@ def budget_sweep(model: Any, clamp: Any, task: Any, budgets: Sequence[float], *,
 
     overrides: other RecoveryConfig fields, the same for every budget.
     """
-    from saerecover.experiments.pipeline import recover
-
     grid = check_grid(budgets, "budgets", integer=False)
     if "budget" in overrides:
         raise TypeError("budget_sweep sets the budget itself; give the grid as budgets=[...]")
@@ -175,9 +176,6 @@ def attribution_clamps(model: Any, site: Any, task: Any, *, value: float = -5.0,
                        where: str = "active", positions: str = "answer") -> Callable[[int], Any]:
     """``k -> Clamp`` of the top-k features by attribution (scores computed once, so the sets
     are nested), with the given clamp settings."""
-    from saerecover.core.clamp import Clamp
-    from saerecover.core.selection import attribution_scores, top_features
-
     scores = attribution_scores(model, site, task, task.examples(), positions=positions)
 
     def make(k: int) -> Any:
@@ -197,8 +195,6 @@ def feature_sweep(model: Any, task: Any, ks: Sequence[int], *, make_clamp: Calla
 
     overrides: RecoveryConfig fields, the same for every K.
     """
-    from saerecover.experiments.pipeline import recover
-
     grid = check_grid(ks, "ks", integer=True)
     modes = _modes(projection)
     root = collection.prepare(out)

@@ -8,9 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from saerecover.core.clamp import Clamp
 from saerecover.data.text_classes import TextClasses
+from saerecover.experiments.pipeline import recover
 from saerecover.report.collections import collection_table, write_collection_report
 from saerecover.runs import collection
+from saerecover.runs.stats import summarize
 from saerecover.tasks.text import CONTEXT_LENGTH
 from saerecover.tasks.tpp import TPPSetup, fit
 
@@ -44,10 +47,6 @@ def run_tpp(model: Any, site: Any, data: TextClasses, *, out: str | Path, classe
     combined ``OUT/summary.json`` / ``report.md`` (per class and pooled over classes, per mode).
     overrides: RecoveryConfig fields (defaults :data:`TPP_RECOVERY`).
     """
-    from saerecover.core.clamp import Clamp
-    from saerecover.experiments.pipeline import recover
-    from saerecover.runs.stats import summarize
-
     root = collection.prepare(out)
     setup = setup or fit(model, site, data, classes=classes, top_n=top_n, context_length=context_length,
                          probe=probe, seed=seed, loss=loss, batch_size=batch_size)

@@ -10,8 +10,11 @@ from typing import Any
 
 import torch
 
+from saerecover.core.clamp import Clamp
 from saerecover.data.questions import MCQuestion
+from saerecover.experiments.pipeline import recover
 from saerecover.report.unlearning import unlearning_table
+from saerecover.runs import atomic_write_json
 from saerecover.tasks.unlearning import (
     PERMUTATIONS,
     WMDP_FORMAT,
@@ -60,8 +63,6 @@ class UnlearningSetup:
 
     def clamp_top(self, k: int) -> Any:
         """The same clamp on the top-``k`` features by forget frequency (a feature-set sweep)."""
-        from saerecover.core.clamp import Clamp
-
         sc = self.clamp.site_clamps[0]
         feats = select_by_frequency(self.forget_frequency, self.retain_frequency, top_n=k,
                                     retain_threshold=self.selection["retain_threshold"])
@@ -76,8 +77,6 @@ def setup_unlearning(model: Any, site: Any, questions: Sequence[MCQuestion], for
                      batch_size: int = 32, name: str = "wmdp-bio") -> UnlearningSetup:
     """Build the task (strict filter on the base model), select the features by forget-vs-retain
     firing frequency (or take ``features``) and clamp them to ``clamp_value`` where active."""
-    from saerecover.core.clamp import Clamp
-
     if clamp_value >= 0:
         raise ValueError(f"clamp_value must be negative (features are pushed below zero where active), "
                          f"got {clamp_value}")
@@ -113,9 +112,6 @@ def run_unlearning(model: Any, site: Any, questions: Sequence[MCQuestion], forge
     features: skip selection and clamp these. overrides: RecoveryConfig fields (defaults
     :data:`UNLEARNING_RECOVERY`).
     """
-    from saerecover.experiments.pipeline import recover
-    from saerecover.runs import atomic_write_json
-
     st = setup or setup_unlearning(model, site, questions, forget_texts, retain_texts, fmt=fmt, top_n=top_n,
                                    retain_threshold=retain_threshold, clamp_value=clamp_value, loss=loss,
                                    reduce=reduce, strict=strict, permutations=permutations, features=features,

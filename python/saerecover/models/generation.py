@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from saerecover.models.base import ModelAdapter, apply_edit, plan_sites
+from saerecover.models.hf import layer_post_hook, layer_pre_hook
 
 #: ``edit(h, positions) -> h'``: h (batch, chunk, d_model), positions (batch, chunk) long,
 #: -1 on padding. Returns a tensor of h's shape.
@@ -283,8 +284,6 @@ class _HFCachedRunner(_Runner):
 
     def __enter__(self):
         from transformers import DynamicCache
-
-        from saerecover.models.hf import layer_post_hook, layer_pre_hook
 
         hf = self.model.model
         params = inspect.signature(hf.forward).parameters

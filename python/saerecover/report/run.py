@@ -16,6 +16,7 @@ from saerecover.report.figures import colors, error_bar, figure, finite, save_fi
 from saerecover.report.format import NA, interval, markdown_table, num, rate_with_ci
 from saerecover.report.refusal import refusal_section
 from saerecover.runs import RunDirectoryError, atomic_write_text, open_run
+from saerecover.runs.stats import CONTINUOUS_METRICS, summarize
 
 __all__ = ["summary_table", "write_report"]
 
@@ -65,8 +66,6 @@ def summary_table(summary: Mapping[str, Any]) -> str:
 
 
 def _interval_table(summary: Mapping[str, Any]) -> str | None:
-    from saerecover.runs.stats import CONTINUOUS_METRICS
-
     modes = summary.get("modes") or {}
     if not modes:
         return None
@@ -447,8 +446,6 @@ def write_report(run_dir: str | Path) -> Path:
         summary = run.read_summary()
         notes: list[str] = []
     except RunDirectoryError:
-        from saerecover.runs.stats import summarize
-
         modes = config.get("modes")
         summary = summarize(records, task=_task_name(config),
                             modes=modes if isinstance(modes, list) else None)

@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from saerecover import __version__
 from saerecover.runs.errors import RunDirectoryError
 from saerecover.runs.files import atomic_write_bytes, atomic_write_json, canonical_json, fsync_dir, to_jsonable
 from saerecover.runs.records import parse_records
@@ -125,8 +126,6 @@ def _library_versions() -> dict[str, str | None]:
 
 
 def _saerecover_version() -> str:
-    from saerecover import __version__
-
     return __version__
 
 

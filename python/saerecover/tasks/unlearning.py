@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from saerecover.core.examples import Examples, answer_logits, pad_right
+from saerecover.data import toy_corpus as corpus
 from saerecover.data.questions import LETTERS, MCQuestion
 from saerecover.models.partial import run_to_site
 from saerecover.tasks.text import pool_mask, special_ids, tokenize
@@ -73,8 +74,6 @@ WMDP_FORMAT = MCFormat("wmdp", wmdp_prompt)
 
 
 def _toy_prompt(question: str, options: Sequence[str]) -> str:
-    from saerecover.data import toy_corpus as corpus
-
     return corpus.mc_prompt(question, tuple(options))
 
 

@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from saerecover.core.sites import load_site
+from saerecover.data import toy_corpus as corpus
+from saerecover.models import load_model
+from saerecover.tasks.ioi import IOI
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 #: The demo's setting (``saerecover demo``): toy IOI, features by attribution at layer 1.
@@ -60,8 +65,6 @@ class ToyWorld:
 
     def site(self, hook_name: str | None = None) -> Any:
         """The SAE site at ``hook_name`` (default: the demo's layer-1 site)."""
-        from saerecover.core.sites import load_site
-
         name = hook_name or DEMO_OPTIONS["hook"]
         if name not in self._sites:
             path = self.root / "saes" / name
@@ -72,17 +75,12 @@ class ToyWorld:
 
     def ioi_task(self, n: int = 256, seed: int = 0, patterns: Any = ("BABA", "ABBA")) -> Any:
         """Toy IOI: the corpus's own templates and names."""
-        from saerecover.data import toy_corpus as corpus
-        from saerecover.tasks.ioi import IOI
-
         return IOI(self.tokenizer, n=n, seed=seed, patterns=tuple(patterns), templates=corpus.IOI_TEMPLATES,
                    names=corpus.NAMES, places=corpus.IOI_PLACES, objects=corpus.IOI_OBJECTS, name="toy-ioi")
 
 
 def load(*, backend: str = "hf", device: str | None = None, dtype: Any = None) -> ToyWorld:
     """Load the shipped toy model (``backend`` "hf" or "tlens") and its SAEs."""
-    from saerecover.models import load_model
-
     root = assets_path()
     model = load_model(str(root / "model"), backend=backend, device=device, dtype=dtype)
     metrics_file = root / "metrics.json"

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from functools import partial
+
 import torch
 from saerecover.core.config import RecoveryConfig
 from saerecover.core.defended import DefendedModel
@@ -173,7 +175,9 @@ def test_recover_chunk_isolates_the_culprit(setup):
     task.recovering = True
     ex = task.examples()
     part = ex.select([ex.ids.index(v) for v in valid])
-    results = pipeline._recover_chunk(DefendedModel(model, clamp), task, part, "none", RecoveryConfig(steps=1), None)
+    run = partial(pipeline._recover_residual, DefendedModel(model, clamp), task, mode="none",
+                  cfg=RecoveryConfig(steps=1), delta_site=None)
+    results = pipeline._recover_chunk(run, part)
     assert [err is not None for _, err in results] == [eid == valid[0] for eid in part.ids]
     assert all(oc is not None for oc, err in results if err is None)
 

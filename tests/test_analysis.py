@@ -159,7 +159,6 @@ def test_analyze_reproduces_recorded_metrics_without_loading_the_model(run_dir, 
 
 
 def test_encoder_null_share_uses_the_rust_core(run_dir):
-    pytest.importorskip("saerecover.linalg", reason="the Rust extension is not built")
     result = analyze_run(run_dir)
     assert result.modes["encoder"]["encoder_null_share_min"] == pytest.approx(1.0, abs=1e-5)
     assert result.modes["none"]["encoder_null_share_mean"] < 0.999
@@ -355,7 +354,6 @@ def test_real_run_reanalyzes_to_1e5_and_shards_merge(tmp_path, monkeypatch):
     """recover() on a tiny GPT-2 with a centring SAE saved to disk, in both modes and over all
     positions; the run re-analyzes to 1e-5 without the model, and two shards of it merge into
     a run with the same records."""
-    pytest.importorskip("saerecover.linalg", reason="the Rust extension is not built")
     from dataclasses import dataclass
 
     from saerecover.core.defended import DefendedModel

@@ -4,19 +4,15 @@ reproduce the accuracies and SAE statistics recorded in assets/metrics.json."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from saerecover.data import toy_corpus as corpus
+from saerecover.toy import ASSETS
 from saerecover.toy.evaluate import evaluate_model, residuals, sae_stats
 
-ASSETS = Path(corpus.__file__).resolve().parent / "assets"
 TOL = 0.01  # "within 1 point" for every rate in [0, 1]
 
-pytestmark = pytest.mark.skipif(
-    not (ASSETS / "metrics.json").exists(), reason="toy world assets are not built"
-)
 
 
 @pytest.fixture(scope="module")

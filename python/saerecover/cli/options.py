@@ -62,7 +62,7 @@ def coerce(key: str, value: Any, default: Any) -> Any:
     """``value`` of option ``key`` in the type of its default (None: any string); OptionError
     naming the key when it does not fit."""
     kind = type(default)
-    if key in OPTIONAL_FLOATS and value is not None:  # default None: no value means "off"
+    if key in OPTIONAL_FLOATS and value is not None and default is None:  # default None: "off"
         return coerce(key, value, 0.0)
     if value is None:
         if default is None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from sae_lens import SAE
-from saerecover.cli.analysis import add_analyze_parser, cmd_analyze
+from saerecover.cli.runs import add_analyze_parser, cmd_analyze
 from saerecover.core.clamp import Clamp
 from saerecover.core.decomposition import COMPONENTS, decompose
 from saerecover.core.metrics import clamped_features, example_metrics

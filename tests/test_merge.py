@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from saerecover.cli.analysis import add_merge_parser, cmd_merge
+from saerecover.cli.runs import add_merge_parser, cmd_merge
 from saerecover.experiments.merge import MergeError, merge_runs
 from saerecover.runs.directory import VOLATILE_KEYS, RunDirectory, open_run
 from saerecover.runs.stats import CONTINUOUS_METRICS, summarize

@@ -106,7 +106,7 @@ def test_local_loaders(tmp_path):
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
-    from saerecover.cli.tasks import TOY_TPP
+    from saerecover.cli.options import TOY_TPP
 
     world = toy.load()
     site = world.site(TOY_TPP["hook"])

@@ -98,7 +98,7 @@ def test_question_and_corpus_loaders(tmp_path):
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
-    from saerecover.cli.tasks import TOY_UNLEARNING as T
+    from saerecover.cli.options import TOY_UNLEARNING as T
 
     world = toy.load()
     site = world.site(T["hook"])

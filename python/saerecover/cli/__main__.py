@@ -2,6 +2,6 @@
 
 import sys
 
-from saerecover.cli.app import main
+from saerecover.cli import main
 
 sys.exit(main())

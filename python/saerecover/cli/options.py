@@ -1,45 +1,45 @@
-"""Checks of command-line and config-file input, done before anything loads (issue 7): option
-types, choices and ranges, local model/SAE paths, the run directory, and argparse errors as one
-``saerecover: error: ...`` line with exit status 2. Wired in cli.py; other commands can reuse
-:func:`check_options` with their own defaults."""
+"""Every command's option defaults, in one place.
+
+The recovery options (steps, lr, budget, optimizer, positions, penalties, seed, ...) take
+:class:`~saerecover.core.config.RecoveryConfig`'s field defaults (the paper's IOI setting); a task
+whose recovery really differs says so in a named preset (``*_RECOVERY``); the model options are
+declared once (:data:`MODEL`); the toy world's settings are presets on top (``TOY_*``). A command
+resolves defaults < toy preset (``--toy``) < config file < flags given (cli.resolve).
+"""
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import re
-import sys
-from pathlib import Path
+import dataclasses
 from typing import Any
 
-__all__ = ["CHOICES", "CLIError", "LIST_OPTIONS", "POSITIVE_INTS", "OneLineParser", "OptionError", "check_options",
-           "check_out", "load_config_file", "one_line", "parse_features", "resolve_options", "split_list"]
+from saerecover.core.config import RecoveryConfig
+from saerecover.toy import DEMO_OPTIONS
+
+__all__ = [
+    "ANALYZE", "ATTRIBUTE", "CHOICES", "DEMO", "IOI", "MODEL", "MODES", "POSITIVE_TASK_INTS", "REFUSAL", "REFUSAL_BY_WORLD",
+    "SWEEP_GRIDS", "SWEEP_IOI", "SWEEP_UNLEARNING", "TOY_HOOKS", "TOY_IOI", "TOY_TPP", "TOY_UNLEARNING", "TPP",
+    "UNLEARNING", "defaults", "recovery",
+]
+
+_CONFIG: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(RecoveryConfig)}
 
 
-class OptionError(ValueError):
-    """A bad option value (from a flag or a config file): printed as one line, exit status 2."""
+def recovery(names: str, **preset: Any) -> dict[str, Any]:
+    """RecoveryConfig's defaults of the options ``names`` (space-separated, in this order), with a
+    task's ``preset`` values in their place."""
+    keys = names.split()
+    stray = sorted(set(preset) - set(keys))
+    if stray:
+        raise KeyError(f"preset options {stray} are not among {keys}")
+    return {k: preset.get(k, _CONFIG[k]) for k in keys}
 
 
-class CLIError(Exception):
-    """A user error: printed as one line, exit status 2."""
-
-
-def one_line(err: object) -> str:
-    """An error message on one line (multi-line details joined with '; ')."""
-    return "; ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse with usage errors as one line, ``saerecover: error: ...``, and exit status 2
-    (subparsers made by ``add_subparsers`` inherit the class)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        where = f"{self.prog.split(' ', 1)[1]}: " if " " in self.prog else ""
-        sys.stderr.write(f"saerecover: error: {where}{one_line(message)} (see {self.prog} --help)\n")
-        raise SystemExit(2)
-
-
+#: The options every run command's delta search takes, in flag order.
+STEP = "steps lr budget optimizer positions"
+#: The model a run command loads: HF hub name or directory, its SAE, the site, where and how.
+MODEL: dict[str, Any] = {"model": None, "sae": None, "hook": None, "backend": "hf", "device": None, "dtype": None}
+#: Default projection modes of the single-site commands.
+MODES = "none,encoder"
 #: Options that take one of a few words (a config file must use them too).
 CHOICES: dict[str, tuple[str, ...]] = {
     "backend": ("hf", "tlens"),
@@ -48,181 +48,105 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "clamp_where": ("all", "active"),
     "optimizer": ("adam", "sgd"),
     "positions": ("answer", "all", "prompt"),
+    "dataset": ("bias_in_bios", "amazon_reviews", "file", "toy"),
+    "loss": ("logit", "bce", "margin", "ce"),
+    "reduce": ("max", "mean"),
+    "forget_relation": ("capital", "color", "inventor"),
 }
-#: Integer options that must be >= 1.
-POSITIVE_INTS = ("n", "top_k", "batch_size")
-#: Number options whose default None means "off".
-OPTIONAL_FLOATS = ("max_drift", "suffix_lr", "suffix_budget")
-#: Comma-separated options a config file may also give as a list.
-LIST_OPTIONS = ("modes", "patterns", "classes", "data_classes", "budgets", "ks")
-_HOOK_RE = re.compile(r"^blocks\.\d+\.hook_resid_(pre|post)$")
+
+# ------------------------------------------------------------------------- where tasks differ
+#: TPP: delta acts at every position (the probe reads them all).
+TPP_RECOVERY: dict[str, Any] = {"positions": "all"}
+#: Unlearning: delta at every position, more and smaller steps.
+UNLEARNING_RECOVERY: dict[str, Any] = {"steps": 150, "lr": 0.08, "positions": "all"}
+#: Refusal: delta on the prompt, a larger step and budget.
+REFUSAL_RECOVERY: dict[str, Any] = {"lr": 0.2, "budget": 40.0, "positions": "prompt"}
+
+# ------------------------------------------------------------------------- the commands
+#: ``run ioi``: the paper's IOI setting (GPT-2 small, gpt2-small-res-jb).
+IOI: dict[str, Any] = {
+    **MODEL, "model": "gpt2", "sae": "gpt2-small-res-jb/blocks.4.hook_resid_pre",
+    "n": 64, "patterns": "BABA", "top_k": 64, "features": None,
+    "clamp_mode": "set", "clamp_value": -5.0, "clamp_where": "active", "modes": MODES,
+    **recovery(f"{STEP} reclamp early_stop lambda_act lambda_decode lambda_delta max_drift"),
+    "batch_size": 32, **recovery("seed"), "out": None,
+}
+#: ``run tpp``: SAEBench TPP on Bias in Bios.
+TPP: dict[str, Any] = {
+    **MODEL, "dataset": "bias_in_bios", "data": None, "test_data": None, "text_column": None,
+    "label_column": None, "data_classes": None, "classes": None, "n_train": 2000, "n_test": 500,
+    "context_length": 128, "top_n": 10,
+    "probe_epochs": 20, "probe_lr": 1e-3, "probe_batch_size": 16, "probe_l1": 1e-3, "loss": "logit",
+    "modes": MODES, **recovery(STEP, **TPP_RECOVERY), "batch_size": 32, **recovery("seed"), "out": None,
+}
+#: ``run unlearning``: WMDP-style, strict 24-order protocol.
+UNLEARNING: dict[str, Any] = {
+    **MODEL, "questions": None, "forget_corpus": None, "retain_corpus": None, "corpus_column": "text",
+    "limit": 0, "forget_relation": "inventor", "top_n": 20, "retain_threshold": 0.01, "clamp_value": -20.0,
+    "loss": "margin", "reduce": "max", "strict": True, "features": None,
+    "modes": MODES, **recovery(STEP, **UNLEARNING_RECOVERY), "batch_size": 32, **recovery("seed"), "out": None,
+}
+#: ``sweep``: the grids, on top of the swept task's options.
+SWEEP_GRIDS: dict[str, Any] = {"budgets": "1,2,5,10,20", "ks": "4,8,16,32"}
+SWEEP_IOI: dict[str, Any] = {**IOI, **SWEEP_GRIDS}
+SWEEP_UNLEARNING: dict[str, Any] = {**UNLEARNING, **SWEEP_GRIDS}
+#: ``run refusal``. model None: the shipped toy world (its SAEs at ``hooks``, its own request
+#: format, corpus requests).
+REFUSAL: dict[str, Any] = {
+    "model": None, "saes": None, "hooks": None, **{k: MODEL[k] for k in ("backend", "device", "dtype")},
+    "requests": None, "column": None, "limit": None, "contrast": None, "contrast_column": None,
+    "n": 24, "n_contrast": 48, "top_k": 16, "features": None, "clamp_scale": 1.0, "contrast_positions": None,
+    "template": None, "max_new_tokens": None, "lists": "gcg", "strict": True, "prefix_weight": 2.0,
+    "prefix_tokens": 4, "discourage_refusal": 0.0, "store_generations": False,
+    "modes": "none,encoder,jacobian,sketch,suffix", "delta_site": None,
+    **recovery(f"{STEP} reclamp lambda_act lambda_delta max_drift sketch_probes", **REFUSAL_RECOVERY),
+    "suffix_tokens": 8, "suffix_lr": None, "suffix_budget": None,
+    "batch_size": 16, **recovery("seed"), "attribute": False, "top_k_attribution": 10, "out": None,
+}
+#: ``run refusal``'s options whose default (None above) depends on the world: the toy world's
+#: responses are short and its contrast is read at the last prompt token.
+REFUSAL_BY_WORLD: dict[str, dict[str, Any]] = {
+    "toy": {"max_new_tokens": 16, "contrast_positions": "last"},
+    "model": {"max_new_tokens": 64, "contrast_positions": "prompt"},
+}
+#: ``attribute RUN_DIR``.
+ATTRIBUTE: dict[str, Any] = {"top_k": 10, "batch_size": 16}
+#: ``analyze RUN_DIR``; top_k is saerecover.core.decomposition.DEFAULT_TOP_K, restated because
+#: that module imports torch (a test keeps the two equal).
+ANALYZE: dict[str, Any] = {"atol": 1e-5, "rtol": None, "top_k": 10, "device": "cpu"}
+
+# ------------------------------------------------------------------------- the toy world
+#: ``demo``: toy IOI, features by attribution at layer 1 (toy.DEMO_OPTIONS).
+DEMO: dict[str, Any] = {**IOI, **DEMO_OPTIONS, "out": "runs/demo"}
+#: ``sweep --task ioi --toy``: the demo's setting at the model and SAE given.
+TOY_IOI: dict[str, Any] = {k: v for k, v in DEMO_OPTIONS.items() if k not in ("model", "sae")}
+#: ``run tpp --toy``: the toy world's topic sentences at layer 1.
+TOY_TPP: dict[str, Any] = {"hook": "blocks.1.hook_resid_post", "dataset": "toy", "n_train": 40, "n_test": 20,
+                           "top_n": 16, "probe_lr": 1e-2, "budget": 1.0}
+#: ``run unlearning --toy``: one toy fact family is the forget set, the others the retain set.
+TOY_UNLEARNING: dict[str, Any] = {"hook": "blocks.1.hook_resid_post", "top_n": 16, "retain_threshold": 0.01,
+                                  "clamp_value": -20.0, "budget": 10.0}
+#: ``run refusal`` on the toy world: its sites when --saes is not given.
+TOY_HOOKS = ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post")
+
+#: Integer options of the --toy commands (tpp, unlearning, sweep) that must be >= 1.
+POSITIVE_TASK_INTS = ("top_n", "n_train", "n_test", "context_length", "probe_epochs", "probe_batch_size", "steps")
+
+_COMMANDS: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
+    "run ioi": (IOI, None),
+    "demo": (DEMO, None),
+    "run tpp": (TPP, TOY_TPP),
+    "run unlearning": (UNLEARNING, TOY_UNLEARNING),
+    "sweep ioi": (SWEEP_IOI, TOY_IOI),
+    "sweep unlearning": (SWEEP_UNLEARNING, TOY_UNLEARNING),
+    "run refusal": (REFUSAL, None),
+    "attribute": (ATTRIBUTE, None),
+    "analyze": (ANALYZE, None),
+}
 
 
-def coerce(key: str, value: Any, default: Any) -> Any:
-    """``value`` of option ``key`` in the type of its default (None: any string); OptionError
-    naming the key when it does not fit."""
-    kind = type(default)
-    if key in OPTIONAL_FLOATS and value is not None and default is None:  # default None: "off"
-        return coerce(key, value, 0.0)
-    if value is None:
-        if default is None:
-            return None
-        what = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, "a string")
-        raise OptionError(f"option {key} has no value; give {what} (default {default!r})")
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        raise OptionError(f"option {key} must be true or false, got {value!r}")
-    if isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-            return int(value)
-        raise OptionError(f"option {key} must be an integer, got {value!r}")
-    if isinstance(default, float):
-        if not isinstance(value, bool):
-            try:
-                out = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
-            except (TypeError, ValueError):
-                out = None
-            if out is not None and math.isfinite(out):
-                return out
-        raise OptionError(f"option {key} must be a finite number, got {value!r}")
-    if isinstance(value, (list, tuple)) and key == "features":
-        return value
-    if isinstance(value, (list, tuple)) and key in LIST_OPTIONS:  # YAML/TOML lists, joined like the flag
-        return ",".join(str(x) for x in value)
-    if not isinstance(value, str):
-        raise OptionError(f"option {key} must be a string, got {value!r}")
-    return value
-
-
-def split_list(text: Any) -> list[str]:
-    """The items of a comma-separated option (or of a list from a config file), stripped; None: []."""
-    if text is None:
-        return []
-    if isinstance(text, (list, tuple)):
-        return [str(x).strip() for x in text if str(x).strip()]
-    return [x.strip() for x in str(text).split(",") if x.strip()]
-
-
-def parse_features(value: Any) -> list[int] | None:
-    """Feature indices from "3,17,42" or a list of integers (1.5 and True are refused, not
-    truncated); None stays None."""
-    if value is None:
-        return None
-    items = value if isinstance(value, (list, tuple)) else [x for x in str(value).split(",") if x.strip()]
-    try:
-        return [int(str(x).strip()) for x in items]
-    except ValueError as err:
-        raise OptionError(f"--features must be comma-separated integers, got {value!r}") from err
-
-
-def check_out(out: Any, task: str | None = None) -> None:
-    """Refuse an --out that can never hold this run: a file, a non-empty directory that is not a
-    run, or (``task`` given) a run of another task."""
-    path = Path(str(out)).expanduser()
-    if path.exists() and not path.is_dir():
-        raise OptionError(f"--out {out} is a file; give a new or existing run directory")
-    config = path / "config.json"
-    if path.is_dir() and not config.exists() and any(p.name != ".lock" for p in path.iterdir()):
-        raise OptionError(f"--out {out} is a non-empty directory that is not a saerecover run directory "
-                          "(no config.json); choose a new --out")
-    if task is not None and config.is_file():
-        try:
-            stored = (json.loads(config.read_text(encoding="utf-8")).get("task") or {}).get("name")
-        except (OSError, ValueError, AttributeError):
-            return  # opening the run directory explains what is wrong with it
-        if stored is not None and stored != task:
-            raise OptionError(f"--out {out} holds a run of task {stored!r}, not {task!r}; choose a new --out "
-                              "(or --overwrite to discard it)")
-
-
-def check_options(opts: dict[str, Any], defaults: dict[str, Any], *, local: bool = True,
-                  choices: dict[str, tuple[str, ...]] | None = None, positive: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Types, choices and ranges of resolved run options, before anything loads. Returns the
-    options coerced to their defaults' types; raises OptionError / ValueError / TypeError /
-    FileNotFoundError naming the option and what would be valid. ``local``: also check that a
-    ``model`` or ``sae`` given as a local path exists (with config.json / cfg.json).
-    ``choices`` and ``positive`` add a task's own word options and integers >= 1."""
-    from saerecover.core.config import RecoveryConfig
-    from saerecover.core.recovery import PROJECTIONS
-    from saerecover.core.sites import check_sae_source
-    from saerecover.models import check_model_source, resolve_device
-    from saerecover.tasks.ioi import PATTERNS
-
-    out = {k: coerce(k, opts.get(k), d) for k, d in defaults.items()}
-    out.update({k: v for k, v in opts.items() if k not in defaults})
-    for key, valid in {**CHOICES, **(choices or {})}.items():
-        if out.get(key) is not None and out[key] not in valid:
-            raise OptionError(f"option {key}: unknown value {out[key]!r}; valid: {', '.join(valid)}")
-    for key in POSITIVE_INTS + tuple(positive):
-        if key in out and out[key] is not None and out[key] < 1:
-            raise OptionError(f"option {key} must be >= 1, got {out[key]}")
-    if "modes" in out:
-        modes = [m.strip() for m in str(out["modes"]).split(",") if m.strip()]
-        if not modes or any(m not in PROJECTIONS for m in modes) or len(set(modes)) != len(modes):
-            raise OptionError(f"option modes: {out['modes']!r} is not a comma-separated list of distinct modes "
-                              f"from {', '.join(PROJECTIONS)}")
-    if out.get("patterns") is not None:
-        pats = [p.strip() for p in str(out["patterns"]).split(",") if p.strip()]
-        if not pats or any(p not in PATTERNS for p in pats):
-            raise OptionError(f"option patterns: {out['patterns']!r}; valid: {', '.join(PATTERNS)} (comma-separated)")
-    if out.get("features") is not None and not parse_features(out["features"]):
-        raise OptionError("option features is empty; give comma-separated feature indices or leave it out")
-    if out.get("hook") is not None and not _HOOK_RE.match(out["hook"]):
-        raise OptionError(f"option hook: unknown hook name {out['hook']!r}; expected 'blocks.L.hook_resid_pre' "
-                          "or 'blocks.L.hook_resid_post'")
-    fields = RecoveryConfig.__dataclass_fields__
-    RecoveryConfig(**{k: v for k, v in out.items() if k in fields}).validate()
-    if out.get("device") is not None:
-        resolve_device(out["device"])
-    if local:
-        if out.get("model") is not None:
-            check_model_source(out["model"])
-        if out.get("sae") is not None:
-            check_sae_source(out["sae"])
-    return out
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or TOML run config (flat keys, the flag names with underscores)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CLIError(f"config file {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix not in (".toml", ".yaml", ".yml", ".json"):
-        raise CLIError(f"config file {path} must end in .yaml, .yml, .toml or .json")
-    try:
-        text = path.read_text(encoding="utf-8")
-        if suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        elif suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}  # safe_load: no python/* tags, no code
-        else:
-            data = json.loads(text)
-    except Exception as err:  # tomllib / yaml / json / UnicodeDecodeError: one line, no traceback
-        kind = {".toml": "TOML", ".json": "JSON"}.get(suffix, "YAML")
-        raise CLIError(f"config file {path} is not valid {kind}: {one_line(err)}") from err
-    if not isinstance(data, dict):
-        raise CLIError(f"config file {path} must hold a mapping of option names to values")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
-def resolve_options(defaults: dict[str, Any], file_opts: dict[str, Any], flag_opts: dict[str, Any]) -> dict[str, Any]:
-    """defaults < config file < flags given on the command line. Unknown keys are an error."""
-    unknown = sorted(set(file_opts) - set(defaults))
-    if unknown:
-        import difflib
-
-        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, defaults, 1)) else k
-                 for k in unknown]
-        raise CLIError(f"unknown config key(s): {', '.join(hints)}; valid keys: {', '.join(sorted(defaults))}")
-    opts = dict(defaults)
-    opts.update(file_opts)
-    opts.update({k: v for k, v in flag_opts.items() if v is not None})
-    return opts
+def defaults(command: str, *, toy: bool = False) -> dict[str, Any]:
+    """A fresh dict of ``command``'s defaults ("run tpp", "sweep unlearning", ...), with its toy
+    preset on top when ``toy``."""
+    base, preset = _COMMANDS[command]
+    return {**base, **(preset if toy and preset else {})}

@@ -1,7 +1,9 @@
-"""``saerecover analyze`` and ``saerecover merge``: parsers and commands (wired in cli.py).
+"""The commands on finished run directories: ``saerecover report`` (regenerate report.md and
+plots of a run, sweep or TPP collection), ``analyze`` (recompute every metric from the saved
+tensors) and ``merge`` (join the shards of a run).
 
 Exit status: analyze 0 when every recomputed metric matches the run within tolerance, 1 when
-one does not (or a needed tensor is missing), 2 on a usage error; merge 0 or 2.
+one does not (or a needed tensor is missing), 2 on a usage error; report and merge 0 or 2.
 """
 
 from __future__ import annotations
@@ -11,15 +13,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_analyze_parser", "add_merge_parser", "cmd_analyze", "cmd_merge"]
+from saerecover.cli import options
+
+__all__ = ["add_analyze_parser", "add_merge_parser", "add_report_parser", "cmd_analyze", "cmd_merge", "cmd_report"]
 
 MAX_LISTED = 10
 
 
+def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``report RUN_DIR`` to ``subparsers``."""
+    p = subparsers.add_parser("report", help="regenerate report.md and plots of a run directory, sweep or TPP collection")
+    p.add_argument("run_dir")
+    p.set_defaults(handler=cmd_report)
+    return p
+
+
 def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``analyze RUN_DIR [--sae SRC] [--json PATH] ...`` to ``subparsers``."""
-    from saerecover.core.decomposition import DEFAULT_TOP_K
-
+    a = options.ANALYZE
     p = subparsers.add_parser(
         "analyze",
         help="recompute a run's metrics from its saved tensors (no model) and decompose each delta",
@@ -33,13 +44,14 @@ def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
                                  "(default: the 'sae' source in config.json)")
     p.add_argument("--json", metavar="PATH", help="also write the analysis to PATH")
     p.add_argument("--no-save", action="store_true", help="do not write RUN_DIR/analysis.json")
-    p.add_argument("--atol", type=float, default=1e-5,
+    p.add_argument("--atol", type=float, default=a["atol"],
                    help="tolerance: a value matches if |diff| <= atol or |diff|/max(|a|,|b|) <= rtol "
                         "(default 1e-5)")
-    p.add_argument("--rtol", type=float, default=None, help="relative tolerance (default: --atol)")
-    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
-                   help=f"non-clamped features in the top-k components (default {DEFAULT_TOP_K})")
-    p.add_argument("--device", default="cpu", help="device for the SAE (default cpu)")
+    p.add_argument("--rtol", type=float, default=a["rtol"], help="relative tolerance (default: --atol)")
+    p.add_argument("--top-k", type=int, default=a["top_k"],
+                   help=f"non-clamped features in the top-k components (default {a['top_k']})")
+    p.add_argument("--device", default=a["device"], help=f"device for the SAE (default {a['device']})")
+    p.set_defaults(handler=cmd_analyze)
     return p
 
 
@@ -54,6 +66,7 @@ def add_merge_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("out", help="the merged run directory (must not exist or be empty)")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="shard run directories, all n of them")
     p.add_argument("--no-report", action="store_true", help="skip report.md and plots")
+    p.set_defaults(handler=cmd_merge)
     return p
 
 
@@ -69,7 +82,28 @@ def _fmt(x: Any) -> str:
     return f"{float(x):.9g}"
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """``saerecover report RUN_DIR``: rewrite the report of a run, or the combined report of a
+    sweep or TPP directory; print its table."""
+    from saerecover.report.collections import rewrite_report
+    from saerecover.report.run import summary_table, write_report
+    from saerecover.runs import open_run
+    from saerecover.runs.collection import read_summary
+
+    if read_summary(args.run_dir) is not None:  # a sweep or TPP directory: its combined report
+        path, table = rewrite_report(args.run_dir)
+        print(table)
+        print(f"\nreport: {path}")
+        return 0
+    run = open_run(args.run_dir)
+    path = write_report(run.path)
+    print(summary_table(run.read_summary()))
+    print(f"\nreport: {path}")
+    return 0
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
+    """``saerecover analyze RUN_DIR``: recompute, compare, print; exit 0, 1 (mismatch) or 2."""
     from saerecover.experiments.analysis import ANALYSIS_FILE, analyze_run
     from saerecover.runs import RunDirectoryError
     from saerecover.runs.directory import run_in_use
@@ -128,6 +162,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    """``saerecover merge OUT RUN_DIR...``: merge the shards; print the merged summary; exit 0 or 2."""
     from saerecover.experiments.merge import merge_runs
     from saerecover.report.run import summary_table
     from saerecover.runs import RunDirectoryError, open_run

@@ -1,0 +1,179 @@
+"""Checks of resolved options, done before anything loads (issue 7): values coerced to their
+defaults' types, choices and ranges, list options parsed, local model/SAE paths and the run
+directory checked. Every failure is an OptionError / CLIError / ValueError naming the option and
+what would be valid (one line, exit status 2)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from saerecover.cli.options import CHOICES
+from saerecover.cli.parsing import CLIError, OptionError
+from saerecover.core.config import RecoveryConfig
+
+__all__ = ["LIST_OPTIONS", "POSITIVE_INTS", "check_options", "check_out", "coerce", "parse_features",
+           "parse_numbers", "parse_shard", "split_list"]
+
+#: Integer options that must be >= 1.
+POSITIVE_INTS = ("n", "top_k", "batch_size")
+#: Number options whose default None means "off".
+OPTIONAL_FLOATS = ("max_drift", "suffix_lr", "suffix_budget")
+#: Comma-separated options a config file may also give as a list.
+LIST_OPTIONS = ("modes", "patterns", "classes", "data_classes", "budgets", "ks")
+_HOOK_RE = re.compile(r"^blocks\.\d+\.hook_resid_(pre|post)$")
+
+
+def coerce(key: str, value: Any, default: Any) -> Any:
+    """``value`` of option ``key`` in the type of its default (None: any string); OptionError
+    naming the key when it does not fit."""
+    kind = type(default)
+    if key in OPTIONAL_FLOATS and value is not None and default is None:  # default None: "off"
+        return coerce(key, value, 0.0)
+    if value is None:
+        if default is None:
+            return None
+        what = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, "a string")
+        raise OptionError(f"option {key} has no value; give {what} (default {default!r})")
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise OptionError(f"option {key} must be true or false, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)
+        raise OptionError(f"option {key} must be an integer, got {value!r}")
+    if isinstance(default, float):
+        if not isinstance(value, bool):
+            try:
+                out = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+            except (TypeError, ValueError):
+                out = None
+            if out is not None and math.isfinite(out):
+                return out
+        raise OptionError(f"option {key} must be a finite number, got {value!r}")
+    if isinstance(value, (list, tuple)) and key == "features":
+        return value
+    if isinstance(value, (list, tuple)) and key in LIST_OPTIONS:  # YAML/TOML lists, joined like the flag
+        return ",".join(str(x) for x in value)
+    if not isinstance(value, str):
+        raise OptionError(f"option {key} must be a string, got {value!r}")
+    return value
+
+
+def split_list(text: Any) -> list[str]:
+    """The items of a comma-separated option (or of a list from a config file), stripped; None: []."""
+    if text is None:
+        return []
+    if isinstance(text, (list, tuple)):
+        return [str(x).strip() for x in text if str(x).strip()]
+    return [x.strip() for x in str(text).split(",") if x.strip()]
+
+
+def parse_features(value: Any) -> list[int] | None:
+    """Feature indices from "3,17,42" or a list of integers (1.5 and True are refused, not
+    truncated); None stays None."""
+    if value is None:
+        return None
+    items = value if isinstance(value, (list, tuple)) else [x for x in str(value).split(",") if x.strip()]
+    try:
+        return [int(str(x).strip()) for x in items]
+    except ValueError as err:
+        raise OptionError(f"--features must be comma-separated integers, got {value!r}") from err
+
+
+def parse_numbers(text: Any, key: str, *, integer: bool) -> list[Any]:
+    """The numbers of a comma-separated grid option (``budgets``, ``ks``); none is an error."""
+    try:
+        vals = [int(x) if integer else float(x) for x in split_list(text)]
+    except ValueError as err:
+        kind = "integers" if integer else "numbers"
+        raise CLIError(f"option {key} must be comma-separated {kind}, got {text!r}") from err
+    if not vals:
+        raise CLIError(f"option {key} is empty")
+    return vals
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``--shard i/n`` as (i, n); None when not given."""
+    if not text:
+        return None
+    try:
+        i, n = (int(x) for x in str(text).split("/"))
+    except ValueError as err:
+        raise CLIError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from err
+    if n < 1 or not 0 <= i < n:
+        raise CLIError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def check_out(out: Any, task: str | None = None) -> None:
+    """Refuse an --out that can never hold this run: a file, a non-empty directory that is not a
+    run, or (``task`` given) a run of another task."""
+    path = Path(str(out)).expanduser()
+    if path.exists() and not path.is_dir():
+        raise OptionError(f"--out {out} is a file; give a new or existing run directory")
+    config = path / "config.json"
+    if path.is_dir() and not config.exists() and any(p.name != ".lock" for p in path.iterdir()):
+        raise OptionError(f"--out {out} is a non-empty directory that is not a saerecover run directory "
+                          "(no config.json); choose a new --out")
+    if task is not None and config.is_file():
+        try:
+            stored = (json.loads(config.read_text(encoding="utf-8")).get("task") or {}).get("name")
+        except (OSError, ValueError, AttributeError):
+            return  # opening the run directory explains what is wrong with it
+        if stored is not None and stored != task:
+            raise OptionError(f"--out {out} holds a run of task {stored!r}, not {task!r}; choose a new --out "
+                              "(or --overwrite to discard it)")
+
+
+def check_options(opts: dict[str, Any], defaults: dict[str, Any], *, local: bool = True,
+                  positive: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Types, choices and ranges of resolved run options, before anything loads. Returns the
+    options coerced to their defaults' types; raises OptionError / ValueError / TypeError /
+    FileNotFoundError naming the option and what would be valid. ``local``: also check that a
+    ``model`` or ``sae`` given as a local path exists (with config.json / cfg.json).
+    ``positive``: a command's own integers that must be >= 1. Called by handlers only: the valid
+    modes, patterns and sources come from the layers below (torch), imported here."""
+    from saerecover.core.projection import PROJECTIONS
+    from saerecover.core.sites import check_sae_source
+    from saerecover.models import check_model_source, resolve_device
+    from saerecover.tasks.ioi import PATTERNS
+
+    out = {k: coerce(k, opts.get(k), d) for k, d in defaults.items()}
+    out.update({k: v for k, v in opts.items() if k not in defaults})
+    for key, valid in CHOICES.items():
+        if out.get(key) is not None and out[key] not in valid:
+            raise OptionError(f"option {key}: unknown value {out[key]!r}; valid: {', '.join(valid)}")
+    for key in POSITIVE_INTS + tuple(positive):
+        if key in out and out[key] is not None and out[key] < 1:
+            raise OptionError(f"option {key} must be >= 1, got {out[key]}")
+    if "modes" in out:
+        modes = split_list(out["modes"])
+        if not modes or any(m not in PROJECTIONS for m in modes) or len(set(modes)) != len(modes):
+            raise OptionError(f"option modes: {out['modes']!r} is not a comma-separated list of distinct modes "
+                              f"from {', '.join(PROJECTIONS)}")
+    if out.get("patterns") is not None:
+        pats = split_list(out["patterns"])
+        if not pats or any(p not in PATTERNS for p in pats):
+            raise OptionError(f"option patterns: {out['patterns']!r}; valid: {', '.join(PATTERNS)} (comma-separated)")
+    if out.get("features") is not None and not parse_features(out["features"]):
+        raise OptionError("option features is empty; give comma-separated feature indices or leave it out")
+    if out.get("hook") is not None and not _HOOK_RE.match(out["hook"]):
+        raise OptionError(f"option hook: unknown hook name {out['hook']!r}; expected 'blocks.L.hook_resid_pre' "
+                          "or 'blocks.L.hook_resid_post'")
+    fields = RecoveryConfig.__dataclass_fields__
+    RecoveryConfig(**{k: v for k, v in out.items() if k in fields}).validate()
+    if out.get("device") is not None:
+        resolve_device(out["device"])
+    if local:
+        if out.get("model") is not None:
+            check_model_source(out["model"])
+        if out.get("sae") is not None:
+            check_sae_source(out["sae"])
+    return out

@@ -1,0 +1,112 @@
+"""The run commands' option flags, each defined once (:data:`FLAGS`), and the groups of them that
+several commands share. A command lists its flags in order with :func:`add_flags` and overrides a
+help text or choice list only where its meaning differs. Option flags default to None (store_true
+flags too): the resolved defaults are cli.options', overridden by a config file, then by flags."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from saerecover.cli.options import CHOICES, MODES, TPP, UNLEARNING
+
+__all__ = ["FLAGS", "add_flags", "ioi_flags", "task_recovery_flags", "unlearning_flags", "world_flags"]
+
+_RUN_DIR = "run directory (resumes if it exists with the same config)"
+
+#: argparse keywords of every flag, by option name (the flag is ``--`` + the name with dashes).
+FLAGS: dict[str, dict[str, Any]] = {
+    # what to load
+    "config": {"help": "YAML/TOML/JSON file with any of the options below (flags win)"},
+    "toy": {"action": "store_true", "help": "use the shipped toy world (no download)"},
+    "model": {"help": "HF hub name or local directory"},
+    "sae": {"help": "sae_lens RELEASE/ID or a local SAE directory"},
+    "hook": {"help": "site hook name (default: the SAE's own hook_name)"},
+    "backend": {"choices": list(CHOICES["backend"])},
+    "device": {},
+    "dtype": {"choices": list(CHOICES["dtype"])},
+    # the task and the clamp
+    "n": {"type": int, "help": "number of prompts"},
+    "patterns": {"help": "IOI name orders: BABA, ABBA or BABA,ABBA"},
+    "top_k": {"type": int, "help": "features selected by attribution"},
+    "features": {"help": "explicit comma-separated feature indices (skips selection)"},
+    "clamp_mode": {"choices": list(CHOICES["clamp_mode"])},
+    "clamp_value": {"type": float},
+    "clamp_where": {"choices": list(CHOICES["clamp_where"])},
+    # the delta search
+    "modes": {},
+    "steps": {"type": int},
+    "lr": {"type": float},
+    "budget": {"type": float, "help": "C4: ||delta||_F <= budget"},
+    "optimizer": {"choices": list(CHOICES["optimizer"])},
+    "positions": {"choices": ["answer", "all"]},
+    "reclamp": {"action": "store_true", "default": None, "help": "re-apply the clamp after delta"},
+    "early_stop": {"action": "store_true", "default": None},
+    "lambda_act": {"type": float},
+    "lambda_decode": {"type": float},
+    "lambda_delta": {"type": float},
+    "max_drift": {"type": float,
+                  "help": "keep each example's best step whose defended-feature drift is <= this (e.g. 0.03)"},
+    "batch_size": {"type": int},
+    "seed": {"type": int},
+    # the run directory
+    "out": {"help": _RUN_DIR},
+    "shard": {"help": "run only shard i of n (format i/n); join shards with `saerecover merge`"},
+    "overwrite": {"action": "store_true", "help": "empty an existing run directory first"},
+    "quiet": {"action": "store_true", "help": "no progress bars"},
+}
+
+
+def add_flags(parser: argparse.ArgumentParser, names: str, **overrides: dict[str, Any]) -> None:
+    """Add the flags ``names`` (space-separated option names, in this order) to ``parser``, each
+    as in :data:`FLAGS` (or only ``overrides[name]`` for a flag of one command) updated with
+    ``overrides[name]``."""
+    for name in names.split():
+        spec = {**FLAGS.get(name, {}), **overrides.get(name, {})}
+        parser.add_argument("--" + name.replace("_", "-"), **spec)
+
+
+def world_flags(parser: argparse.ArgumentParser) -> None:
+    """``--config``, ``--toy`` and the model flags of the commands that run on the toy world or a
+    model and SAE (run tpp, run unlearning, sweep)."""
+    add_flags(parser, "config toy model sae hook backend device dtype")
+
+
+def task_recovery_flags(parser: argparse.ArgumentParser, *, budget: bool = True) -> None:
+    """The delta search and output flags of run tpp, run unlearning and sweep (``budget``: with
+    --budget; a budget sweep sets it itself)."""
+    add_flags(parser, f"modes steps lr {'budget ' if budget else ''}optimizer positions batch_size seed out "
+                      "overwrite quiet",
+              modes={"help": f"projection modes, comma-separated (default {MODES})"},
+              positions={"help": f"rows where delta acts (default {TPP['positions']})"},
+              out={"help": "output directory"},
+              overwrite={"help": "empty existing run directories first"})
+
+
+def ioi_flags(parser: argparse.ArgumentParser) -> None:
+    """The IOI task and clamp flags of ``sweep --task ioi`` (``run ioi`` lists its own)."""
+    add_flags(parser, "n patterns top_k clamp_mode clamp_where", n={"help": "IOI prompts"})
+
+
+def unlearning_flags(parser: argparse.ArgumentParser) -> None:
+    """The unlearning task and clamp flags (run unlearning, ``sweep --task unlearning``)."""
+    u = UNLEARNING
+    add_flags(
+        parser, "questions forget_corpus retain_corpus corpus_column limit forget_relation top_n retain_threshold "
+                "clamp_value loss reduce no_strict features",
+        questions={"help": "JSON/JSONL/CSV with question, choices, answer (default: cais/wmdp from the hub)"},
+        forget_corpus={"help": ".txt (a text a line) or JSONL/CSV/JSON with a text column"},
+        retain_corpus={"help": "as --forget-corpus"},
+        corpus_column={"help": f"text column of the corpora (default {u['corpus_column']})"},
+        limit={"type": int, "help": "use the first N questions (0: all)"},
+        forget_relation={"choices": list(CHOICES["forget_relation"]),
+                         "help": f"--toy: the fact family to forget (default {u['forget_relation']})"},
+        top_n={"type": int, "help": f"features by forget frequency (default {u['top_n']})"},
+        retain_threshold={"type": float, "help": f"max retain firing frequency (default {u['retain_threshold']})"},
+        clamp_value={"help": f"negative value where active (default {u['clamp_value']:g})"},
+        loss={"choices": ["margin", "ce"]},
+        reduce={"choices": list(CHOICES["reduce"]), "help": "score against the max or mean other letter"},
+        no_strict={"dest": "strict", "action": "store_false", "default": None,
+                   "help": "keep questions not answered correctly under all 24 orders"},
+    )
+

@@ -1,0 +1,75 @@
+"""``saerecover run unlearning``: a WMDP-style unlearning clamp (features by forget-vs-retain
+frequency) under the strict 24-order protocol; also the setup ``sweep --task unlearning`` uses.
+
+    saerecover run unlearning [--toy | --model M --sae S --questions Q.json --forget-corpus F --retain-corpus R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from saerecover.cli.checks import parse_features, split_list
+from saerecover.cli.flags import task_recovery_flags, unlearning_flags, world_flags
+from saerecover.cli.parsing import CLIError
+from saerecover.cli.world import load_world, recovery_kwargs, world_options
+
+__all__ = ["add_unlearning_parser", "cmd_run_unlearning", "unlearning_setup"]
+
+
+def add_unlearning_parser(tasks: Any) -> argparse.ArgumentParser:
+    """Add ``unlearning`` to the ``run`` command's sub-parsers ``tasks``."""
+    p = tasks.add_parser("unlearning", help="unlearning clamp (forget-vs-retain features), strict 24-order protocol")
+    world_flags(p)
+    unlearning_flags(p)
+    task_recovery_flags(p)
+    p.set_defaults(handler=cmd_run_unlearning)
+    return p
+
+
+def cmd_run_unlearning(args: argparse.Namespace) -> int:
+    """``saerecover run unlearning``: print the questions kept and the table; exit 0."""
+    from saerecover.experiments.unlearning import run_unlearning
+
+    t0 = time.perf_counter()
+    opts = world_options(args, "run unlearning")
+    model, site = load_world(opts, args.toy)
+    setup = unlearning_setup(opts, model, site, args.toy)
+    result = run_unlearning(model, site, [], [], [], out=opts["out"], setup=setup, projection=split_list(opts["modes"]),
+                            batch_size=opts["batch_size"], progress=not args.quiet, overwrite=args.overwrite,
+                            budget=opts["budget"], **recovery_kwargs(opts))
+    strict = result.info.get("strict") or {}
+    print(f"questions kept (correct under all 24 orders): {strict.get('n_kept', result.info['n_questions_kept'])}"
+          f"/{strict.get('n_questions', result.info['n_questions_kept'])}; {len(result.features)} features clamped "
+          f"to {setup.selection['clamp_value']} where active")
+    print(result.table())
+    print(f"\nrun directory: {result.path} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def unlearning_setup(opts: dict[str, Any], model: Any, site: Any, toy: bool) -> Any:
+    """Questions, corpora, feature selection and clamp of an unlearning run (the toy world's fact
+    families with ``toy``, else WMDP-style files)."""
+    from saerecover.data import questions as questions_data
+    from saerecover.experiments.unlearning import setup_unlearning
+    from saerecover.tasks import unlearning as ul
+
+    if toy:
+        questions = questions_data.toy_questions(opts["forget_relation"])[: opts["limit"] or None]
+        forget, retain = questions_data.toy_corpora(opts["forget_relation"])
+        fmt = ul.TOY_FORMAT
+    else:
+        if opts["forget_corpus"] is None or opts["retain_corpus"] is None:
+            raise CLIError("give --forget-corpus and --retain-corpus (text files for feature selection)")
+        questions = questions_data.load_wmdp(opts["questions"], limit=opts["limit"] or None)
+        forget = questions_data.load_corpus(opts["forget_corpus"], column=opts["corpus_column"])
+        retain = questions_data.load_corpus(opts["retain_corpus"], column=opts["corpus_column"])
+        fmt = ul.WMDP_FORMAT
+    if opts["loss"] not in ul.LOSSES:
+        raise CLIError(f"option loss: {opts['loss']!r}; valid for unlearning: {', '.join(ul.LOSSES)}")
+    return setup_unlearning(model, site, questions, forget, retain, fmt=fmt, top_n=opts["top_n"],
+                            retain_threshold=opts["retain_threshold"], clamp_value=opts["clamp_value"],
+                            loss=opts["loss"], reduce=opts["reduce"], strict=bool(opts["strict"]),
+                            features=parse_features(opts["features"]), batch_size=opts["batch_size"],
+                            name="toy-unlearning" if toy else "wmdp-bio")

@@ -199,7 +199,7 @@ def test_recovery_defaults_come_from_recovery_config():
 
     config = {f.name: f.default for f in dataclasses.fields(RecoveryConfig)}
     presets = {
-        "run ioi": {}, "demo": options.DEMO, "run tpp": options.TPP_RECOVERY,
+        "run ioi": {}, "demo": options.toy_ioi(), "run tpp": options.TPP_RECOVERY,
         "run unlearning": options.UNLEARNING_RECOVERY, "sweep ioi": {}, "sweep unlearning": options.UNLEARNING_RECOVERY,
         "run refusal": options.REFUSAL_RECOVERY,
     }
@@ -211,8 +211,7 @@ def test_recovery_defaults_come_from_recovery_config():
 
 def test_presets_only_override_known_options():
     for command, preset in [("run tpp", options.TOY_TPP), ("run unlearning", options.TOY_UNLEARNING),
-                            ("sweep ioi", options.TOY_IOI), ("sweep unlearning", options.TOY_UNLEARNING),
-                            ("run ioi", options.DEMO)]:
+                            ("sweep unlearning", options.TOY_UNLEARNING), ("run ioi", options.toy_ioi())]:
         assert set(preset) <= set(options.defaults(command)), command
 
 
@@ -283,8 +282,8 @@ def test_no_cli_module_imports_torch_and_argparse_errors_stay_light():
 WORK = ("saerecover.core", "saerecover.models", "saerecover.tasks", "saerecover.data", "saerecover.experiments",
         "saerecover.report", "saerecover.runs", "saerecover.toy", "saerecover.bench", "torch")
 #: The torch-free pieces cli modules import at module level, besides the standard library.
-LIGHT = ("saerecover.cli", "saerecover.__version__", "saerecover.core.config", "saerecover.toy.DEMO_OPTIONS",
-         "saerecover.runs.errors", "saerecover.bench.projection")
+LIGHT = ("saerecover.cli", "saerecover.__version__", "saerecover.core.config", "saerecover.runs.errors",
+         "saerecover.bench.projection")
 
 
 def _imports(tree: ast.AST) -> list[tuple[int, str, str | None]]:

@@ -16,10 +16,10 @@ the toy world's loader, torch) is imported inside the function that runs it, the
 or a helper only handlers call (the option checks, the model and task builders), when the command
 runs; so building the parser, ``saerecover --help`` and argparse errors never import torch. At
 module level, cli modules import only the standard library, each other, and the torch-free pieces
-the parsers need (saerecover.core.config for the defaults, saerecover.toy's constants,
-saerecover.runs.errors, saerecover.bench.projection's flags). Nothing else is imported inside
-functions; the documented exceptions are tomllib and yaml in ``resolve.load_config_file``, imported
-when a config file is given. tests/test_cli_structure.py checks both rules.
+the parsers need (saerecover.core.config for the defaults, saerecover.runs.errors,
+saerecover.bench.projection's flags). Nothing else is imported inside functions; the documented
+exceptions are tomllib and yaml in ``resolve.load_config_file``, imported when a config file is
+given. tests/test_cli_structure.py checks both rules.
 """
 
 from saerecover.cli.app import build_parser, main

@@ -34,7 +34,7 @@ def add_ioi_parser(tasks: Any) -> argparse.ArgumentParser:
 def add_demo_parser(sub: Any) -> argparse.ArgumentParser:
     """Add ``demo`` to the top-level sub-parsers ``sub``."""
     p = sub.add_parser("demo", help="the whole method on the shipped toy model (CPU, about 15 s)")
-    p.add_argument("--out", help=f"run directory (default {options.DEMO['out']})")
+    p.add_argument("--out", help=f"run directory (default {options.DEMO_OUT})")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=cmd_demo)
     return p

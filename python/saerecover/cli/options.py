@@ -3,22 +3,22 @@
 The recovery options (steps, lr, budget, optimizer, positions, penalties, seed, ...) take
 :class:`~saerecover.core.config.RecoveryConfig`'s field defaults (the paper's IOI setting); a task
 whose recovery really differs says so in a named preset (``*_RECOVERY``); the model options are
-declared once (:data:`MODEL`); the toy world's settings are presets on top (``TOY_*``). A command
-resolves defaults < toy preset (``--toy``) < config file < flags given (cli.resolve).
+declared once (:data:`MODEL`); the toy world's settings are presets on top (``TOY_*``,
+:func:`toy_ioi`). A command resolves :func:`defaults` < toy preset (``--toy``) < config file <
+flags given (cli.resolve).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 from saerecover.core.config import RecoveryConfig
-from saerecover.toy import DEMO_OPTIONS
 
 __all__ = [
-    "ANALYZE", "ATTRIBUTE", "CHOICES", "DEMO", "IOI", "MODEL", "MODES", "POSITIVE_TASK_INTS", "REFUSAL", "REFUSAL_BY_WORLD",
-    "SWEEP_GRIDS", "SWEEP_IOI", "SWEEP_UNLEARNING", "TOY_HOOKS", "TOY_IOI", "TOY_TPP", "TOY_UNLEARNING", "TPP",
-    "UNLEARNING", "defaults", "recovery",
+    "ANALYZE", "ATTRIBUTE", "CHOICES", "DEMO_OUT", "IOI", "MODEL", "MODES", "POSITIVE_TASK_INTS", "REFUSAL",
+    "REFUSAL_BY_WORLD", "SWEEP_GRIDS", "SWEEP_IOI", "SWEEP_UNLEARNING", "TOY_HOOKS", "TOY_TPP", "TOY_UNLEARNING",
+    "TPP", "UNLEARNING", "defaults", "recovery", "toy_ioi",
 ]
 
 _CONFIG: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(RecoveryConfig)}
@@ -116,10 +116,18 @@ ATTRIBUTE: dict[str, Any] = {"top_k": 10, "batch_size": 16}
 ANALYZE: dict[str, Any] = {"atol": 1e-5, "rtol": None, "top_k": 10, "device": "cpu"}
 
 # ------------------------------------------------------------------------- the toy world
-#: ``demo``: toy IOI, features by attribution at layer 1 (toy.DEMO_OPTIONS).
-DEMO: dict[str, Any] = {**IOI, **DEMO_OPTIONS, "out": "runs/demo"}
-#: ``sweep --task ioi --toy``: the demo's setting at the model and SAE given.
-TOY_IOI: dict[str, Any] = {k: v for k, v in DEMO_OPTIONS.items() if k not in ("model", "sae")}
+#: ``demo``'s run directory.
+DEMO_OUT = "runs/demo"
+
+
+def toy_ioi() -> dict[str, Any]:
+    """The toy world's IOI setting (toy.DEMO_OPTIONS), of ``demo`` and ``sweep --task ioi --toy``.
+    saerecover.toy loads the models layer (torch), so it is read when such a command runs."""
+    from saerecover.toy import DEMO_OPTIONS
+
+    return dict(DEMO_OPTIONS)
+
+
 #: ``run tpp --toy``: the toy world's topic sentences at layer 1.
 TOY_TPP: dict[str, Any] = {"hook": "blocks.1.hook_resid_post", "dataset": "toy", "n_train": 40, "n_test": 20,
                            "top_n": 16, "probe_lr": 1e-2, "budget": 1.0}
@@ -132,13 +140,13 @@ TOY_HOOKS = ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post")
 #: Integer options of the --toy commands (tpp, unlearning, sweep) that must be >= 1.
 POSITIVE_TASK_INTS = ("top_n", "n_train", "n_test", "context_length", "probe_epochs", "probe_batch_size", "steps")
 
-_COMMANDS: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
+#: Each command's defaults and its --toy preset (a function: the toy IOI one is read when needed).
+_COMMANDS: dict[str, tuple[dict[str, Any], Callable[[], dict[str, Any]] | None]] = {
     "run ioi": (IOI, None),
-    "demo": (DEMO, None),
-    "run tpp": (TPP, TOY_TPP),
-    "run unlearning": (UNLEARNING, TOY_UNLEARNING),
-    "sweep ioi": (SWEEP_IOI, TOY_IOI),
-    "sweep unlearning": (SWEEP_UNLEARNING, TOY_UNLEARNING),
+    "run tpp": (TPP, lambda: TOY_TPP),
+    "run unlearning": (UNLEARNING, lambda: TOY_UNLEARNING),
+    "sweep ioi": (SWEEP_IOI, lambda: {k: v for k, v in toy_ioi().items() if k not in ("model", "sae")}),
+    "sweep unlearning": (SWEEP_UNLEARNING, lambda: TOY_UNLEARNING),
     "run refusal": (REFUSAL, None),
     "attribute": (ATTRIBUTE, None),
     "analyze": (ANALYZE, None),
@@ -147,6 +155,8 @@ _COMMANDS: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
 
 def defaults(command: str, *, toy: bool = False) -> dict[str, Any]:
     """A fresh dict of ``command``'s defaults ("run tpp", "sweep unlearning", ...), with its toy
-    preset on top when ``toy``."""
+    preset on top when ``toy``; "demo" is ``run ioi`` in the toy world's IOI setting."""
+    if command == "demo":
+        return {**IOI, **toy_ioi(), "out": DEMO_OUT}
     base, preset = _COMMANDS[command]
-    return {**base, **(preset if toy and preset else {})}
+    return {**base, **(preset() if toy and preset else {})}

@@ -251,7 +251,7 @@ def test_every_leaf_parser_sets_its_handler():
 
 def test_python_m_saerecover_cli_and_the_console_script_target():
     proc = subprocess.run([sys.executable, "-m", "saerecover.cli", "--version"], capture_output=True, text=True,
-                          env=_env(), timeout=120)
+                          check=False, env=_env(), timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("saerecover ")
     text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     assert 'saerecover = "saerecover.cli:main"' in text
@@ -263,7 +263,8 @@ def test_python_m_saerecover_cli_and_the_console_script_target():
 def test_building_the_parser_never_imports_torch():
     code = ("import saerecover.cli, sys; from saerecover.cli import build_parser; build_parser(); "
             "print('torch' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, env=_env(),
+                          timeout=120)
     assert proc.stdout.strip() == "False", proc.stderr
 
 
@@ -274,7 +275,8 @@ def test_no_cli_module_imports_torch_and_argparse_errors_stay_light():
             "from saerecover.cli import main\n"
             "try:\n    main(['run', 'ioi', '--steps', 'x'])\nexcept SystemExit:\n    pass\n"
             "print('torch' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, env=_env(),
+                          timeout=120)
     assert proc.stdout.strip() == "False", proc.stderr
 
 

@@ -27,7 +27,8 @@ USER_ERRORS = (CLIError, ValueError, TypeError, OSError, MemoryError, RunDirecto
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole parser tree; cheap (no torch, no model code)."""
-    parser = OneLineParser(prog="saerecover", description="Stress-test SAE feature clamps by post-intervention recovery.")
+    parser = OneLineParser(prog="saerecover",
+                           description="Stress-test SAE feature clamps by post-intervention recovery.")
     parser.add_argument("--version", action="version", version=f"saerecover {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_demo_parser(sub)

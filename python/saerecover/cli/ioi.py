@@ -10,7 +10,13 @@ from typing import Any
 
 from saerecover import __version__
 from saerecover.cli import options
-from saerecover.cli.checks import check_options, check_out, parse_features, parse_shard, split_list
+from saerecover.cli.checks import (
+    check_options,
+    check_out,
+    parse_features,
+    parse_shard,
+    split_list,
+)
 from saerecover.cli.flags import add_flags
 from saerecover.cli.parsing import CLIError
 from saerecover.cli.resolve import resolve

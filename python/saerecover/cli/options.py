@@ -11,7 +11,8 @@ flags given (cli.resolve).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from saerecover.core.config import RecoveryConfig
 

@@ -177,10 +177,10 @@ def run_refusal_from_options(opts: dict[str, Any], *, quiet: bool = False, overw
     _check(opts)
     features = _parse_feature_map(opts["features"])
     lists = split_list(opts["lists"]) or ["gcg"]
-    task_kw = dict(template=opts["template"], lists=tuple(lists), strict=bool(opts["strict"]),
-                   prefix_weight=float(opts["prefix_weight"]), prefix_tokens=int(opts["prefix_tokens"]),
-                   discourage_refusal=float(opts["discourage_refusal"]),
-                   store_generations=bool(opts["store_generations"]))
+    task_kw = {"template": opts["template"], "lists": tuple(lists), "strict": bool(opts["strict"]),
+               "prefix_weight": float(opts["prefix_weight"]), "prefix_tokens": int(opts["prefix_tokens"]),
+               "discourage_refusal": float(opts["discourage_refusal"]),
+               "store_generations": bool(opts["store_generations"])}
     by_world = options.REFUSAL_BY_WORLD["toy" if opts["model"] is None else "model"]
     max_new = opts["max_new_tokens"] or by_world["max_new_tokens"]
     positions = opts["contrast_positions"] or by_world["contrast_positions"]

@@ -22,7 +22,8 @@ MAX_LISTED = 10
 
 def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``report RUN_DIR`` to ``subparsers``."""
-    p = subparsers.add_parser("report", help="regenerate report.md and plots of a run directory, sweep or TPP collection")
+    p = subparsers.add_parser("report",
+                              help="regenerate report.md and plots of a run directory, sweep or TPP collection")
     p.add_argument("run_dir")
     p.set_defaults(handler=cmd_report)
     return p

@@ -13,7 +13,12 @@ from typing import Any
 
 from saerecover.cli import options
 from saerecover.cli.checks import parse_features, parse_numbers, split_list
-from saerecover.cli.flags import ioi_flags, task_recovery_flags, unlearning_flags, world_flags
+from saerecover.cli.flags import (
+    ioi_flags,
+    task_recovery_flags,
+    unlearning_flags,
+    world_flags,
+)
 from saerecover.cli.parsing import CLIError
 from saerecover.cli.unlearning import unlearning_setup
 from saerecover.cli.world import load_world, recovery_kwargs, world_options

@@ -94,7 +94,8 @@ def _tpp_data(opts: dict[str, Any]) -> Any:
     if ds == "file":
         if opts["data"] is None:
             raise CLIError("--dataset file needs --data FILE")
-        return text_classes.load_text_classes(opts["data"], test_path=opts["test_data"], classes=classes, **cols, **sizes)
+        return text_classes.load_text_classes(opts["data"], test_path=opts["test_data"], classes=classes, **cols,
+                                              **sizes)
     if opts["test_data"] is not None:
         raise CLIError("--test-data goes with --dataset file")
     loader = text_classes.load_bias_in_bios if ds == "bias_in_bios" else text_classes.load_amazon_reviews

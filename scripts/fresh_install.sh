@@ -28,7 +28,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 root="$(cd "$(dirname "$0")/.." && pwd)"
-base="$("${PYTHON:-python3}" -c 'import sys; print(sys.executable)')"
+base="$(command -v "${PYTHON:-python3}")"  # found before PATH loses the Rust folders
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 

@@ -41,7 +41,7 @@ python scripts/release_version.py --dist "$wheel" --dist "$sdist" --changelog CH
 
 step "auditwheel show"
 auditwheel show "$wheel" | tee "$work/auditwheel.txt"
-tag="$(tr -d '\n' < "$work/auditwheel.txt" | grep -o 'consistent with the following platform tag: *"[^"]*"' | grep -o '"[^"]*"' | tr -d '"')"
+tag="$(tr -d '\n' < "$work/auditwheel.txt" | grep -o 'following platform tag: *"[^"]*"' | cut -d'"' -f2)"
 claimed="$(basename "$wheel" .whl | cut -d- -f5)"
 case ".$claimed." in
   *".$tag."*) echo "auditwheel: $tag, which the wheel claims ($claimed)" ;;
@@ -98,7 +98,8 @@ if [ -z "$fresh" ]; then
 fi
 # The suite runs there too when that Python is not the one running scripts/test.sh's suite.
 suite=()
-if [ "$("$fresh" -c 'import sys; print(sys.version_info[:2])')" != "$(python -c 'import sys; print(sys.version_info[:2])')" ]; then
+minor='import sys; print(sys.version_info[:2])'
+if [ "$("$fresh" -c "$minor")" != "$(python -c "$minor")" ]; then
   suite=(--suite -q)
 fi
 PYTHON="$fresh" bash scripts/fresh_install.sh "$dist" --demo "${suite[@]}"

@@ -8,7 +8,7 @@
 #   6. the toy world's assets are all inside the wheel (and the sdist); the sizes;
 #   7. scripts/fresh_install.sh --demo: the wheel in a fresh venv of the lowest supported Python
 #      found here (3.10; else this Python), no cargo on PATH, `saerecover demo` to the end; and,
-#      when that Python is not this one, the test suite on the installed wheel.
+#      with SAERECOVER_FRESH_SUITE=1 and that Python not this one, the suite on the wheel.
 #
 #   scripts/check_wheel.sh [--out DIR]     # keep the wheel and sdist in DIR
 #
@@ -96,10 +96,10 @@ if [ -z "$fresh" ]; then
     fi
   done
 fi
-# The suite runs there too when that Python is not the one running scripts/test.sh's suite.
+# SAERECOVER_FRESH_SUITE=1: the suite runs there too, when that Python is not this one.
 suite=()
 minor='import sys; print(sys.version_info[:2])'
-if [ "$("$fresh" -c "$minor")" != "$(python -c "$minor")" ]; then
+if [ "${SAERECOVER_FRESH_SUITE:-}" = 1 ] && [ "$("$fresh" -c "$minor")" != "$(python -c "$minor")" ]; then
   suite=(--suite -q)
 fi
 PYTHON="$fresh" bash scripts/fresh_install.sh "$dist" --demo "${suite[@]}"

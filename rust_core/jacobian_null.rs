@@ -18,12 +18,13 @@
 //! [`gram_max_cond`] for the output type and no eigenvalue sits near the rank threshold `rcond^2
 //! lambda_max` (the SVD's rule `sigma_i > rcond sigma_max`, squared); otherwise the SVD route.
 
-use crate::checks::{check_cols, check_finite, check_output_shape, check_rcond};
+use crate::checks::{all_finite, check_cols, check_finite, check_output_shape, check_rcond};
 use crate::error::ProjectionError;
+use crate::memory::{prepare_threads, try_mat, try_resize, try_scratch, try_zeros};
 use crate::scalar::Real;
 use crate::span_basis::{Factorization, SpanBasis};
 use faer::diag::Diag;
-use faer::dyn_stack::{MemBuffer, MemStack};
+use faer::dyn_stack::MemStack;
 use faer::linalg::cholesky::llt::factor::{
     cholesky_in_place, cholesky_in_place_scratch, LltRegularization,
 };
@@ -88,7 +89,9 @@ pub fn gram_max_cond<T: Real>() -> f64 {
 /// route is [`JacobianRoute::Auto`].
 ///
 /// Errors: `g` without `n` columns, `dst` of another shape, NaN or infinity in `j` or `g`,
-/// `rcond` negative or NaN.
+/// `rcond` negative or NaN, an entry of the result beyond the range of `T`
+/// ([`ProjectionError::Overflow`]; `dst`, or an in-place `g`, is then partly written), an
+/// allocation that fails.
 pub fn jacobian_null_project<TJ: Real, T: Real>(
     dst: MatMut<'_, T>,
     j: MatRef<'_, TJ>,
@@ -172,17 +175,30 @@ fn project<TJ: Real, T: Real>(
     par: Par,
 ) -> Result<JacobianInfo, ProjectionError> {
     let (m, n) = j.shape();
+    let b = batch.g().nrows();
+    let call = || {
+        format!(
+            "projecting G of shape ({b}, {n}) ({}) off the row space of J of shape ({m}, {n}) ({})",
+            T::NAME,
+            TJ::NAME
+        )
+    };
     let rcond = rcond.unwrap_or_else(|| SpanBasis::default_rcond(n, m));
-    if route == JacobianRoute::Svd || m == 0 || n == 0 {
-        return svd_route(batch, j, rcond, par);
-    }
-    match gram_route(batch, j, rcond, route == JacobianRoute::Gram, par)? {
-        GramOutcome::Done(rank) => Ok(JacobianInfo {
-            rank,
-            route: JacobianRoute::Gram,
-        }),
-        GramOutcome::Declined(batch) => svd_route(batch, j, rcond, par),
-    }
+    let routed = |()| {
+        if route == JacobianRoute::Svd || m == 0 || n == 0 {
+            return svd_route(batch, j, rcond, par);
+        }
+        match gram_route(batch, j, rcond, route == JacobianRoute::Gram, par)? {
+            GramOutcome::Done(rank) => Ok(JacobianInfo {
+                rank,
+                route: JacobianRoute::Gram,
+            }),
+            GramOutcome::Declined(batch) => svd_route(batch, j, rcond, par),
+        }
+    };
+    prepare_threads(par)
+        .and_then(routed)
+        .map_err(|e| e.during(call))
 }
 
 fn svd_route<TJ: Real, T: Real>(
@@ -201,8 +217,8 @@ fn svd_route<TJ: Real, T: Real>(
     };
     let basis = SpanBasis::factor("J", j.transpose(), Some(rcond), Factorization::Svd, factor)?;
     match batch {
-        Batch::Separate { dst, g } => basis.project_out(dst, g, par),
-        Batch::InPlace(g) => basis.project_out_in_place(g, par),
+        Batch::Separate { dst, g } => basis.project_out("G", dst, g, par)?,
+        Batch::InPlace(g) => basis.project_out_in_place("G", g, par)?,
     }
     Ok(JacobianInfo {
         rank: basis.rank(),
@@ -231,7 +247,7 @@ fn gram_route<'a, TJ: Real, T: Real>(
 ) -> Result<GramOutcome<'a, T>, ProjectionError> {
     let m = j.nrows();
     let chunks = column_chunks(j.ncols(), par);
-    let (gram, c) = gram_pass(j, batch.g(), &chunks);
+    let (gram, c) = gram_pass(j, batch.g(), &chunks)?;
 
     // NaN / inf in J reach the diagonal of J J^T, in G every entry of its column of J G^T:
     // IEEE arithmetic cannot cancel them. A non-finite value with finite inputs is overflow.
@@ -262,12 +278,15 @@ fn gram_route<'a, TJ: Real, T: Real>(
     // eigensolver is not scale-invariant for entries far from 1 (a Gram matrix of a 1e-30 J
     // lost all accuracy at m = 256)
     let unscale = 2f64.powi(largest.log2().floor() as i32);
-    let gram_live = Mat::from_fn(ml, ml, |a, b| {
+    let gram_live = try_mat("the scaled Gram matrix", ml, ml, |a, b| {
         let (i, k) = (live[a.max(b)], live[a.min(b)]);
         gram[(i, k)] / unscale
-    });
+    })?;
+    drop(gram);
     let b = c.ncols();
-    let c_live = Mat::from_fn(ml, b, |i, k| c[(live[i], k)]);
+    let c_live = try_mat("J G^T without the zero rows of J", ml, b, |i, k| {
+        c[(live[i], k)]
+    })?;
     let limits = Limits {
         threshold: rcond * rcond,
         floor: if forced {
@@ -276,8 +295,10 @@ fn gram_route<'a, TJ: Real, T: Real>(
             gram_max_cond::<T>().powi(-2)
         },
     };
-    let solved = cholesky_coeffs(gram_live.as_ref(), c_live.as_ref(), limits, par)
-        .or_else(|| eigen_coeffs(gram_live.as_ref(), c_live.as_ref(), limits, forced, par));
+    let solved = match cholesky_coeffs(gram_live.as_ref(), c_live.as_ref(), limits, par)? {
+        Some(done) => Some(done),
+        None => eigen_coeffs(gram_live.as_ref(), c_live.as_ref(), limits, forced, par)?,
+    };
     let Some((w_live, rank)) = solved else {
         return Ok(GramOutcome::Declined(batch));
     };
@@ -294,7 +315,7 @@ fn gram_route<'a, TJ: Real, T: Real>(
         return Ok(GramOutcome::Done(rank));
     }
     // W = (J J^T)^+ J G^T (m x b), zero on the rows of J that are zero
-    let mut w = Mat::<f64>::zeros(m, b);
+    let mut w = try_zeros::<f64>("(J J^T)^+ J G^T", m, b)?;
     for (a, &i) in live.iter().enumerate() {
         for k in 0..b {
             w[(i, k)] = w_live[(a, k)] / unscale;
@@ -311,7 +332,7 @@ fn gram_route<'a, TJ: Real, T: Real>(
     if !bound.is_finite() || bound >= 1e300 {
         return Ok(GramOutcome::Declined(batch));
     }
-    update_pass(batch, j, w.as_ref(), &chunks);
+    update_pass(batch, j, w.as_ref(), &chunks)?;
     Ok(GramOutcome::Done(rank))
 }
 
@@ -336,20 +357,12 @@ fn cholesky_coeffs(
     c: MatRef<'_, f64>,
     limits: Limits,
     par: Par,
-) -> Option<(Mat<f64>, usize)> {
+) -> Result<Option<(Mat<f64>, usize)>, ProjectionError> {
     let m = gram.nrows();
-    let mut l = Mat::from_fn(m, m, |i, k| if i >= k { gram[(i, k)] } else { 0.0 });
-    let req = cholesky_in_place_scratch::<f64>(m, par, Default::default());
-    let mut buf = MemBuffer::new(req);
-    cholesky_in_place(
-        l.as_mut(),
-        LltRegularization::default(),
-        par,
-        MemStack::new(&mut buf),
-        Default::default(),
-    )
-    .ok()?;
-    let mut l_inv = Mat::<f64>::zeros(m, m);
+    let Some(l) = cholesky_factor(gram, par)? else {
+        return Ok(None);
+    };
+    let mut l_inv = try_zeros::<f64>("the inverse Cholesky factor", m, m)?;
     invert_lower_triangular(l_inv.as_mut(), l.as_ref(), par);
     let trace_inv = l_inv.squared_norm_l2();
     let lambda_min_lb = 1.0 / trace_inv;
@@ -362,10 +375,10 @@ fn cholesky_coeffs(
         .fold(0.0, f64::max);
     let margin = (limits.threshold + GRAM_NOISE).max(limits.floor);
     if !(trace_inv.is_finite() && lambda_min_lb > margin * lambda_max_ub) {
-        return None;
+        return Ok(None);
     }
     // M^-1 C = L^-T (L^-1 C)
-    let mut z = Mat::<f64>::zeros(m, c.ncols());
+    let mut z = try_zeros::<f64>("L^-1 J G^T", m, c.ncols())?;
     triangular::matmul(
         z.as_mut(),
         BlockStructure::Rectangular,
@@ -377,7 +390,7 @@ fn cholesky_coeffs(
         1.0,
         par,
     );
-    let mut w = Mat::<f64>::zeros(m, c.ncols());
+    let mut w = try_zeros::<f64>("(J J^T)^-1 J G^T", m, c.ncols())?;
     triangular::matmul(
         w.as_mut(),
         BlockStructure::Rectangular,
@@ -389,7 +402,30 @@ fn cholesky_coeffs(
         1.0,
         par,
     );
-    Some((w, m))
+    Ok(Some((w, m)))
+}
+
+/// The lower Cholesky factor of `M` (symmetric, lower half read), `None` when it is not
+/// positive definite in floating point.
+fn cholesky_factor(gram: MatRef<'_, f64>, par: Par) -> Result<Option<Mat<f64>>, ProjectionError> {
+    let m = gram.nrows();
+    let mut l = try_mat("the Cholesky factor", m, m, |i, k| {
+        if i >= k {
+            gram[(i, k)]
+        } else {
+            0.0
+        }
+    })?;
+    let req = cholesky_in_place_scratch::<f64>(m, par, Default::default());
+    let mut buf = try_scratch("the Cholesky factorization's workspace", req)?;
+    let factored = cholesky_in_place(
+        l.as_mut(),
+        LltRegularization::default(),
+        par,
+        MemStack::new(&mut buf),
+        Default::default(),
+    );
+    Ok(factored.is_ok().then_some(l))
 }
 
 /// `(V_r L_r^-1 V_r^T C, r)` from the eigendecomposition `M = V L V^T`, keeping the eigenvalues
@@ -402,9 +438,11 @@ fn eigen_coeffs(
     limits: Limits,
     forced: bool,
     par: Par,
-) -> Option<(Mat<f64>, usize)> {
+) -> Result<Option<(Mat<f64>, usize)>, ProjectionError> {
     let m = gram.nrows();
-    let (values, vectors) = self_adjoint_eigen(gram, par)?;
+    let Some((values, vectors)) = self_adjoint_eigen(gram, par)? else {
+        return Ok(None);
+    };
     let lambda_max = values[m - 1];
     let threshold = limits.threshold * lambda_max;
     let noise = GRAM_NOISE * lambda_max;
@@ -415,36 +453,55 @@ fn eigen_coeffs(
         let ambiguous = values.iter().any(|&v| (v - threshold).abs() <= noise);
         let ill = kept.iter().any(|&i| values[i] < limits.floor * lambda_max);
         if ambiguous || ill {
-            return None;
+            return Ok(None);
         }
     }
     let rank = kept.len();
-    let v_kept = Mat::from_fn(m, rank, |i, k| vectors[(i, kept[k])]);
-    let mut z = v_kept.transpose() * c;
+    let v_kept = try_mat("the kept eigenvectors", m, rank, |i, k| {
+        vectors[(i, kept[k])]
+    })?;
+    drop(vectors);
+    let mut z = try_zeros::<f64>("V_r^T J G^T", rank, c.ncols())?;
+    matmul(z.as_mut(), Accum::Replace, v_kept.transpose(), c, 1.0, par);
     for (row, &i) in kept.iter().enumerate() {
         let inv = 1.0 / values[i];
         z.row_mut(row).iter_mut().for_each(|x| *x *= inv);
     }
-    Some((&v_kept * &z, rank))
+    let mut w = try_zeros::<f64>("(J J^T)^+ J G^T", m, c.ncols())?;
+    matmul(
+        w.as_mut(),
+        Accum::Replace,
+        v_kept.as_ref(),
+        z.as_ref(),
+        1.0,
+        par,
+    );
+    Ok(Some((w, rank)))
 }
 
-/// Eigenvalues (nondecreasing) and eigenvectors of the symmetric `a` (lower half read).
-fn self_adjoint_eigen(a: MatRef<'_, f64>, par: Par) -> Option<(Vec<f64>, Mat<f64>)> {
+/// Eigenvalues (nondecreasing) and eigenvectors of the symmetric `a` (lower half read);
+/// `Ok(None)` when the eigensolver does not converge.
+fn self_adjoint_eigen(
+    a: MatRef<'_, f64>,
+    par: Par,
+) -> Result<Option<(Vec<f64>, Mat<f64>)>, ProjectionError> {
     let n = a.nrows();
     let mut s = Diag::<f64>::zeros(n);
-    let mut u = Mat::<f64>::zeros(n, n);
+    let mut u = try_zeros::<f64>("the eigenvectors of the Gram matrix", n, n)?;
     let req = self_adjoint_evd_scratch::<f64>(n, ComputeEigenvectors::Yes, par, Default::default());
-    let mut buf = MemBuffer::new(req);
-    self_adjoint_evd(
+    let mut buf = try_scratch("the eigendecomposition's workspace", req)?;
+    let converged = self_adjoint_evd(
         a,
         s.as_mut(),
         Some(u.as_mut()),
         par,
         MemStack::new(&mut buf),
         Default::default(),
-    )
-    .ok()?;
-    Some(((0..n).map(|i| s[i]).collect(), u))
+    );
+    if converged.is_err() {
+        return Ok(None);
+    }
+    Ok(Some(((0..n).map(|i| s[i]).collect(), u)))
 }
 
 /// Columns of `J` handled per block: the f64 copy of a block (`m x width`, and `b x width` of
@@ -471,18 +528,18 @@ fn gram_pass<TJ: Real, T: Real>(
     j: MatRef<'_, TJ>,
     g: MatRef<'_, T>,
     chunks: &[(usize, usize)],
-) -> (Mat<f64>, Mat<f64>) {
+) -> Result<(Mat<f64>, Mat<f64>), ProjectionError> {
     let (m, b) = (j.nrows(), g.nrows());
-    let partial = |&(start, end): &(usize, usize)| {
-        let mut gram = Mat::<f64>::zeros(m, m);
-        let mut c = Mat::<f64>::zeros(m, b);
+    let partial = |&(start, end): &(usize, usize)| -> Result<_, ProjectionError> {
+        let mut gram = try_zeros::<f64>("the Gram matrix J J^T", m, m)?;
+        let mut c = try_zeros::<f64>("J G^T", m, b)?;
         let width = block_width(m, b);
         let (mut jbuf, mut gbuf) = (Widened::new(), Widened::new());
         let mut k = start;
         while k < end {
             let w = width.min(end - k);
-            let jb = jbuf.load(j.subcols(k, w));
-            let gb = gbuf.load(g.subcols(k, w));
+            let jb = jbuf.load(j.subcols(k, w))?;
+            let gb = gbuf.load(g.subcols(k, w))?;
             triangular::matmul(
                 gram.as_mut(),
                 BlockStructure::TriangularLower,
@@ -497,41 +554,48 @@ fn gram_pass<TJ: Real, T: Real>(
             matmul(c.as_mut(), Accum::Add, jb, gb.transpose(), 1.0, Par::Seq);
             k += w;
         }
-        (gram, c)
+        Ok((gram, c))
     };
     if chunks.len() == 1 {
         return partial(&chunks[0]);
     }
-    let parts: Vec<_> = chunks.par_iter().map(partial).collect();
+    let parts = chunks
+        .par_iter()
+        .map(partial)
+        .collect::<Result<Vec<_>, _>>()?;
     let mut parts = parts.into_iter();
     let (mut gram, mut c) = parts.next().expect("at least one chunk");
     for (gp, cp) in parts {
         gram += gp;
         c += cp;
     }
-    (gram, c)
+    Ok((gram, c))
 }
 
-/// `Y = G - W^T J`, in f64, rounded once to `T`, written over the batch's output.
+/// `Y = G - W^T J`, in f64, rounded once to `T`, written over the batch's output. Errors with
+/// [`ProjectionError::Overflow`] when an entry of `Y` is beyond the range of `T` (the partial
+/// sums are bounded by the caller, so that only a result that is itself out of range, or within
+/// `1e300` of `f64::MAX`, gets there).
 fn update_pass<TJ: Real, T: Real>(
     batch: Batch<'_, T>,
     j: MatRef<'_, TJ>,
     w: MatRef<'_, f64>,
     chunks: &[(usize, usize)],
-) {
+) -> Result<(), ProjectionError> {
     let (dst, g) = match batch {
         Batch::Separate { dst, g } => (dst, Some(g)),
         Batch::InPlace(g) => (g, None),
     };
+    let shape = dst.shape();
     let b = dst.nrows();
-    let run = |(start, mut dst): (usize, MatMut<'_, T>)| {
+    let run = |(start, mut dst): (usize, MatMut<'_, T>)| -> Result<(), ProjectionError> {
         let end = start + dst.ncols();
         let width = block_width(j.nrows(), b);
-        let (mut jbuf, mut ybuf) = (Widened::new(), Mat::<f64>::zeros(0, 0));
+        let (mut jbuf, mut ybuf) = (Widened::new(), Mat::<f64>::new());
         let mut k = start;
         while k < end {
             let cols = width.min(end - k);
-            let jb = jbuf.load(j.subcols(k, cols));
+            let jb = jbuf.load(j.subcols(k, cols))?;
             let g = g.map(|g| g.subcols(k, cols));
             match T::as_f64_mut(dst.rb_mut().subcols_mut(k - start, cols)) {
                 Ok(mut out) => {
@@ -541,18 +605,28 @@ fn update_pass<TJ: Real, T: Real>(
                     matmul(out, Accum::Add, w.transpose(), jb, -1.0, Par::Seq);
                 }
                 Err(mut out) => {
-                    let mut y = scratch_like(&mut ybuf, out.rb());
+                    let mut y = scratch_like(&mut ybuf, out.rb())?;
                     convert(y.rb_mut(), g.unwrap_or(out.rb()), T::to_f64);
                     matmul(y.rb_mut(), Accum::Add, w.transpose(), jb, -1.0, Par::Seq);
                     convert(out.rb_mut(), y.rb(), T::from_f64);
                 }
             }
+            let out = dst.rb().subcols(k - start, cols);
+            if !all_finite(out) {
+                let (i, l) = first_non_finite(out);
+                return Err(ProjectionError::Overflow {
+                    arg: "G",
+                    shape,
+                    at: (i, k + l),
+                    dtype: T::NAME,
+                });
+            }
             k += cols;
         }
+        Ok(())
     };
     if chunks.len() == 1 {
-        run((0, dst));
-        return;
+        return run((0, dst));
     }
     let mut pieces = Vec::with_capacity(chunks.len());
     let mut rest = dst;
@@ -563,7 +637,17 @@ fn update_pass<TJ: Real, T: Real>(
         rest = tail;
         taken = end;
     }
-    pieces.into_par_iter().for_each(run);
+    let results: Vec<_> = pieces.into_par_iter().map(run).collect();
+    // the error of the leftmost share of columns that overflowed
+    results.into_iter().collect()
+}
+
+/// The (row, column) of the first non-finite entry of `m` in row-major order.
+fn first_non_finite<T: Real>(m: MatRef<'_, T>) -> (usize, usize) {
+    (0..m.nrows())
+        .flat_map(|i| (0..m.ncols()).map(move |l| (i, l)))
+        .find(|&(i, l)| !m[(i, l)].is_finite_value())
+        .unwrap_or((0, 0))
 }
 
 /// A reusable f64 copy of blocks of a matrix; float64 blocks are borrowed, not copied.
@@ -573,33 +657,40 @@ struct Widened {
 
 impl Widened {
     fn new() -> Self {
-        Self {
-            buf: Mat::zeros(0, 0),
-        }
+        Self { buf: Mat::new() }
     }
 
     /// `block` as f64.
-    fn load<'s, 'a: 's, T: Real>(&'s mut self, block: MatRef<'a, T>) -> MatRef<'s, f64> {
+    fn load<'s, 'a: 's, T: Real>(
+        &'s mut self,
+        block: MatRef<'a, T>,
+    ) -> Result<MatRef<'s, f64>, ProjectionError> {
         if let Some(b) = T::as_f64(block) {
-            return b;
+            return Ok(b);
         }
-        let mut buf = scratch_like(&mut self.buf, block);
+        let mut buf = scratch_like(&mut self.buf, block)?;
         convert(buf.rb_mut(), block, T::to_f64);
-        buf.into_const()
+        Ok(buf.into_const())
     }
 }
 
 /// `buf` resized to the shape of `like`, as a view in `like`'s memory order (row- or
 /// column-major), so that copies between them run over contiguous memory.
-fn scratch_like<'s, T>(buf: &'s mut Mat<f64>, like: MatRef<'_, T>) -> MatMut<'s, f64> {
+fn scratch_like<'s, T>(
+    buf: &'s mut Mat<f64>,
+    like: MatRef<'_, T>,
+) -> Result<MatMut<'s, f64>, ProjectionError> {
+    const BLOCK: &str = "a float64 block of columns";
     let (r, c) = like.shape();
-    if like.col_stride().unsigned_abs() < like.row_stride().unsigned_abs() {
-        buf.resize_with(c, r, |_, _| 0.0);
-        buf.as_mut().transpose_mut()
-    } else {
-        buf.resize_with(r, c, |_, _| 0.0);
-        buf.as_mut()
-    }
+    Ok(
+        if like.col_stride().unsigned_abs() < like.row_stride().unsigned_abs() {
+            try_resize(BLOCK, buf, c, r, |_, _| 0.0)?;
+            buf.as_mut().transpose_mut()
+        } else {
+            try_resize(BLOCK, buf, r, c, |_, _| 0.0)?;
+            buf.as_mut()
+        },
+    )
 }
 
 /// `dst[i, j] <- f(src[i, j])`, along contiguous lines where both have them.
@@ -998,6 +1089,57 @@ mod tests {
         assert!(r < 1e-12);
     }
 
+    fn overflow_case<T: Real>() {
+        use crate::encoder_null::tests::{huge_rows, row_relative_error};
+        let j = Mat::<f64>::ones(1, 3);
+        let (g, exact) = huge_rows::<T>();
+        let b = T::from_f64(0.9 * T::MAX.to_f64());
+        let mut bad = g.clone();
+        bad.row_mut(2)
+            .copy_from(Mat::from_fn(1, 3, |_, k| if k == 0 { b } else { -b }).row(0));
+        let bar = if T::NAME == "float32" { 1e-5 } else { 1e-12 };
+        for route in [JacobianRoute::Auto, JacobianRoute::Gram, JacobianRoute::Svd] {
+            let mut y = Mat::<T>::zeros(4, 3);
+            let info = jacobian_null_project_with(
+                y.as_mut(),
+                j.as_ref(),
+                g.as_ref(),
+                None,
+                route,
+                Par::Seq,
+            )
+            .unwrap();
+            assert_eq!(info.rank, 1);
+            let err = row_relative_error(&g, y.as_ref(), &exact);
+            assert!(err < 10.0 * bar, "{route:?} {}: {err:e}", T::NAME);
+            let result = jacobian_null_project_with(
+                y.as_mut(),
+                j.as_ref(),
+                bad.as_ref(),
+                None,
+                route,
+                Par::Seq,
+            );
+            assert_eq!(
+                result,
+                Err(ProjectionError::Overflow {
+                    arg: "G",
+                    shape: (4, 3),
+                    at: (2, 0),
+                    dtype: T::NAME
+                }),
+                "{route:?} {}",
+                T::NAME
+            );
+        }
+    }
+
+    #[test]
+    fn huge_rows_are_projected_and_a_result_out_of_range_is_an_error() {
+        overflow_case::<f32>();
+        overflow_case::<f64>();
+    }
+
     #[test]
     fn errors() {
         let j = Mat::<f64>::zeros(3, 10);
@@ -1153,14 +1295,16 @@ mod measure {
             for name in ["float64", "float32"] {
                 let j32;
                 let (gram, _) = if name == "float64" {
-                    gram_pass(j.as_ref(), Mat::<f64>::zeros(0, n).as_ref(), &[(0, n)])
+                    gram_pass(j.as_ref(), Mat::<f64>::zeros(0, n).as_ref(), &[(0, n)]).unwrap()
                 } else {
                     j32 = cast::<f32>(j.as_ref());
-                    gram_pass(j32.as_ref(), Mat::<f32>::zeros(0, n).as_ref(), &[(0, n)])
+                    gram_pass(j32.as_ref(), Mat::<f32>::zeros(0, n).as_ref(), &[(0, n)]).unwrap()
                 };
                 let top = (0..m).map(|i| gram[(i, i)]).fold(0.0, f64::max);
                 let full = Mat::from_fn(m, m, |a, b| gram[(a.max(b), a.min(b))] / top);
-                let (values, _) = self_adjoint_eigen(full.as_ref(), Par::Seq).unwrap();
+                let (values, _) = self_adjoint_eigen(full.as_ref(), Par::Seq)
+                    .unwrap()
+                    .unwrap();
                 let lmax = values[m - 1];
                 let noise = values[..m - r]
                     .iter()

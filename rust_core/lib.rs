@@ -14,6 +14,7 @@ mod checks;
 mod encoder_null;
 mod error;
 mod jacobian_null;
+mod memory;
 mod scalar;
 mod span_basis;
 

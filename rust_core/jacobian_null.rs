@@ -18,7 +18,9 @@
 //! [`gram_max_cond`] for the output type and no eigenvalue sits near the rank threshold `rcond^2
 //! lambda_max` (the SVD's rule `sigma_i > rcond sigma_max`, squared); otherwise the SVD route.
 
-use crate::checks::{all_finite, check_cols, check_finite, check_output_shape, check_rcond};
+use crate::checks::{
+    all_finite, check_cols, check_finite, check_output_shape, check_rcond, max_abs_finite,
+};
 use crate::error::ProjectionError;
 use crate::memory::{prepare_threads, try_mat, try_resize, try_scratch, try_zeros};
 use crate::scalar::Real;
@@ -238,6 +240,19 @@ enum GramOutcome<'a, T> {
 const GRAM_DIAG_MIN: f64 = 1e-240;
 const GRAM_DIAG_MAX: f64 = 1e240;
 
+/// Whether every row of `g` has its largest entry in `[1e-150, 1e150]` (or is zero), so that
+/// with `J` inside the bounds above (`|J| ~ a` within `1e+-120`) neither `J G^T ~ a g` nor `W
+/// ~ g / a` leaves the normal float64 range (a row of 1e-275 lost every digit in `J G^T`).
+/// Only a float64 `G` can be outside; its batches then take the SVD route, which keeps every
+/// row's scale. One pass over a float64 `G`.
+fn rows_in_gram_range<T: Real>(g: MatRef<'_, T>) -> bool {
+    T::NAME != "float64"
+        || (0..g.nrows()).all(|i| match max_abs_finite(g.subrows(i, 1)) {
+            Some(top) => top == T::from_f64(0.0) || (1e-150..=1e150).contains(&top.to_f64()),
+            None => true, // NaN / inf: reported by the Gram pass
+        })
+}
+
 fn gram_route<'a, TJ: Real, T: Real>(
     batch: Batch<'a, T>,
     j: MatRef<'_, TJ>,
@@ -246,6 +261,9 @@ fn gram_route<'a, TJ: Real, T: Real>(
     par: Par,
 ) -> Result<GramOutcome<'a, T>, ProjectionError> {
     let m = j.nrows();
+    if !rows_in_gram_range(batch.g()) {
+        return Ok(GramOutcome::Declined(batch));
+    }
     let chunks = column_chunks(j.ncols(), par);
     let (gram, c) = gram_pass(j, batch.g(), &chunks)?;
 
@@ -1087,6 +1105,29 @@ mod tests {
         let (_, info, r) = run_route::<f64, f64>(&j, &g, None, JacobianRoute::Auto);
         assert_eq!(info.route, JacobianRoute::Svd);
         assert!(r < 1e-12);
+    }
+
+    #[test]
+    fn tiny_float64_batches_keep_their_digits() {
+        // found by the seeded fuzzer: J ~ 1e-84, G ~ 1e-275 made J G^T underflow in the Gram
+        // route (the result was G itself); such batches now take the SVD route. Compared with
+        // the same batch scaled up by 2^900 (exact).
+        let mut rng = rng(32);
+        let j = gaussian(&mut rng, 12, 39) * faer::Scale(1e-84);
+        let g = gaussian(&mut rng, 7, 39) * faer::Scale(1e-275);
+        let up = 2f64.powi(900);
+        let g_up = &g * faer::Scale(up);
+        let (y, info, _) = run_route::<f64, f64>(&j, &g, None, JacobianRoute::Auto);
+        let (y_up, _, _) = run_route::<f64, f64>(&j, &g_up, None, JacobianRoute::Auto);
+        let diff = max_abs_diff((&y * faer::Scale(up)).as_ref(), y_up.as_ref());
+        assert!(diff < 1e-12 * g_up.norm_max(), "{diff:e}");
+        assert_eq!((info.route, info.rank), (JacobianRoute::Svd, 12));
+        // a zero row, or rows within 1e+-150, stay on the Gram route
+        let mut g = gaussian(&mut rng, 3, 39) * faer::Scale(1e-140);
+        g.row_mut(1).fill(0.0);
+        let (_, info, r) = run_route::<f64, f64>(&j, &g, None, JacobianRoute::Auto);
+        assert_eq!(info.route, JacobianRoute::Gram);
+        assert!(r < 1e-12, "{r:e}");
     }
 
     fn overflow_case<T: Real>() {

@@ -14,6 +14,7 @@ use faer::dyn_stack::{MemBuffer, StackReq};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, Par};
 use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 /// The error for a failed allocation of `bytes` for `buffer`; the call is named later.
@@ -91,13 +92,20 @@ const GEMM_BUFFER: &str =
 /// and with several threads every thread of the current rayon pool) its GEMM packing buffer
 /// now, after a fallible probe of its size: a thread's first product would otherwise allocate it
 /// infallibly, and a failure there aborts the process. A thread is prepared once; later calls
-/// cost a thread-local read (and, with several threads, one rayon broadcast).
+/// cost a thread-local read (the global pool is prepared once; a pool the caller runs inside
+/// of gets one rayon broadcast per call).
 pub(crate) fn prepare_threads(par: Par) -> Result<(), ProjectionError> {
+    static GLOBAL_POOL_READY: AtomicBool = AtomicBool::new(false);
     prepare_this_thread()?;
-    if par.degree() > 1 {
+    // outside any pool, the work goes to the global one
+    let global = rayon::current_thread_index().is_none();
+    if par.degree() > 1 && !(global && GLOBAL_POOL_READY.load(Ordering::Acquire)) {
         rayon::broadcast(|_| prepare_this_thread())
             .into_iter()
             .collect::<Result<(), _>>()?;
+        if global {
+            GLOBAL_POOL_READY.store(true, Ordering::Release);
+        }
     }
     Ok(())
 }

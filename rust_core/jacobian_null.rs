@@ -314,8 +314,11 @@ fn gram_route<'a, TJ: Real, T: Real>(
         },
     };
     let solved = match cholesky_coeffs(gram_live.as_ref(), c_live.as_ref(), limits, par)? {
-        Some(done) => Some(done),
-        None => eigen_coeffs(gram_live.as_ref(), c_live.as_ref(), limits, forced, par)?,
+        Cholesky::Solved(w) => Some((w, ml)),
+        Cholesky::Declines => None,
+        Cholesky::Undecided => {
+            eigen_coeffs(gram_live.as_ref(), c_live.as_ref(), limits, forced, par)?
+        }
     };
     let Some((w_live, rank)) = solved else {
         return Ok(GramOutcome::Declined(batch));
@@ -364,21 +367,42 @@ struct Limits {
     floor: f64,
 }
 
-/// `(M^-1 C, m)` by Cholesky, when that is certain to be what the eigendecomposition would
-/// decide: every eigenvalue kept, unambiguously, and above the floor. Certain because
-/// `1 / trace(M^-1) = 1 / ||L^-1||_F^2 <= lambda_min` and `||M||_inf >= lambda_max` bound the
-/// spectrum from the safe side. Much cheaper than the eigenvalues (m = 2048, one thread:
-/// Cholesky 0.14 s, eigenvalues alone 0.9 s, with eigenvectors 1.9 s); `None` sends the
-/// caller to [`eigen_coeffs`].
+/// What [`cholesky_coeffs`] found.
+enum Cholesky {
+    /// `M^-1 C`: every eigenvalue is certainly kept, unambiguously, and above the floor.
+    Solved(Mat<f64>),
+    /// The eigendecomposition must decide.
+    Undecided,
+    /// The eigendecomposition would certainly decline: the SVD route, without computing it.
+    Declines,
+}
+
+/// `M^-1 C` by Cholesky, when that is certain to be what the eigendecomposition would decide:
+/// every eigenvalue kept, unambiguously, and above the floor. Certain because `1 / trace(M^-1)
+/// = 1 / ||L^-1||_F^2 <= lambda_min` and `||M||_inf >= lambda_max` bound the spectrum from the
+/// safe side. Much cheaper than the eigenvalues (m = 2048, one thread: Cholesky 0.14 s,
+/// eigenvalues alone 0.9 s, with eigenvectors 1.9 s). Also the opposite certainty
+/// ([`certainly_declines`]), which saves the eigendecomposition where the SVD route follows
+/// it anyway (m = 6000: several minutes, docs/linalg.md).
 fn cholesky_coeffs(
     gram: MatRef<'_, f64>,
     c: MatRef<'_, f64>,
     limits: Limits,
     par: Par,
-) -> Result<Option<(Mat<f64>, usize)>, ProjectionError> {
+) -> Result<Cholesky, ProjectionError> {
     let m = gram.nrows();
-    let Some(l) = cholesky_factor(gram, par)? else {
-        return Ok(None);
+    let lambda_max_lb = (0..m).map(|i| gram[(i, i)]).fold(0.0, f64::max);
+    let Some(l) = cholesky_factor(gram, 0.0, par)? else {
+        // not positive definite in floating point: shifted by a quarter of the floor, it is
+        // when every eigenvalue is a fair way above round-off
+        let shift = 0.25 * limits.floor * lambda_max_lb;
+        if !may_decline(limits) {
+            return Ok(Cholesky::Undecided);
+        }
+        return Ok(match cholesky_factor(gram, shift, par)? {
+            Some(l) if certainly_declines(gram, l.as_ref(), limits, par)? => Cholesky::Declines,
+            _ => Cholesky::Undecided,
+        });
     };
     let mut l_inv = try_zeros::<f64>("the inverse Cholesky factor", m, m)?;
     invert_lower_triangular(l_inv.as_mut(), l.as_ref(), par);
@@ -393,7 +417,12 @@ fn cholesky_coeffs(
         .fold(0.0, f64::max);
     let margin = (limits.threshold + GRAM_NOISE).max(limits.floor);
     if !(trace_inv.is_finite() && lambda_min_lb > margin * lambda_max_ub) {
-        return Ok(None);
+        let declines = may_decline(limits) && certainly_declines(gram, l.as_ref(), limits, par)?;
+        return Ok(if declines {
+            Cholesky::Declines
+        } else {
+            Cholesky::Undecided
+        });
     }
     // M^-1 C = L^-T (L^-1 C)
     let mut z = try_zeros::<f64>("L^-1 J G^T", m, c.ncols())?;
@@ -420,16 +449,22 @@ fn cholesky_coeffs(
         1.0,
         par,
     );
-    Ok(Some((w, m)))
+    Ok(Cholesky::Solved(w))
 }
 
-/// The lower Cholesky factor of `M` (symmetric, lower half read), `None` when it is not
-/// positive definite in floating point.
-fn cholesky_factor(gram: MatRef<'_, f64>, par: Par) -> Result<Option<Mat<f64>>, ProjectionError> {
+/// The lower Cholesky factor of `M + shift I` (`M` symmetric, lower half read), `None` when
+/// that is not positive definite in floating point.
+fn cholesky_factor(
+    gram: MatRef<'_, f64>,
+    shift: f64,
+    par: Par,
+) -> Result<Option<Mat<f64>>, ProjectionError> {
     let m = gram.nrows();
     let mut l = try_mat("the Cholesky factor", m, m, |i, k| {
-        if i >= k {
+        if i > k {
             gram[(i, k)]
+        } else if i == k {
+            gram[(i, k)] + shift
         } else {
             0.0
         }
@@ -444,6 +479,56 @@ fn cholesky_factor(gram: MatRef<'_, f64>, par: Par) -> Result<Option<Mat<f64>>, 
         Default::default(),
     );
     Ok(factored.is_ok().then_some(l))
+}
+
+/// Whether the eigendecomposition's verdict can be known to be "decline" without it: with the
+/// rank threshold at or below the noise level (the default `rcond` and anything up to 1e-6) an
+/// eigenvalue below the floor is either kept and too small (`ill`) or near the threshold
+/// (`ambiguous`); never quietly dropped. Needs a floor well above the noise level, so that a
+/// bound computed in floating point settles it: float64 results (floor 1e-6), not forced.
+fn may_decline(limits: Limits) -> bool {
+    limits.threshold <= GRAM_NOISE && limits.floor >= 1e3 * GRAM_NOISE
+}
+
+/// Whether `M` certainly has an eigenvalue below `floor * lambda_max`: a Rayleigh quotient
+/// `v^T M v` (an upper bound on `lambda_min` for any unit `v`) with `v` from three steps of
+/// inverse iteration on `M + shift I = L L^T`, plus its round-off bound, against `floor *
+/// max_i M_ii` (a lower bound on `lambda_max`). `O(m^2)`. An iteration that has not found the
+/// smallest eigenvalue only makes the quotient larger: the answer is then "not certain".
+fn certainly_declines(
+    gram: MatRef<'_, f64>,
+    l: MatRef<'_, f64>,
+    limits: Limits,
+    par: Par,
+) -> Result<bool, ProjectionError> {
+    let m = gram.nrows();
+    let full = |i: usize, k: usize| gram[(i.max(k), i.min(k))];
+    let lambda_max_lb = (0..m).map(|i| gram[(i, i)]).fold(0.0, f64::max);
+    let lambda_max_ub = (0..m)
+        .map(|i| (0..m).map(|k| full(i, k).abs()).sum::<f64>())
+        .fold(0.0, f64::max);
+    let mut v = try_mat("an inverse-iteration vector", m, 1, |i, _| {
+        // a fixed start with uneven entries
+        1.0 + ((i * 7919) % 101) as f64 / 101.0
+    })?;
+    for _ in 0..3 {
+        faer::linalg::triangular_solve::solve_lower_triangular_in_place(l, v.as_mut(), par);
+        faer::linalg::triangular_solve::solve_upper_triangular_in_place(
+            l.transpose(),
+            v.as_mut(),
+            par,
+        );
+        let norm = v.norm_l2();
+        if !(norm.is_finite() && norm > 0.0) {
+            return Ok(false);
+        }
+        v.col_mut(0).iter_mut().for_each(|x| *x /= norm);
+    }
+    let rayleigh: f64 = (0..m)
+        .map(|i| v[(i, 0)] * (0..m).map(|k| full(i, k) * v[(k, 0)]).sum::<f64>())
+        .sum();
+    let round_off = (GRAM_NOISE + m as f64 * f64::EPSILON) * lambda_max_ub;
+    Ok(rayleigh.is_finite() && rayleigh + round_off < limits.floor * lambda_max_lb)
 }
 
 /// `(V_r L_r^-1 V_r^T C, r)` from the eigendecomposition `M = V L V^T`, keeping the eigenvalues
@@ -1104,6 +1189,48 @@ mod tests {
         let g = gaussian(&mut rng, 2, 20);
         let (_, info, r) = run_route::<f64, f64>(&j, &g, None, JacobianRoute::Auto);
         assert_eq!(info.route, JacobianRoute::Svd);
+        assert!(r < 1e-12);
+    }
+
+    #[test]
+    fn cholesky_settles_what_it_can_without_the_eigendecomposition() {
+        let mut rng = rng(30);
+        let limits = |floor: f64| Limits {
+            threshold: SpanBasis::default_rcond(80, 10).powi(2),
+            floor,
+        };
+        let (f64_limits, f32_limits, forced) = (
+            limits(gram_max_cond::<f64>().powi(-2)),
+            limits(gram_max_cond::<f32>().powi(-2)),
+            limits(0.0),
+        );
+        let outcome = |j: &Mat<f64>, limits| {
+            let gram = j * j.transpose();
+            let c = Mat::from_fn(j.nrows(), 2, |i, k| (i + k) as f64);
+            match cholesky_coeffs(gram.as_ref(), c.as_ref(), limits, Par::Seq).unwrap() {
+                Cholesky::Solved(_) => "solved",
+                Cholesky::Undecided => "undecided",
+                Cholesky::Declines => "declines",
+            }
+        };
+        for (cond, expected64) in [(1e1f64, "solved"), (1e5, "declines"), (1e7, "declines")] {
+            let s: Vec<f64> = (0..10).map(|i| cond.powf(-(i as f64) / 9.0)).collect();
+            let j = with_singular_values(&mut rng, 80, &s)
+                .transpose()
+                .to_owned();
+            assert_eq!(outcome(&j, f64_limits), expected64, "cond {cond:e}");
+            // float32 and forced routes never decline on a bound
+            assert_ne!(outcome(&j, f32_limits), "declines", "cond {cond:e}");
+            assert_ne!(outcome(&j, forced), "declines", "cond {cond:e}");
+        }
+        // dependent rows: not positive definite in floating point; shifted, the bound settles it
+        let j = gaussian(&mut rng, 10, 3) * gaussian(&mut rng, 3, 80);
+        assert_eq!(outcome(&j, f64_limits), "declines");
+        assert_eq!(outcome(&j, f32_limits), "undecided");
+        // and the routes are those of the eigendecomposition: dependent rows go to the SVD
+        let g = gaussian(&mut rng, 3, 80);
+        let (_, info, r) = run_route::<f64, f64>(&j, &g, None, JacobianRoute::Auto);
+        assert_eq!((info.route, info.rank), (JacobianRoute::Svd, 3));
         assert!(r < 1e-12);
     }
 

@@ -8,7 +8,7 @@ use crate::error::ProjectionError;
 use crate::memory::prepare_threads;
 use crate::scalar::Real;
 use crate::span_basis::{Factorization, SpanBasis};
-use faer::reborrow::Reborrow;
+use faer::reborrow::{Reborrow, ReborrowMut};
 use faer::{MatMut, MatRef, Par};
 
 /// `P_perp = I - A A^+` for a fixed `A` (`d x k`), factored once (see [`SpanBasis`]).
@@ -80,10 +80,35 @@ impl EncoderNullProjector {
         let d = self.d();
         check_cols("X", x, d, || format!("the projector was built for d={d}"))?;
         check_output_shape(dst.shape(), x.shape())?;
-        // the finiteness check rides along with the copy of each block of X into dst
         prepare_threads(par)
-            .and_then(|()| self.basis.project_out_checked("X", dst, x, par))
+            .and_then(|()| self.project_checked(dst, x, par))
             .map_err(|e| self.during_apply(e, x.shape(), T::NAME))
+    }
+
+    /// The projection, with the finiteness check riding along with the copy of each block of
+    /// `X` into `dst` (no extra pass over `X`); a NaN or infinity is reported before an
+    /// overflow.
+    fn project_checked<T: Real>(
+        &self,
+        dst: MatMut<'_, T>,
+        x: MatRef<'_, T>,
+        par: Par,
+    ) -> Result<(), ProjectionError> {
+        let mut dst = dst;
+        match self
+            .basis
+            .project_rows("X", dst.rb_mut(), Some(x), true, par)
+        {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                check_finite("X", x)?;
+                self.basis.project_out("X", dst, x, par)
+            }
+            Err(e) => {
+                check_finite("X", x)?;
+                Err(e)
+            }
+        }
     }
 
     /// [`Self::apply`] in place: `x <- x - (x U_r) U_r^T` per row. Checked for NaN and

@@ -391,16 +391,25 @@ fn cholesky_coeffs(
     par: Par,
 ) -> Result<Cholesky, ProjectionError> {
     let m = gram.nrows();
-    let lambda_max_lb = (0..m).map(|i| gram[(i, i)]).fold(0.0, f64::max);
+    let full = |i: usize, k: usize| gram[(i.max(k), i.min(k))];
+    // max_i M_ii <= lambda_max <= ||M||_inf
+    let lambda_max = (
+        (0..m).map(|i| gram[(i, i)]).fold(0.0, f64::max),
+        (0..m)
+            .map(|i| (0..m).map(|k| full(i, k).abs()).sum::<f64>())
+            .fold(0.0, f64::max),
+    );
     let Some(l) = cholesky_factor(gram, 0.0, par)? else {
         // not positive definite in floating point: shifted by a quarter of the floor, it is
         // when every eigenvalue is a fair way above round-off
-        let shift = 0.25 * limits.floor * lambda_max_lb;
+        let shift = 0.25 * limits.floor * lambda_max.0;
         if !may_decline(limits) {
             return Ok(Cholesky::Undecided);
         }
         return Ok(match cholesky_factor(gram, shift, par)? {
-            Some(l) if certainly_declines(gram, l.as_ref(), limits, par)? => Cholesky::Declines,
+            Some(l) if certainly_declines(gram, l.as_ref(), lambda_max, limits, par)? => {
+                Cholesky::Declines
+            }
             _ => Cholesky::Undecided,
         });
     };
@@ -408,16 +417,10 @@ fn cholesky_coeffs(
     invert_lower_triangular(l_inv.as_mut(), l.as_ref(), par);
     let trace_inv = l_inv.squared_norm_l2();
     let lambda_min_lb = 1.0 / trace_inv;
-    let lambda_max_ub = (0..m)
-        .map(|i| {
-            (0..m)
-                .map(|k| gram[(i.max(k), i.min(k))].abs())
-                .sum::<f64>()
-        })
-        .fold(0.0, f64::max);
     let margin = (limits.threshold + GRAM_NOISE).max(limits.floor);
-    if !(trace_inv.is_finite() && lambda_min_lb > margin * lambda_max_ub) {
-        let declines = may_decline(limits) && certainly_declines(gram, l.as_ref(), limits, par)?;
+    if !(trace_inv.is_finite() && lambda_min_lb > margin * lambda_max.1) {
+        let declines =
+            may_decline(limits) && certainly_declines(gram, l.as_ref(), lambda_max, limits, par)?;
         return Ok(if declines {
             Cholesky::Declines
         } else {
@@ -492,21 +495,20 @@ fn may_decline(limits: Limits) -> bool {
 
 /// Whether `M` certainly has an eigenvalue below `floor * lambda_max`: a Rayleigh quotient
 /// `v^T M v` (an upper bound on `lambda_min` for any unit `v`) with `v` from three steps of
-/// inverse iteration on `M + shift I = L L^T`, plus its round-off bound, against `floor *
-/// max_i M_ii` (a lower bound on `lambda_max`). `O(m^2)`. An iteration that has not found the
-/// smallest eigenvalue only makes the quotient larger: the answer is then "not certain".
+/// inverse iteration on `M + shift I = L L^T`, plus its round-off bound, against `floor` times
+/// a lower bound on `lambda_max` (`lambda_max`: lower and upper bounds). `O(m^2)`. An iteration
+/// that has not found the smallest eigenvalue only makes the quotient larger: the answer is
+/// then "not certain".
 fn certainly_declines(
     gram: MatRef<'_, f64>,
     l: MatRef<'_, f64>,
+    lambda_max: (f64, f64),
     limits: Limits,
     par: Par,
 ) -> Result<bool, ProjectionError> {
     let m = gram.nrows();
     let full = |i: usize, k: usize| gram[(i.max(k), i.min(k))];
-    let lambda_max_lb = (0..m).map(|i| gram[(i, i)]).fold(0.0, f64::max);
-    let lambda_max_ub = (0..m)
-        .map(|i| (0..m).map(|k| full(i, k).abs()).sum::<f64>())
-        .fold(0.0, f64::max);
+    let (lambda_max_lb, lambda_max_ub) = lambda_max;
     let mut v = try_mat("an inverse-iteration vector", m, 1, |i, _| {
         // a fixed start with uneven entries
         1.0 + ((i * 7919) % 101) as f64 / 101.0

@@ -238,38 +238,13 @@ impl SpanBasis {
         self.project_rows(arg, dst, Some(x), false, par).map(drop)
     }
 
-    /// [`Self::project_out`] that also looks for NaN and infinity in `x`, on each block of rows
-    /// while it sits in cache after the copy (no extra pass over `x`), and reports one before an
-    /// overflow. `dst` is partly written when it errs.
-    pub(crate) fn project_out_checked<T: Real>(
-        &self,
-        arg: &'static str,
-        dst: MatMut<'_, T>,
-        x: MatRef<'_, T>,
-        par: Par,
-    ) -> Result<(), ProjectionError> {
-        debug_assert_eq!(dst.shape(), x.shape());
-        let mut dst = dst;
-        match self.project_rows(arg, dst.rb_mut(), Some(x), true, par) {
-            Ok(true) => Ok(()),
-            Ok(false) => {
-                check_finite(arg, x)?;
-                self.project_out(arg, dst, x, par)
-            }
-            Err(e) => {
-                check_finite(arg, x)?;
-                Err(e)
-            }
-        }
-    }
-
     /// `dst <- src - (src U_r) U_r^T` (`src = None`: `dst` itself), a cache-sized block of rows
     /// at a time: copy, scan (finiteness when `check`, and the largest entry), `C = B U_r` into a
     /// small buffer, `B -= C U_r^T`, so that `src` is read once and `dst` written once. Rows large
     /// enough to overflow in the products are scaled first ([`scaled_products`]). With `par` of
     /// several threads, each takes a contiguous share of the rows and runs sequentially. Returns
-    /// `Ok(false)` when `check` found a non-finite value.
-    fn project_rows<T: Real>(
+    /// `Ok(false)` when `check` found a non-finite value (`dst` is then partly written).
+    pub(crate) fn project_rows<T: Real>(
         &self,
         arg: &'static str,
         dst: MatMut<'_, T>,

@@ -238,7 +238,7 @@ def _project_out_torch(x: torch.Tensor, u: torch.Tensor, name: str, shape: Any) 
     up = (2.0**e1).to(x.dtype), (2.0 ** (e - e1)).to(x.dtype)
     xs = x * down[0] * down[1]
     y = (xs - (xs @ u) @ u.T) * up[0] * up[1]
-    _check_cast(y, x.dtype, name, shape, torch.isfinite(y))
+    _check_overflow(torch.isfinite(y), x.dtype, name, shape)
     return y
 
 
@@ -247,13 +247,13 @@ def _cast_back_tensor(y: torch.Tensor, dtype: Any, name: str) -> torch.Tensor:
     beyond the range of ``dtype`` (float16 and bfloat16 have a smaller one than float32)."""
     out = y.to(dtype)
     if out.dtype != y.dtype:
-        _check_cast(out, dtype, name, tuple(y.shape), _torch().isfinite(out))
+        _check_overflow(_torch().isfinite(out), dtype, name, tuple(y.shape))
     return out
 
 
-def _check_cast(y: Any, dtype: Any, name: str, shape: Any, finite: Any) -> None:
-    """The Rust core's overflow error when ``finite`` (a bool mask of ``y``, NumPy or torch) is
-    not all true; the position is given in ``shape``."""
+def _check_overflow(finite: Any, dtype: Any, name: str, shape: Any) -> None:
+    """The Rust core's overflow error when ``finite`` (a bool mask of a result of ``dtype``,
+    NumPy or torch) is not all true; the position is given in ``shape``."""
     if bool(finite.all()):
         return
     bad = np.asarray((~finite).cpu()) if _is_tensor(finite) else ~finite
@@ -379,7 +379,7 @@ def _ndarray_rows(x: np.ndarray, name: str, n: int) -> tuple[np.ndarray, Any]:
             return y.reshape(shape)
         with np.errstate(over="ignore"):
             out = y.reshape(shape).astype(dtype)
-        _check_cast(out, dtype, name, shape, np.isfinite(out))
+        _check_overflow(np.isfinite(out), dtype, name, shape)
         return out
 
     return flat, restore

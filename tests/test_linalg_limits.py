@@ -193,7 +193,9 @@ CHILD = textwrap.dedent(
 def run_child(case: str) -> subprocess.CompletedProcess:
     # one thread where the core's own buffers, not the per-thread ones, should run out first
     threads = "1" if case in ("factor", "jacobian") else "2"
-    env = dict(os.environ, RUST_BACKTRACE="1", RAYON_NUM_THREADS=threads)
+    # one BLAS thread: OpenBLAS reserves buffers per thread at import, under the same limit
+    env = dict(os.environ, RUST_BACKTRACE="1", RAYON_NUM_THREADS=threads, OPENBLAS_NUM_THREADS="1",
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     return subprocess.run(
         [sys.executable, "-c", CHILD, case], capture_output=True, text=True, timeout=300, env=env
     )

@@ -13,7 +13,6 @@ import time
 
 import numpy as np
 import pytest
-
 from saerecover import linalg
 from saerecover.linalg import EncoderNullProjector, jacobian_null_project
 

@@ -29,7 +29,36 @@ pub fn check_finite<T: Real>(arg: &'static str, m: MatRef<'_, T>) -> Result<(), 
 
 /// Whether every entry of `m` is finite (one vectorized pass along the smaller stride).
 pub fn all_finite<T: Real>(m: MatRef<'_, T>) -> bool {
-    find_non_finite(m).is_none()
+    max_abs_finite(m).is_some()
+}
+
+/// The largest `|entry|` of `m` (0 when it is empty), or `None` when it holds a NaN or an
+/// infinity; one vectorized pass along the smaller stride.
+pub fn max_abs_finite<T: Real>(m: MatRef<'_, T>) -> Option<T> {
+    let larger = |a: T, b: T| if b > a { b } else { a };
+    let mut largest = T::from_f64(0.0);
+    let lines = along_smaller_stride(m);
+    for j in 0..lines.ncols() {
+        let line = lines.col(j);
+        let top = match line.try_as_col_major() {
+            Some(contiguous) => T::max_abs_finite(contiguous.as_slice())?,
+            None => (0..line.nrows()).try_fold(T::from_f64(0.0), |top, i| {
+                let x = line[i];
+                x.is_finite_value().then(|| larger(top, x.abs_value()))
+            })?,
+        };
+        largest = larger(largest, top);
+    }
+    Some(largest)
+}
+
+/// `m`, or its transpose, so that its columns run along the smaller stride.
+fn along_smaller_stride<T>(m: MatRef<'_, T>) -> MatRef<'_, T> {
+    if m.row_stride().unsigned_abs() > m.col_stride().unsigned_abs() {
+        m.transpose()
+    } else {
+        m
+    }
 }
 
 /// Errors unless `m` has `expected` columns; `reason` says where `expected` came from.

@@ -5,6 +5,7 @@
 
 use crate::checks::{check_cols, check_finite, check_output_shape};
 use crate::error::ProjectionError;
+use crate::memory::prepare_threads;
 use crate::scalar::Real;
 use crate::span_basis::{Factorization, SpanBasis};
 use faer::reborrow::{Reborrow, ReborrowMut};
@@ -64,9 +65,12 @@ impl EncoderNullProjector {
     }
 
     /// `dst <- x - (x U_r) U_r^T` per row; `x` is `n x d` (any `n`, any strides) and `dst`
-    /// has the same shape. The arithmetic runs in `T` with the basis rounded to `T`.
+    /// has the same shape. The arithmetic runs in `T` with the basis rounded to `T`; rows whose
+    /// entries are large enough to overflow in it are scaled by a power of two first (exact).
     ///
-    /// Errors: `x` without `d` columns, `dst` of another shape, a NaN or infinity in `x`.
+    /// Errors: `x` without `d` columns, `dst` of another shape, a NaN or infinity in `x`, an
+    /// entry of the result beyond the range of `T` ([`ProjectionError::Overflow`]), an
+    /// allocation that fails. `dst` may be partly written when it errs.
     pub fn apply<T: Real>(
         &self,
         dst: MatMut<'_, T>,
@@ -76,38 +80,77 @@ impl EncoderNullProjector {
         let d = self.d();
         check_cols("X", x, d, || format!("the projector was built for d={d}"))?;
         check_output_shape(dst.shape(), x.shape())?;
-        let mut dst = dst;
-        // the finiteness check rides along with the copy of each block of X into dst
-        if !self.basis.project_out_checked(dst.rb_mut(), x, par) {
-            check_finite("X", x)?;
-            self.basis.project_out(dst, x, par);
-        }
-        Ok(())
+        prepare_threads(par)
+            .and_then(|()| self.project_checked(dst, x, par))
+            .map_err(|e| self.during_apply(e, x.shape(), T::NAME))
     }
 
-    /// [`Self::apply`] in place: `x <- x - (x U_r) U_r^T` per row.
+    /// The projection, with the finiteness check riding along with the copy of each block of
+    /// `X` into `dst` (no extra pass over `X`); a NaN or infinity is reported before an
+    /// overflow.
+    fn project_checked<T: Real>(
+        &self,
+        dst: MatMut<'_, T>,
+        x: MatRef<'_, T>,
+        par: Par,
+    ) -> Result<(), ProjectionError> {
+        let mut dst = dst;
+        match self
+            .basis
+            .project_rows("X", dst.rb_mut(), Some(x), true, par)
+        {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                check_finite("X", x)?;
+                self.basis.project_out("X", dst, x, par)
+            }
+            Err(e) => {
+                check_finite("X", x)?;
+                Err(e)
+            }
+        }
+    }
+
+    /// [`Self::apply`] in place: `x <- x - (x U_r) U_r^T` per row. Checked for NaN and
+    /// infinity first; an overflow error leaves `x` partly projected.
     pub fn apply_in_place<T: Real>(
         &self,
         x: MatMut<'_, T>,
         par: Par,
     ) -> Result<(), ProjectionError> {
-        self.check_input(x.rb())?;
-        self.basis.project_out_in_place(x, par);
-        Ok(())
+        let d = self.d();
+        check_cols("X", x.rb(), d, || {
+            format!("the projector was built for d={d}")
+        })?;
+        check_finite("X", x.rb())?;
+        let shape = x.shape();
+        prepare_threads(par)
+            .and_then(|()| self.basis.project_out_in_place("X", x, par))
+            .map_err(|e| self.during_apply(e, shape, T::NAME))
     }
 
-    fn check_input<T: Real>(&self, x: MatRef<'_, T>) -> Result<(), ProjectionError> {
-        let d = self.d();
-        check_cols("X", x, d, || format!("the projector was built for d={d}"))?;
-        check_finite("X", x)
+    fn during_apply(
+        &self,
+        e: ProjectionError,
+        shape: (usize, usize),
+        dtype: &str,
+    ) -> ProjectionError {
+        e.during(|| {
+            format!(
+                "projecting X of shape ({}, {}) ({dtype}) with a basis of rank {}",
+                shape.0,
+                shape.1,
+                self.rank()
+            )
+        })
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::testing::*;
-    use faer::Mat;
+    use faer::{Mat, MatRef};
 
     fn bar<T: Real>() -> f64 {
         if T::NAME == "float32" {
@@ -326,6 +369,82 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `[[b, b, b], [b, -b, 0], [b, b, b/2], [1, 2, 3]]` with `b` = 0.9 times the largest
+    /// value: the products overflow unless the rows are scaled (`x . u` = 1.73 b and 1.44 b for
+    /// `u = (1, 1, 1) / sqrt(3)`), the projections fit. With it, the exact projections.
+    pub(crate) fn huge_rows<T: Real>() -> (Mat<T>, Mat<f64>) {
+        let b = 0.9 * T::MAX.to_f64();
+        let rows = [[b, b, b], [b, -b, 0.0], [b, b, b / 2.0], [1.0, 2.0, 3.0]];
+        let x = Mat::from_fn(4, 3, |i, j| T::from_f64(rows[i][j]));
+        let exact = Mat::from_fn(4, 3, |i, j| {
+            let s = if i < 3 { b } else { 1.0 };
+            let row: Vec<f64> = (0..3).map(|l| x[(i, l)].to_f64() / s).collect();
+            (row[j] - row.iter().sum::<f64>() / 3.0) * s
+        });
+        (x, exact)
+    }
+
+    /// `max |y - exact|` relative to each row's largest entry of `x`.
+    pub(crate) fn row_relative_error<T: Real>(
+        x: &Mat<T>,
+        y: MatRef<'_, T>,
+        exact: &Mat<f64>,
+    ) -> f64 {
+        let mut worst: f64 = 0.0;
+        for i in 0..x.nrows() {
+            let top = (0..x.ncols()).fold(0.0f64, |m, j| m.max(x[(i, j)].to_f64().abs()));
+            for j in 0..x.ncols() {
+                worst = worst.max((y[(i, j)].to_f64() - exact[(i, j)]).abs() / top);
+            }
+        }
+        worst
+    }
+
+    fn huge_rows_case<T: Real>() {
+        let p = EncoderNullProjector::from_matrix(Mat::<f64>::ones(3, 1).as_ref(), None, Par::Seq)
+            .unwrap();
+        let (x, exact) = huge_rows::<T>();
+        let mut y = Mat::<T>::zeros(4, 3);
+        p.apply(y.as_mut(), x.as_ref(), Par::Seq).unwrap();
+        assert!(row_relative_error(&x, y.as_ref(), &exact) < 10.0 * bar::<T>());
+        let mut z = x.clone();
+        p.apply_in_place(z.as_mut(), Par::Seq).unwrap();
+        assert_eq!(z, y);
+        // [b, -b, -b] projects to [4b/3, -2b/3, -2b/3]: beyond the range
+        let b = T::from_f64(0.9 * T::MAX.to_f64());
+        let mut bad = x.clone();
+        bad.row_mut(1)
+            .copy_from(Mat::from_fn(1, 3, |_, j| if j == 0 { b } else { -b }).row(0));
+        let expected = ProjectionError::Overflow {
+            arg: "X",
+            shape: (4, 3),
+            at: (1, 0),
+            dtype: T::NAME,
+        };
+        assert_eq!(
+            p.apply(y.as_mut(), bad.as_ref(), Par::Seq),
+            Err(expected.clone())
+        );
+        assert_eq!(
+            p.apply_in_place(bad.as_mut(), Par::Seq),
+            Err(expected.clone())
+        );
+        let msg = expected.to_string();
+        assert!(
+            msg.starts_with(&format!(
+                "the projection of X overflows {0} at [1, 0]: the exact result exceeds the largest {0}",
+                T::NAME
+            )) && msg.ends_with("X has shape (4, 3) (scale X down)"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn huge_rows_are_scaled_and_a_result_out_of_range_is_an_error() {
+        huge_rows_case::<f32>();
+        huge_rows_case::<f64>();
     }
 
     #[test]

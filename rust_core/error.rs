@@ -49,6 +49,45 @@ pub enum ProjectionError {
         /// its shape
         shape: (usize, usize),
     },
+    /// The projection of a finite `arg` has an entry beyond the largest finite value of the
+    /// type it is computed in: the exact result cannot be represented.
+    Overflow {
+        /// the projected argument's name (`"X"`, `"G"`)
+        arg: &'static str,
+        /// its shape
+        shape: (usize, usize),
+        /// the (row, column) of the first entry that overflows
+        at: (usize, usize),
+        /// the type of the result, `"float32"` or `"float64"`
+        dtype: &'static str,
+    },
+    /// An allocation failed (the call needs more memory than the allocator can give).
+    OutOfMemory {
+        /// what was being computed, with the shapes (filled in by the entry point)
+        call: String,
+        /// what the buffer was for
+        buffer: &'static str,
+        /// its size
+        bytes: usize,
+    },
+}
+
+impl ProjectionError {
+    /// Names the call in an [`Self::OutOfMemory`] that does not say yet what it was part of.
+    pub(crate) fn during(self, call: impl FnOnce() -> String) -> Self {
+        match self {
+            Self::OutOfMemory {
+                call: ref c,
+                buffer,
+                bytes,
+            } if c.is_empty() => Self::OutOfMemory {
+                call: call(),
+                buffer,
+                bytes,
+            },
+            other => other,
+        }
+    }
 }
 
 impl fmt::Display for ProjectionError {
@@ -78,6 +117,36 @@ impl fmt::Display for ProjectionError {
                 "the singular value decomposition of {arg} (shape ({}, {})) did not converge",
                 shape.0, shape.1
             ),
+            Self::Overflow {
+                arg,
+                shape,
+                at,
+                dtype,
+            } => {
+                let max = if *dtype == "float32" {
+                    format!("{:e}", f32::MAX)
+                } else {
+                    format!("{:e}", f64::MAX)
+                };
+                write!(
+                    f,
+                    "the projection of {arg} overflows {dtype} at [{}, {}]: the exact result \
+                     exceeds the largest {dtype}, {max}; {arg} has shape ({}, {}) (scale {arg} down)",
+                    at.0, at.1, shape.0, shape.1
+                )
+            }
+            Self::OutOfMemory {
+                call,
+                buffer,
+                bytes,
+            } => {
+                let call = if call.is_empty() { "a projection" } else { call };
+                write!(
+                    f,
+                    "out of memory while {call}: allocating {bytes} bytes ({:.1} MiB) for {buffer} failed",
+                    *bytes as f64 / (1u64 << 20) as f64
+                )
+            }
         }
     }
 }

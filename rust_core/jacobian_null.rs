@@ -18,12 +18,15 @@
 //! [`gram_max_cond`] for the output type and no eigenvalue sits near the rank threshold `rcond^2
 //! lambda_max` (the SVD's rule `sigma_i > rcond sigma_max`, squared); otherwise the SVD route.
 
-use crate::checks::{check_cols, check_finite, check_output_shape, check_rcond};
+use crate::checks::{
+    all_finite, check_cols, check_finite, check_output_shape, check_rcond, max_abs_finite,
+};
 use crate::error::ProjectionError;
+use crate::memory::{prepare_threads, try_mat, try_resize, try_scratch, try_zeros};
 use crate::scalar::Real;
 use crate::span_basis::{Factorization, SpanBasis};
 use faer::diag::Diag;
-use faer::dyn_stack::{MemBuffer, MemStack};
+use faer::dyn_stack::MemStack;
 use faer::linalg::cholesky::llt::factor::{
     cholesky_in_place, cholesky_in_place_scratch, LltRegularization,
 };
@@ -88,7 +91,9 @@ pub fn gram_max_cond<T: Real>() -> f64 {
 /// route is [`JacobianRoute::Auto`].
 ///
 /// Errors: `g` without `n` columns, `dst` of another shape, NaN or infinity in `j` or `g`,
-/// `rcond` negative or NaN.
+/// `rcond` negative or NaN, an entry of the result beyond the range of `T`
+/// ([`ProjectionError::Overflow`]; `dst`, or an in-place `g`, is then partly written), an
+/// allocation that fails.
 pub fn jacobian_null_project<TJ: Real, T: Real>(
     dst: MatMut<'_, T>,
     j: MatRef<'_, TJ>,
@@ -172,17 +177,30 @@ fn project<TJ: Real, T: Real>(
     par: Par,
 ) -> Result<JacobianInfo, ProjectionError> {
     let (m, n) = j.shape();
+    let b = batch.g().nrows();
+    let call = || {
+        format!(
+            "projecting G of shape ({b}, {n}) ({}) off the row space of J of shape ({m}, {n}) ({})",
+            T::NAME,
+            TJ::NAME
+        )
+    };
     let rcond = rcond.unwrap_or_else(|| SpanBasis::default_rcond(n, m));
-    if route == JacobianRoute::Svd || m == 0 || n == 0 {
-        return svd_route(batch, j, rcond, par);
-    }
-    match gram_route(batch, j, rcond, route == JacobianRoute::Gram, par)? {
-        GramOutcome::Done(rank) => Ok(JacobianInfo {
-            rank,
-            route: JacobianRoute::Gram,
-        }),
-        GramOutcome::Declined(batch) => svd_route(batch, j, rcond, par),
-    }
+    let routed = |()| {
+        if route == JacobianRoute::Svd || m == 0 || n == 0 {
+            return svd_route(batch, j, rcond, par);
+        }
+        match gram_route(batch, j, rcond, route == JacobianRoute::Gram, par)? {
+            GramOutcome::Done(rank) => Ok(JacobianInfo {
+                rank,
+                route: JacobianRoute::Gram,
+            }),
+            GramOutcome::Declined(batch) => svd_route(batch, j, rcond, par),
+        }
+    };
+    prepare_threads(par)
+        .and_then(routed)
+        .map_err(|e| e.during(call))
 }
 
 fn svd_route<TJ: Real, T: Real>(
@@ -201,8 +219,8 @@ fn svd_route<TJ: Real, T: Real>(
     };
     let basis = SpanBasis::factor("J", j.transpose(), Some(rcond), Factorization::Svd, factor)?;
     match batch {
-        Batch::Separate { dst, g } => basis.project_out(dst, g, par),
-        Batch::InPlace(g) => basis.project_out_in_place(g, par),
+        Batch::Separate { dst, g } => basis.project_out("G", dst, g, par)?,
+        Batch::InPlace(g) => basis.project_out_in_place("G", g, par)?,
     }
     Ok(JacobianInfo {
         rank: basis.rank(),
@@ -222,6 +240,19 @@ enum GramOutcome<'a, T> {
 const GRAM_DIAG_MIN: f64 = 1e-240;
 const GRAM_DIAG_MAX: f64 = 1e240;
 
+/// Whether every row of `g` has its largest entry in `[1e-150, 1e150]` (or is zero), so that
+/// with `J` inside the bounds above (`|J| ~ a` within `1e+-120`) neither `J G^T ~ a g` nor `W
+/// ~ g / a` leaves the normal float64 range (a row of 1e-275 lost every digit in `J G^T`).
+/// Only a float64 `G` can be outside; its batches then take the SVD route, which keeps every
+/// row's scale. One pass over a float64 `G`.
+fn rows_in_gram_range<T: Real>(g: MatRef<'_, T>) -> bool {
+    T::NAME != "float64"
+        || (0..g.nrows()).all(|i| match max_abs_finite(g.subrows(i, 1)) {
+            Some(top) => top == T::from_f64(0.0) || (1e-150..=1e150).contains(&top.to_f64()),
+            None => true, // NaN / inf: reported by the Gram pass
+        })
+}
+
 fn gram_route<'a, TJ: Real, T: Real>(
     batch: Batch<'a, T>,
     j: MatRef<'_, TJ>,
@@ -230,8 +261,11 @@ fn gram_route<'a, TJ: Real, T: Real>(
     par: Par,
 ) -> Result<GramOutcome<'a, T>, ProjectionError> {
     let m = j.nrows();
+    if !rows_in_gram_range(batch.g()) {
+        return Ok(GramOutcome::Declined(batch));
+    }
     let chunks = column_chunks(j.ncols(), par);
-    let (gram, c) = gram_pass(j, batch.g(), &chunks);
+    let (gram, c) = gram_pass(j, batch.g(), &chunks)?;
 
     // NaN / inf in J reach the diagonal of J J^T, in G every entry of its column of J G^T:
     // IEEE arithmetic cannot cancel them. A non-finite value with finite inputs is overflow.
@@ -262,12 +296,15 @@ fn gram_route<'a, TJ: Real, T: Real>(
     // eigensolver is not scale-invariant for entries far from 1 (a Gram matrix of a 1e-30 J
     // lost all accuracy at m = 256)
     let unscale = 2f64.powi(largest.log2().floor() as i32);
-    let gram_live = Mat::from_fn(ml, ml, |a, b| {
+    let gram_live = try_mat("the scaled Gram matrix", ml, ml, |a, b| {
         let (i, k) = (live[a.max(b)], live[a.min(b)]);
         gram[(i, k)] / unscale
-    });
+    })?;
+    drop(gram);
     let b = c.ncols();
-    let c_live = Mat::from_fn(ml, b, |i, k| c[(live[i], k)]);
+    let c_live = try_mat("J G^T without the zero rows of J", ml, b, |i, k| {
+        c[(live[i], k)]
+    })?;
     let limits = Limits {
         threshold: rcond * rcond,
         floor: if forced {
@@ -276,8 +313,13 @@ fn gram_route<'a, TJ: Real, T: Real>(
             gram_max_cond::<T>().powi(-2)
         },
     };
-    let solved = cholesky_coeffs(gram_live.as_ref(), c_live.as_ref(), limits, par)
-        .or_else(|| eigen_coeffs(gram_live.as_ref(), c_live.as_ref(), limits, forced, par));
+    let solved = match cholesky_coeffs(gram_live.as_ref(), c_live.as_ref(), limits, par)? {
+        Cholesky::Solved(w) => Some((w, ml)),
+        Cholesky::Declines => None,
+        Cholesky::Undecided => {
+            eigen_coeffs(gram_live.as_ref(), c_live.as_ref(), limits, forced, par)?
+        }
+    };
     let Some((w_live, rank)) = solved else {
         return Ok(GramOutcome::Declined(batch));
     };
@@ -294,7 +336,7 @@ fn gram_route<'a, TJ: Real, T: Real>(
         return Ok(GramOutcome::Done(rank));
     }
     // W = (J J^T)^+ J G^T (m x b), zero on the rows of J that are zero
-    let mut w = Mat::<f64>::zeros(m, b);
+    let mut w = try_zeros::<f64>("(J J^T)^+ J G^T", m, b)?;
     for (a, &i) in live.iter().enumerate() {
         for k in 0..b {
             w[(i, k)] = w_live[(a, k)] / unscale;
@@ -311,7 +353,7 @@ fn gram_route<'a, TJ: Real, T: Real>(
     if !bound.is_finite() || bound >= 1e300 {
         return Ok(GramOutcome::Declined(batch));
     }
-    update_pass(batch, j, w.as_ref(), &chunks);
+    update_pass(batch, j, w.as_ref(), &chunks)?;
     Ok(GramOutcome::Done(rank))
 }
 
@@ -325,47 +367,68 @@ struct Limits {
     floor: f64,
 }
 
-/// `(M^-1 C, m)` by Cholesky, when that is certain to be what the eigendecomposition would
-/// decide: every eigenvalue kept, unambiguously, and above the floor. Certain because
-/// `1 / trace(M^-1) = 1 / ||L^-1||_F^2 <= lambda_min` and `||M||_inf >= lambda_max` bound the
-/// spectrum from the safe side. Much cheaper than the eigenvalues (m = 2048, one thread:
-/// Cholesky 0.14 s, eigenvalues alone 0.9 s, with eigenvectors 1.9 s); `None` sends the
-/// caller to [`eigen_coeffs`].
+/// What [`cholesky_coeffs`] found.
+enum Cholesky {
+    /// `M^-1 C`: every eigenvalue is certainly kept, unambiguously, and above the floor.
+    Solved(Mat<f64>),
+    /// The eigendecomposition must decide.
+    Undecided,
+    /// The eigendecomposition would certainly decline: the SVD route, without computing it.
+    Declines,
+}
+
+/// `M^-1 C` by Cholesky, when that is certain to be what the eigendecomposition would decide:
+/// every eigenvalue kept, unambiguously, and above the floor. Certain because `1 / trace(M^-1)
+/// = 1 / ||L^-1||_F^2 <= lambda_min` and `||M||_inf >= lambda_max` bound the spectrum from the
+/// safe side. Much cheaper than the eigenvalues (m = 2048, one thread: Cholesky 0.14 s,
+/// eigenvalues alone 0.9 s, with eigenvectors 1.9 s). Also the opposite certainty
+/// ([`certainly_declines`]), which saves the eigendecomposition where the SVD route follows
+/// it anyway (m = 6000: several minutes, docs/linalg.md).
 fn cholesky_coeffs(
     gram: MatRef<'_, f64>,
     c: MatRef<'_, f64>,
     limits: Limits,
     par: Par,
-) -> Option<(Mat<f64>, usize)> {
+) -> Result<Cholesky, ProjectionError> {
     let m = gram.nrows();
-    let mut l = Mat::from_fn(m, m, |i, k| if i >= k { gram[(i, k)] } else { 0.0 });
-    let req = cholesky_in_place_scratch::<f64>(m, par, Default::default());
-    let mut buf = MemBuffer::new(req);
-    cholesky_in_place(
-        l.as_mut(),
-        LltRegularization::default(),
-        par,
-        MemStack::new(&mut buf),
-        Default::default(),
-    )
-    .ok()?;
-    let mut l_inv = Mat::<f64>::zeros(m, m);
+    let full = |i: usize, k: usize| gram[(i.max(k), i.min(k))];
+    // max_i M_ii <= lambda_max <= ||M||_inf
+    let lambda_max = (
+        (0..m).map(|i| gram[(i, i)]).fold(0.0, f64::max),
+        (0..m)
+            .map(|i| (0..m).map(|k| full(i, k).abs()).sum::<f64>())
+            .fold(0.0, f64::max),
+    );
+    let Some(l) = cholesky_factor(gram, 0.0, par)? else {
+        // not positive definite in floating point: shifted by a quarter of the floor, it is
+        // when every eigenvalue is a fair way above round-off
+        let shift = 0.25 * limits.floor * lambda_max.0;
+        if !may_decline(limits) {
+            return Ok(Cholesky::Undecided);
+        }
+        return Ok(match cholesky_factor(gram, shift, par)? {
+            Some(l) if certainly_declines(gram, l.as_ref(), lambda_max, limits, par)? => {
+                Cholesky::Declines
+            }
+            _ => Cholesky::Undecided,
+        });
+    };
+    let mut l_inv = try_zeros::<f64>("the inverse Cholesky factor", m, m)?;
     invert_lower_triangular(l_inv.as_mut(), l.as_ref(), par);
     let trace_inv = l_inv.squared_norm_l2();
     let lambda_min_lb = 1.0 / trace_inv;
-    let lambda_max_ub = (0..m)
-        .map(|i| {
-            (0..m)
-                .map(|k| gram[(i.max(k), i.min(k))].abs())
-                .sum::<f64>()
-        })
-        .fold(0.0, f64::max);
     let margin = (limits.threshold + GRAM_NOISE).max(limits.floor);
-    if !(trace_inv.is_finite() && lambda_min_lb > margin * lambda_max_ub) {
-        return None;
+    if !(trace_inv.is_finite() && lambda_min_lb > margin * lambda_max.1) {
+        let declines =
+            may_decline(limits) && certainly_declines(gram, l.as_ref(), lambda_max, limits, par)?;
+        return Ok(if declines {
+            Cholesky::Declines
+        } else {
+            Cholesky::Undecided
+        });
     }
     // M^-1 C = L^-T (L^-1 C)
-    let mut z = Mat::<f64>::zeros(m, c.ncols());
+    let mut z = try_zeros::<f64>("L^-1 J G^T", m, c.ncols())?;
     triangular::matmul(
         z.as_mut(),
         BlockStructure::Rectangular,
@@ -377,7 +440,7 @@ fn cholesky_coeffs(
         1.0,
         par,
     );
-    let mut w = Mat::<f64>::zeros(m, c.ncols());
+    let mut w = try_zeros::<f64>("(J J^T)^-1 J G^T", m, c.ncols())?;
     triangular::matmul(
         w.as_mut(),
         BlockStructure::Rectangular,
@@ -389,7 +452,85 @@ fn cholesky_coeffs(
         1.0,
         par,
     );
-    Some((w, m))
+    Ok(Cholesky::Solved(w))
+}
+
+/// The lower Cholesky factor of `M + shift I` (`M` symmetric, lower half read), `None` when
+/// that is not positive definite in floating point.
+fn cholesky_factor(
+    gram: MatRef<'_, f64>,
+    shift: f64,
+    par: Par,
+) -> Result<Option<Mat<f64>>, ProjectionError> {
+    let m = gram.nrows();
+    let mut l = try_mat("the Cholesky factor", m, m, |i, k| {
+        if i > k {
+            gram[(i, k)]
+        } else if i == k {
+            gram[(i, k)] + shift
+        } else {
+            0.0
+        }
+    })?;
+    let req = cholesky_in_place_scratch::<f64>(m, par, Default::default());
+    let mut buf = try_scratch("the Cholesky factorization's workspace", req)?;
+    let factored = cholesky_in_place(
+        l.as_mut(),
+        LltRegularization::default(),
+        par,
+        MemStack::new(&mut buf),
+        Default::default(),
+    );
+    Ok(factored.is_ok().then_some(l))
+}
+
+/// Whether the eigendecomposition's verdict can be known to be "decline" without it: with the
+/// rank threshold at or below the noise level (the default `rcond` and anything up to 1e-6) an
+/// eigenvalue below the floor is either kept and too small (`ill`) or near the threshold
+/// (`ambiguous`); never quietly dropped. Needs a floor well above the noise level, so that a
+/// bound computed in floating point settles it: float64 results (floor 1e-6), not forced.
+fn may_decline(limits: Limits) -> bool {
+    limits.threshold <= GRAM_NOISE && limits.floor >= 1e3 * GRAM_NOISE
+}
+
+/// Whether `M` certainly has an eigenvalue below `floor * lambda_max`: a Rayleigh quotient
+/// `v^T M v` (an upper bound on `lambda_min` for any unit `v`) with `v` from three steps of
+/// inverse iteration on `M + shift I = L L^T`, plus its round-off bound, against `floor` times
+/// a lower bound on `lambda_max` (`lambda_max`: lower and upper bounds). `O(m^2)`. An iteration
+/// that has not found the smallest eigenvalue only makes the quotient larger: the answer is
+/// then "not certain".
+fn certainly_declines(
+    gram: MatRef<'_, f64>,
+    l: MatRef<'_, f64>,
+    lambda_max: (f64, f64),
+    limits: Limits,
+    par: Par,
+) -> Result<bool, ProjectionError> {
+    let m = gram.nrows();
+    let full = |i: usize, k: usize| gram[(i.max(k), i.min(k))];
+    let (lambda_max_lb, lambda_max_ub) = lambda_max;
+    let mut v = try_mat("an inverse-iteration vector", m, 1, |i, _| {
+        // a fixed start with uneven entries
+        1.0 + ((i * 7919) % 101) as f64 / 101.0
+    })?;
+    for _ in 0..3 {
+        faer::linalg::triangular_solve::solve_lower_triangular_in_place(l, v.as_mut(), par);
+        faer::linalg::triangular_solve::solve_upper_triangular_in_place(
+            l.transpose(),
+            v.as_mut(),
+            par,
+        );
+        let norm = v.norm_l2();
+        if !(norm.is_finite() && norm > 0.0) {
+            return Ok(false);
+        }
+        v.col_mut(0).iter_mut().for_each(|x| *x /= norm);
+    }
+    let rayleigh: f64 = (0..m)
+        .map(|i| v[(i, 0)] * (0..m).map(|k| full(i, k) * v[(k, 0)]).sum::<f64>())
+        .sum();
+    let round_off = (GRAM_NOISE + m as f64 * f64::EPSILON) * lambda_max_ub;
+    Ok(rayleigh.is_finite() && rayleigh + round_off < limits.floor * lambda_max_lb)
 }
 
 /// `(V_r L_r^-1 V_r^T C, r)` from the eigendecomposition `M = V L V^T`, keeping the eigenvalues
@@ -402,9 +543,11 @@ fn eigen_coeffs(
     limits: Limits,
     forced: bool,
     par: Par,
-) -> Option<(Mat<f64>, usize)> {
+) -> Result<Option<(Mat<f64>, usize)>, ProjectionError> {
     let m = gram.nrows();
-    let (values, vectors) = self_adjoint_eigen(gram, par)?;
+    let Some((values, vectors)) = self_adjoint_eigen(gram, par)? else {
+        return Ok(None);
+    };
     let lambda_max = values[m - 1];
     let threshold = limits.threshold * lambda_max;
     let noise = GRAM_NOISE * lambda_max;
@@ -415,36 +558,55 @@ fn eigen_coeffs(
         let ambiguous = values.iter().any(|&v| (v - threshold).abs() <= noise);
         let ill = kept.iter().any(|&i| values[i] < limits.floor * lambda_max);
         if ambiguous || ill {
-            return None;
+            return Ok(None);
         }
     }
     let rank = kept.len();
-    let v_kept = Mat::from_fn(m, rank, |i, k| vectors[(i, kept[k])]);
-    let mut z = v_kept.transpose() * c;
+    let v_kept = try_mat("the kept eigenvectors", m, rank, |i, k| {
+        vectors[(i, kept[k])]
+    })?;
+    drop(vectors);
+    let mut z = try_zeros::<f64>("V_r^T J G^T", rank, c.ncols())?;
+    matmul(z.as_mut(), Accum::Replace, v_kept.transpose(), c, 1.0, par);
     for (row, &i) in kept.iter().enumerate() {
         let inv = 1.0 / values[i];
         z.row_mut(row).iter_mut().for_each(|x| *x *= inv);
     }
-    Some((&v_kept * &z, rank))
+    let mut w = try_zeros::<f64>("(J J^T)^+ J G^T", m, c.ncols())?;
+    matmul(
+        w.as_mut(),
+        Accum::Replace,
+        v_kept.as_ref(),
+        z.as_ref(),
+        1.0,
+        par,
+    );
+    Ok(Some((w, rank)))
 }
 
-/// Eigenvalues (nondecreasing) and eigenvectors of the symmetric `a` (lower half read).
-fn self_adjoint_eigen(a: MatRef<'_, f64>, par: Par) -> Option<(Vec<f64>, Mat<f64>)> {
+/// Eigenvalues (nondecreasing) and eigenvectors of the symmetric `a` (lower half read);
+/// `Ok(None)` when the eigensolver does not converge.
+fn self_adjoint_eigen(
+    a: MatRef<'_, f64>,
+    par: Par,
+) -> Result<Option<(Vec<f64>, Mat<f64>)>, ProjectionError> {
     let n = a.nrows();
     let mut s = Diag::<f64>::zeros(n);
-    let mut u = Mat::<f64>::zeros(n, n);
+    let mut u = try_zeros::<f64>("the eigenvectors of the Gram matrix", n, n)?;
     let req = self_adjoint_evd_scratch::<f64>(n, ComputeEigenvectors::Yes, par, Default::default());
-    let mut buf = MemBuffer::new(req);
-    self_adjoint_evd(
+    let mut buf = try_scratch("the eigendecomposition's workspace", req)?;
+    let converged = self_adjoint_evd(
         a,
         s.as_mut(),
         Some(u.as_mut()),
         par,
         MemStack::new(&mut buf),
         Default::default(),
-    )
-    .ok()?;
-    Some(((0..n).map(|i| s[i]).collect(), u))
+    );
+    if converged.is_err() {
+        return Ok(None);
+    }
+    Ok(Some(((0..n).map(|i| s[i]).collect(), u)))
 }
 
 /// Columns of `J` handled per block: the f64 copy of a block (`m x width`, and `b x width` of
@@ -471,18 +633,18 @@ fn gram_pass<TJ: Real, T: Real>(
     j: MatRef<'_, TJ>,
     g: MatRef<'_, T>,
     chunks: &[(usize, usize)],
-) -> (Mat<f64>, Mat<f64>) {
+) -> Result<(Mat<f64>, Mat<f64>), ProjectionError> {
     let (m, b) = (j.nrows(), g.nrows());
-    let partial = |&(start, end): &(usize, usize)| {
-        let mut gram = Mat::<f64>::zeros(m, m);
-        let mut c = Mat::<f64>::zeros(m, b);
+    let partial = |&(start, end): &(usize, usize)| -> Result<_, ProjectionError> {
+        let mut gram = try_zeros::<f64>("the Gram matrix J J^T", m, m)?;
+        let mut c = try_zeros::<f64>("J G^T", m, b)?;
         let width = block_width(m, b);
         let (mut jbuf, mut gbuf) = (Widened::new(), Widened::new());
         let mut k = start;
         while k < end {
             let w = width.min(end - k);
-            let jb = jbuf.load(j.subcols(k, w));
-            let gb = gbuf.load(g.subcols(k, w));
+            let jb = jbuf.load(j.subcols(k, w))?;
+            let gb = gbuf.load(g.subcols(k, w))?;
             triangular::matmul(
                 gram.as_mut(),
                 BlockStructure::TriangularLower,
@@ -497,41 +659,48 @@ fn gram_pass<TJ: Real, T: Real>(
             matmul(c.as_mut(), Accum::Add, jb, gb.transpose(), 1.0, Par::Seq);
             k += w;
         }
-        (gram, c)
+        Ok((gram, c))
     };
     if chunks.len() == 1 {
         return partial(&chunks[0]);
     }
-    let parts: Vec<_> = chunks.par_iter().map(partial).collect();
+    let parts = chunks
+        .par_iter()
+        .map(partial)
+        .collect::<Result<Vec<_>, _>>()?;
     let mut parts = parts.into_iter();
     let (mut gram, mut c) = parts.next().expect("at least one chunk");
     for (gp, cp) in parts {
         gram += gp;
         c += cp;
     }
-    (gram, c)
+    Ok((gram, c))
 }
 
-/// `Y = G - W^T J`, in f64, rounded once to `T`, written over the batch's output.
+/// `Y = G - W^T J`, in f64, rounded once to `T`, written over the batch's output. Errors with
+/// [`ProjectionError::Overflow`] when an entry of `Y` is beyond the range of `T` (the partial
+/// sums are bounded by the caller, so that only a result that is itself out of range, or within
+/// `1e300` of `f64::MAX`, gets there).
 fn update_pass<TJ: Real, T: Real>(
     batch: Batch<'_, T>,
     j: MatRef<'_, TJ>,
     w: MatRef<'_, f64>,
     chunks: &[(usize, usize)],
-) {
+) -> Result<(), ProjectionError> {
     let (dst, g) = match batch {
         Batch::Separate { dst, g } => (dst, Some(g)),
         Batch::InPlace(g) => (g, None),
     };
+    let shape = dst.shape();
     let b = dst.nrows();
-    let run = |(start, mut dst): (usize, MatMut<'_, T>)| {
+    let run = |(start, mut dst): (usize, MatMut<'_, T>)| -> Result<(), ProjectionError> {
         let end = start + dst.ncols();
         let width = block_width(j.nrows(), b);
-        let (mut jbuf, mut ybuf) = (Widened::new(), Mat::<f64>::zeros(0, 0));
+        let (mut jbuf, mut ybuf) = (Widened::new(), Mat::<f64>::new());
         let mut k = start;
         while k < end {
             let cols = width.min(end - k);
-            let jb = jbuf.load(j.subcols(k, cols));
+            let jb = jbuf.load(j.subcols(k, cols))?;
             let g = g.map(|g| g.subcols(k, cols));
             match T::as_f64_mut(dst.rb_mut().subcols_mut(k - start, cols)) {
                 Ok(mut out) => {
@@ -541,18 +710,28 @@ fn update_pass<TJ: Real, T: Real>(
                     matmul(out, Accum::Add, w.transpose(), jb, -1.0, Par::Seq);
                 }
                 Err(mut out) => {
-                    let mut y = scratch_like(&mut ybuf, out.rb());
+                    let mut y = scratch_like(&mut ybuf, out.rb())?;
                     convert(y.rb_mut(), g.unwrap_or(out.rb()), T::to_f64);
                     matmul(y.rb_mut(), Accum::Add, w.transpose(), jb, -1.0, Par::Seq);
                     convert(out.rb_mut(), y.rb(), T::from_f64);
                 }
             }
+            let out = dst.rb().subcols(k - start, cols);
+            if !all_finite(out) {
+                let (i, l) = first_non_finite(out);
+                return Err(ProjectionError::Overflow {
+                    arg: "G",
+                    shape,
+                    at: (i, k + l),
+                    dtype: T::NAME,
+                });
+            }
             k += cols;
         }
+        Ok(())
     };
     if chunks.len() == 1 {
-        run((0, dst));
-        return;
+        return run((0, dst));
     }
     let mut pieces = Vec::with_capacity(chunks.len());
     let mut rest = dst;
@@ -563,7 +742,17 @@ fn update_pass<TJ: Real, T: Real>(
         rest = tail;
         taken = end;
     }
-    pieces.into_par_iter().for_each(run);
+    let results: Vec<_> = pieces.into_par_iter().map(run).collect();
+    // the error of the leftmost share of columns that overflowed
+    results.into_iter().collect()
+}
+
+/// The (row, column) of the first non-finite entry of `m` in row-major order.
+fn first_non_finite<T: Real>(m: MatRef<'_, T>) -> (usize, usize) {
+    (0..m.nrows())
+        .flat_map(|i| (0..m.ncols()).map(move |l| (i, l)))
+        .find(|&(i, l)| !m[(i, l)].is_finite_value())
+        .unwrap_or((0, 0))
 }
 
 /// A reusable f64 copy of blocks of a matrix; float64 blocks are borrowed, not copied.
@@ -573,33 +762,40 @@ struct Widened {
 
 impl Widened {
     fn new() -> Self {
-        Self {
-            buf: Mat::zeros(0, 0),
-        }
+        Self { buf: Mat::new() }
     }
 
     /// `block` as f64.
-    fn load<'s, 'a: 's, T: Real>(&'s mut self, block: MatRef<'a, T>) -> MatRef<'s, f64> {
+    fn load<'s, 'a: 's, T: Real>(
+        &'s mut self,
+        block: MatRef<'a, T>,
+    ) -> Result<MatRef<'s, f64>, ProjectionError> {
         if let Some(b) = T::as_f64(block) {
-            return b;
+            return Ok(b);
         }
-        let mut buf = scratch_like(&mut self.buf, block);
+        let mut buf = scratch_like(&mut self.buf, block)?;
         convert(buf.rb_mut(), block, T::to_f64);
-        buf.into_const()
+        Ok(buf.into_const())
     }
 }
 
 /// `buf` resized to the shape of `like`, as a view in `like`'s memory order (row- or
 /// column-major), so that copies between them run over contiguous memory.
-fn scratch_like<'s, T>(buf: &'s mut Mat<f64>, like: MatRef<'_, T>) -> MatMut<'s, f64> {
+fn scratch_like<'s, T>(
+    buf: &'s mut Mat<f64>,
+    like: MatRef<'_, T>,
+) -> Result<MatMut<'s, f64>, ProjectionError> {
+    const BLOCK: &str = "a float64 block of columns";
     let (r, c) = like.shape();
-    if like.col_stride().unsigned_abs() < like.row_stride().unsigned_abs() {
-        buf.resize_with(c, r, |_, _| 0.0);
-        buf.as_mut().transpose_mut()
-    } else {
-        buf.resize_with(r, c, |_, _| 0.0);
-        buf.as_mut()
-    }
+    Ok(
+        if like.col_stride().unsigned_abs() < like.row_stride().unsigned_abs() {
+            try_resize(BLOCK, buf, c, r, |_, _| 0.0)?;
+            buf.as_mut().transpose_mut()
+        } else {
+            try_resize(BLOCK, buf, r, c, |_, _| 0.0)?;
+            buf.as_mut()
+        },
+    )
 }
 
 /// `dst[i, j] <- f(src[i, j])`, along contiguous lines where both have them.
@@ -999,6 +1195,122 @@ mod tests {
     }
 
     #[test]
+    fn cholesky_settles_what_it_can_without_the_eigendecomposition() {
+        let mut rng = rng(30);
+        let limits = |floor: f64| Limits {
+            threshold: SpanBasis::default_rcond(80, 10).powi(2),
+            floor,
+        };
+        let (f64_limits, f32_limits, forced) = (
+            limits(gram_max_cond::<f64>().powi(-2)),
+            limits(gram_max_cond::<f32>().powi(-2)),
+            limits(0.0),
+        );
+        let outcome = |j: &Mat<f64>, limits| {
+            let gram = j * j.transpose();
+            let c = Mat::from_fn(j.nrows(), 2, |i, k| (i + k) as f64);
+            match cholesky_coeffs(gram.as_ref(), c.as_ref(), limits, Par::Seq).unwrap() {
+                Cholesky::Solved(_) => "solved",
+                Cholesky::Undecided => "undecided",
+                Cholesky::Declines => "declines",
+            }
+        };
+        for (cond, expected64) in [(1e1f64, "solved"), (1e5, "declines"), (1e7, "declines")] {
+            let s: Vec<f64> = (0..10).map(|i| cond.powf(-(i as f64) / 9.0)).collect();
+            let j = with_singular_values(&mut rng, 80, &s)
+                .transpose()
+                .to_owned();
+            assert_eq!(outcome(&j, f64_limits), expected64, "cond {cond:e}");
+            // float32 and forced routes never decline on a bound
+            assert_ne!(outcome(&j, f32_limits), "declines", "cond {cond:e}");
+            assert_ne!(outcome(&j, forced), "declines", "cond {cond:e}");
+        }
+        // dependent rows: not positive definite in floating point; shifted, the bound settles it
+        let j = gaussian(&mut rng, 10, 3) * gaussian(&mut rng, 3, 80);
+        assert_eq!(outcome(&j, f64_limits), "declines");
+        assert_eq!(outcome(&j, f32_limits), "undecided");
+        // and the routes are those of the eigendecomposition: dependent rows go to the SVD
+        let g = gaussian(&mut rng, 3, 80);
+        let (_, info, r) = run_route::<f64, f64>(&j, &g, None, JacobianRoute::Auto);
+        assert_eq!((info.route, info.rank), (JacobianRoute::Svd, 3));
+        assert!(r < 1e-12);
+    }
+
+    #[test]
+    fn tiny_float64_batches_keep_their_digits() {
+        // found by the seeded fuzzer: J ~ 1e-84, G ~ 1e-275 made J G^T underflow in the Gram
+        // route (the result was G itself); such batches now take the SVD route. Compared with
+        // the same batch scaled up by 2^900 (exact).
+        let mut rng = rng(32);
+        let j = gaussian(&mut rng, 12, 39) * faer::Scale(1e-84);
+        let g = gaussian(&mut rng, 7, 39) * faer::Scale(1e-275);
+        let up = 2f64.powi(900);
+        let g_up = &g * faer::Scale(up);
+        let (y, info, _) = run_route::<f64, f64>(&j, &g, None, JacobianRoute::Auto);
+        let (y_up, _, _) = run_route::<f64, f64>(&j, &g_up, None, JacobianRoute::Auto);
+        let diff = max_abs_diff((&y * faer::Scale(up)).as_ref(), y_up.as_ref());
+        assert!(diff < 1e-12 * g_up.norm_max(), "{diff:e}");
+        assert_eq!((info.route, info.rank), (JacobianRoute::Svd, 12));
+        // a zero row, or rows within 1e+-150, stay on the Gram route
+        let mut g = gaussian(&mut rng, 3, 39) * faer::Scale(1e-140);
+        g.row_mut(1).fill(0.0);
+        let (_, info, r) = run_route::<f64, f64>(&j, &g, None, JacobianRoute::Auto);
+        assert_eq!(info.route, JacobianRoute::Gram);
+        assert!(r < 1e-12, "{r:e}");
+    }
+
+    fn overflow_case<T: Real>() {
+        use crate::encoder_null::tests::{huge_rows, row_relative_error};
+        let j = Mat::<f64>::ones(1, 3);
+        let (g, exact) = huge_rows::<T>();
+        let b = T::from_f64(0.9 * T::MAX.to_f64());
+        let mut bad = g.clone();
+        bad.row_mut(2)
+            .copy_from(Mat::from_fn(1, 3, |_, k| if k == 0 { b } else { -b }).row(0));
+        let bar = if T::NAME == "float32" { 1e-5 } else { 1e-12 };
+        for route in [JacobianRoute::Auto, JacobianRoute::Gram, JacobianRoute::Svd] {
+            let mut y = Mat::<T>::zeros(4, 3);
+            let info = jacobian_null_project_with(
+                y.as_mut(),
+                j.as_ref(),
+                g.as_ref(),
+                None,
+                route,
+                Par::Seq,
+            )
+            .unwrap();
+            assert_eq!(info.rank, 1);
+            let err = row_relative_error(&g, y.as_ref(), &exact);
+            assert!(err < 10.0 * bar, "{route:?} {}: {err:e}", T::NAME);
+            let result = jacobian_null_project_with(
+                y.as_mut(),
+                j.as_ref(),
+                bad.as_ref(),
+                None,
+                route,
+                Par::Seq,
+            );
+            assert_eq!(
+                result,
+                Err(ProjectionError::Overflow {
+                    arg: "G",
+                    shape: (4, 3),
+                    at: (2, 0),
+                    dtype: T::NAME
+                }),
+                "{route:?} {}",
+                T::NAME
+            );
+        }
+    }
+
+    #[test]
+    fn huge_rows_are_projected_and_a_result_out_of_range_is_an_error() {
+        overflow_case::<f32>();
+        overflow_case::<f64>();
+    }
+
+    #[test]
     fn errors() {
         let j = Mat::<f64>::zeros(3, 10);
         let g = Mat::<f32>::zeros(2, 9);
@@ -1153,14 +1465,16 @@ mod measure {
             for name in ["float64", "float32"] {
                 let j32;
                 let (gram, _) = if name == "float64" {
-                    gram_pass(j.as_ref(), Mat::<f64>::zeros(0, n).as_ref(), &[(0, n)])
+                    gram_pass(j.as_ref(), Mat::<f64>::zeros(0, n).as_ref(), &[(0, n)]).unwrap()
                 } else {
                     j32 = cast::<f32>(j.as_ref());
-                    gram_pass(j32.as_ref(), Mat::<f32>::zeros(0, n).as_ref(), &[(0, n)])
+                    gram_pass(j32.as_ref(), Mat::<f32>::zeros(0, n).as_ref(), &[(0, n)]).unwrap()
                 };
                 let top = (0..m).map(|i| gram[(i, i)]).fold(0.0, f64::max);
                 let full = Mat::from_fn(m, m, |a, b| gram[(a.max(b), a.min(b))] / top);
-                let (values, _) = self_adjoint_eigen(full.as_ref(), Par::Seq).unwrap();
+                let (values, _) = self_adjoint_eigen(full.as_ref(), Par::Seq)
+                    .unwrap()
+                    .unwrap();
                 let lmax = values[m - 1];
                 let noise = values[..m - r]
                     .iter()

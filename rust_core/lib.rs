@@ -14,6 +14,7 @@ mod checks;
 mod encoder_null;
 mod error;
 mod jacobian_null;
+mod memory;
 mod scalar;
 mod span_basis;
 
@@ -33,12 +34,28 @@ pub use scalar::Real;
 pub use span_basis::{Factorization, SpanBasis};
 
 /// `Par::Seq` on one rayon thread, else all threads of rayon's global pool (which honours
-/// `RAYON_NUM_THREADS`).
+/// `RAYON_NUM_THREADS`). Also `Par::Seq` when the pool could not be started (threads refused
+/// under a tight memory limit): rayon then panics on every use of its global pool, so the core
+/// stays on the calling thread for the rest of the process instead.
 pub fn default_par() -> faer::Par {
+    if !global_pool_started() {
+        return faer::Par::Seq;
+    }
     match rayon::current_num_threads() {
         0 | 1 => faer::Par::Seq,
         n => faer::Par::rayon(n),
     }
+}
+
+/// Starts rayon's global pool if it is not running yet, fallibly (rayon's implicit start
+/// panics when it cannot spawn the threads); whether it runs.
+fn global_pool_started() -> bool {
+    static STARTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *STARTED.get_or_init(|| match rayon::ThreadPoolBuilder::new().build_global() {
+        Ok(()) => true,
+        // an I/O error is a failed start; the other errors mean that it runs already
+        Err(e) => std::error::Error::source(&e).is_none(),
+    })
 }
 
 /// Parallelism for factoring an `nrows x ncols` matrix: `Par::Seq` when the smaller side is at

@@ -1,22 +1,28 @@
 //! The binding layer `saerecover._core`: NumPy arrays in and out, dtype dispatch, zero-copy
 //! strided views, the GIL released during the math, errors as ValueError / TypeError naming the
-//! argument and its shape. No math here; `saerecover.linalg` is the only Python caller.
+//! argument and its shape, MemoryError when an allocation fails, RuntimeError (without a Rust
+//! backtrace) for an internal error. No math here; `saerecover.linalg` is the only Python
+//! caller.
 
 use crate::{factor_par, work_par};
 use crate::{jacobian_null_project_with as project_jacobian, JacobianRoute};
 use crate::{EncoderNullProjector, ProjectionError, Real};
 use faer::{MatMut, MatRef};
+use numpy::npyffi::{get_type_object, npy_intp, NpyTypes, PY_ARRAY_API};
 use numpy::{
-    Element, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArray,
-    PyUntypedArrayMethods,
+    Element, PyArray, PyArray2, PyArrayDescrMethods, PyArrayMethods, PyReadonlyArray2,
+    PyUntypedArray, PyUntypedArrayMethods,
 };
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Mutex, Once};
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    quiet_panics();
     m.add_class::<EncoderNullBasis>()?;
     m.add_function(wrap_pyfunction!(jacobian_null_project, m)?)?;
+    m.add_function(wrap_pyfunction!(internal_error_for_tests, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
@@ -88,17 +94,23 @@ impl EncoderNullBasis {
     }
 
     /// A float64 copy of the orthonormal basis U_r, shape (d, rank).
-    fn basis<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray2<f64>> {
+    fn basis<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f64>>> {
         let u = self.inner.span_basis().basis();
-        let out = PyArray2::<f64>::zeros(py, [u.nrows(), u.ncols()], false);
-        // SAFETY: `out` is a fresh C-ordered array that nothing else references yet.
-        unsafe { write_rows(&out, u) };
-        out
+        let out = new_output::<f64>(py, u.nrows(), u.ncols(), || "copying the basis".into())?;
+        output_view(&out).copy_from(u);
+        Ok(out)
     }
 
     /// The singular values of A, nonincreasing, min(d, k) of them (empty if A is zero).
-    fn singular_values<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f64>> {
-        PyArray1::from_slice(py, self.inner.span_basis().diag())
+    fn singular_values<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let diag = self.inner.span_basis().diag();
+        let out = new_output::<f64>(py, 1, diag.len(), || "copying the singular values".into())?;
+        output_view(&out)
+            .row_mut(0)
+            .iter_mut()
+            .zip(diag)
+            .for_each(|(o, &s)| *o = s);
+        out.reshape([diag.len()]).map(Bound::into_any)
     }
 
     fn __repr__(&self) -> String {
@@ -119,7 +131,14 @@ impl EncoderNullBasis {
         x: PyReadonlyArray2<'py, T>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let x = view("X", &x)?;
-        let out = new_output::<T>(py, x.nrows(), x.ncols());
+        let out = new_output::<T>(py, x.nrows(), x.ncols(), || {
+            format!(
+                "projecting X of shape ({}, {}) ({})",
+                x.nrows(),
+                x.ncols(),
+                T::NAME
+            )
+        })?;
         let dst = output_view(&out);
         let (n, d, r) = (x.nrows() as f64, x.ncols() as f64, self.inner.rank() as f64);
         let (inner, par) = (&self.inner, work_par(4.0 * n * d * r));
@@ -167,7 +186,14 @@ fn jacobian_typed<'py, TJ: Real + Element, T: Real + Element>(
     route: JacobianRoute,
 ) -> PyResult<(Bound<'py, PyAny>, usize)> {
     let (j, g) = (view("J", j)?, view("G", g)?);
-    let out = new_output::<T>(py, g.nrows(), g.ncols());
+    let out = new_output::<T>(py, g.nrows(), g.ncols(), || {
+        format!(
+            "projecting G of shape ({}, {}) ({})",
+            g.nrows(),
+            g.ncols(),
+            T::NAME
+        )
+    })?;
     let dst = output_view(&out);
     let (m, n, b) = (j.nrows() as f64, j.ncols() as f64, g.nrows() as f64);
     let par = work_par(m * m * n + 4.0 * b * m * n + m * m * m);
@@ -265,16 +291,44 @@ fn view<'a, T: Element>(
     }
 }
 
-/// A fresh, uninitialized C-ordered (rows, cols) array for a projection to write into.
+/// A fresh, uninitialized C-ordered (rows, cols) array for a projection to write into, or a
+/// MemoryError naming `call` and the bytes when NumPy cannot allocate it (rust-numpy's own
+/// constructor panics there).
 fn new_output<'py, T: Real + Element>(
     py: Python<'py>,
     nrows: usize,
     ncols: usize,
-) -> Bound<'py, PyArray2<T>> {
-    // SAFETY: floats have no invalid bit patterns and no drop glue; every element is written
-    // by the projection (a copy or a fill, then in-place updates) before Python can see the
-    // array, and on an error the array is dropped unseen.
-    unsafe { PyArray2::<T>::new(py, [nrows, ncols], false) }
+    call: impl FnOnce() -> String,
+) -> PyResult<Bound<'py, PyArray2<T>>> {
+    let mut dims = [nrows as npy_intp, ncols as npy_intp];
+    // SAFETY: the arguments are what `PyArray::new` passes (a new C-ordered array owning its
+    // data; the descriptor reference is stolen). Floats have no invalid bit patterns and no drop
+    // glue; every element is written by the projection (a copy or a fill, then in-place
+    // updates) before Python can see the array, and on an error the array is dropped unseen.
+    unsafe {
+        let ptr = PY_ARRAY_API.PyArray_NewFromDescr(
+            py,
+            get_type_object(py, NpyTypes::PyArray_Type),
+            T::get_dtype(py).into_dtype_ptr(),
+            2,
+            dims.as_mut_ptr(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+            std::ptr::null_mut(),
+        );
+        if ptr.is_null() {
+            let err = ProjectionError::OutOfMemory {
+                call: call(),
+                buffer: "the result",
+                bytes: nrows * ncols * std::mem::size_of::<T>(),
+            };
+            let err = PyMemoryError::new_err(format!("{err} (shape ({nrows}, {ncols}))"));
+            err.set_cause(py, PyErr::take(py));
+            return Err(err);
+        }
+        Ok(Bound::from_owned_ptr(py, ptr).cast_into_unchecked::<PyArray<T, _>>())
+    }
 }
 
 /// A mutable view of a fresh C-ordered array made by [`new_output`].
@@ -288,18 +342,8 @@ fn output_view<'a, T: Element>(out: &'a Bound<'_, PyArray2<T>>) -> MatMut<'a, T>
     unsafe { MatMut::from_raw_parts_mut(out.data(), nrows, ncols, ncols as isize, 1) }
 }
 
-/// Copies `src` into the fresh C-ordered array `out` of the same shape.
-///
-/// SAFETY: `out` must have `src`'s shape and must not be referenced elsewhere.
-unsafe fn write_rows(out: &Bound<'_, PyArray2<f64>>, src: MatRef<'_, f64>) {
-    let (nrows, ncols) = src.shape();
-    if nrows * ncols > 0 {
-        let mut dst = MatMut::from_raw_parts_mut(out.data(), nrows, ncols, ncols as isize, 1);
-        dst.copy_from(src);
-    }
-}
-
-/// Runs `f` with the GIL released; errors become ValueError, a panic becomes RuntimeError.
+/// Runs `f` with the GIL released; errors become ValueError (MemoryError for a failed
+/// allocation, RuntimeError for an SVD that does not converge), a panic becomes RuntimeError.
 fn detached<R: Send>(
     py: Python<'_>,
     f: impl FnOnce() -> Result<R, ProjectionError> + Send,
@@ -312,8 +356,14 @@ fn detached<R: Send>(
                 .map(|s| s.to_string())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
+            let place = LAST_PANIC
+                .lock()
+                .ok()
+                .and_then(|mut at| at.take())
+                .map(|at| format!(" (at {at})"))
+                .unwrap_or_default();
             Err(PyRuntimeError::new_err(format!(
-                "saerecover._core internal error: {msg}"
+                "saerecover._core internal error: {msg}{place}"
             )))
         }
     }
@@ -322,6 +372,38 @@ fn detached<R: Send>(
 fn to_py(e: ProjectionError) -> PyErr {
     match e {
         ProjectionError::NoConvergence { .. } => PyRuntimeError::new_err(e.to_string()),
+        ProjectionError::OutOfMemory { .. } => PyMemoryError::new_err(e.to_string()),
         _ => PyValueError::new_err(e.to_string()),
     }
+}
+
+/// Where the last panic of this library happened, for the RuntimeError's message.
+static LAST_PANIC: Mutex<Option<String>> = Mutex::new(None);
+
+/// Replaces the default panic hook of this library's copy of the Rust runtime (other extension
+/// modules have their own) with one that prints nothing: the default one writes the message
+/// and, under `RUST_BACKTRACE`, a backtrace to stderr, next to the Python error. The panic's
+/// place is kept for the RuntimeError instead.
+fn quiet_panics() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            if let (Some(at), Ok(mut last)) = (info.location(), LAST_PANIC.lock()) {
+                *last = Some(format!("{}:{}", at.file(), at.line()));
+            }
+        }))
+    });
+}
+
+/// Panics inside the core, on the calling thread or (`in_worker=True`) on a rayon worker: what
+/// an internal error looks like from Python, for the tests.
+#[pyfunction(name = "_internal_error_for_tests")]
+#[pyo3(signature = (in_worker = false))]
+fn internal_error_for_tests(py: Python<'_>, in_worker: bool) -> PyResult<()> {
+    detached(py, move || -> Result<(), ProjectionError> {
+        if in_worker {
+            rayon::join(|| panic!("a forced internal error (worker)"), || ());
+        }
+        panic!("a forced internal error")
+    })
 }

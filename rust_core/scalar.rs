@@ -14,13 +14,46 @@ pub trait Real: RealField + Copy + Send + Sync + 'static + private::Sealed {
     fn to_f64(self) -> f64;
     /// Rounding to this type.
     fn from_f64(x: f64) -> Self;
+    /// The largest finite value.
+    const MAX: Self;
     /// Neither NaN nor infinite.
     fn is_finite_value(self) -> bool;
-    /// Whether every element of `xs` is finite (branch-free, so that it vectorizes).
-    fn all_finite(xs: &[Self]) -> bool;
+    /// `|self|`.
+    fn abs_value(self) -> Self;
+    /// The largest `|x|` of `xs` (0 when empty), or `None` when one of them is NaN or
+    /// infinite; one branch-free pass in eight lanes, so that it vectorizes.
+    #[inline]
+    fn max_abs_finite(xs: &[Self]) -> Option<Self> {
+        let zero = Self::from_f64(0.0);
+        let (mut top, mut bad) = ([zero; 8], [false; 8]);
+        let mut chunks = xs.chunks_exact(8);
+        for chunk in &mut chunks {
+            for ((t, b), &x) in top.iter_mut().zip(bad.iter_mut()).zip(chunk) {
+                let a = x.abs_value();
+                // true for NaN and for +-inf
+                *b |= !(a <= Self::MAX);
+                *t = if a > *t { a } else { *t };
+            }
+        }
+        for &x in chunks.remainder() {
+            let a = x.abs_value();
+            bad[0] |= !(a <= Self::MAX);
+            top[0] = if a > top[0] { a } else { top[0] };
+        }
+        let largest = top.iter().fold(zero, |m, &t| if t > m { t } else { m });
+        (!bad.iter().any(|&b| b)).then_some(largest)
+    }
+    /// Whether every element of `xs` is finite.
+    #[inline]
+    fn all_finite(xs: &[Self]) -> bool {
+        Self::max_abs_finite(xs).is_some()
+    }
     /// Picks, of a value stored once per element type, the copy in this type (the f32 copy is
     /// made on demand, so that f64 callers never pay for it).
-    fn pick<'a>(as_f32: impl FnOnce() -> &'a Mat<f32>, as_f64: &'a Mat<f64>) -> &'a Mat<Self>;
+    fn pick<'a, E>(
+        as_f32: impl FnOnce() -> Result<&'a Mat<f32>, E>,
+        as_f64: &'a Mat<f64>,
+    ) -> Result<&'a Mat<Self>, E>;
     /// `m` itself when this type is `f64`, so that f64 data is used without a copy.
     fn as_f64(m: MatRef<'_, Self>) -> Option<MatRef<'_, f64>>;
     /// [`Self::as_f64`] for a mutable view; gives the view back when this type is not `f64`.
@@ -29,6 +62,7 @@ pub trait Real: RealField + Copy + Send + Sync + 'static + private::Sealed {
 
 impl Real for f32 {
     const NAME: &'static str = "float32";
+    const MAX: Self = f32::MAX;
     #[inline(always)]
     fn to_f64(self) -> f64 {
         self as f64
@@ -38,7 +72,10 @@ impl Real for f32 {
         x as f32
     }
     #[inline(always)]
-    fn pick<'a>(as_f32: impl FnOnce() -> &'a Mat<f32>, _: &'a Mat<f64>) -> &'a Mat<Self> {
+    fn pick<'a, E>(
+        as_f32: impl FnOnce() -> Result<&'a Mat<f32>, E>,
+        _: &'a Mat<f64>,
+    ) -> Result<&'a Mat<Self>, E> {
         as_f32()
     }
     #[inline(always)]
@@ -53,23 +90,15 @@ impl Real for f32 {
     fn is_finite_value(self) -> bool {
         self.is_finite()
     }
-    #[inline]
-    fn all_finite(xs: &[Self]) -> bool {
-        // x * 0 is 0 for finite x and NaN for NaN or +-inf; eight independent lanes vectorize.
-        let mut lanes = [0.0; 8];
-        let mut chunks = xs.chunks_exact(8);
-        for chunk in &mut chunks {
-            for (lane, &x) in lanes.iter_mut().zip(chunk) {
-                *lane += x * 0.0;
-            }
-        }
-        let tail = chunks.remainder().iter().fold(0.0, |acc, &x| acc + x * 0.0);
-        lanes.iter().sum::<Self>() + tail == 0.0
+    #[inline(always)]
+    fn abs_value(self) -> Self {
+        self.abs()
     }
 }
 
 impl Real for f64 {
     const NAME: &'static str = "float64";
+    const MAX: Self = f64::MAX;
     #[inline(always)]
     fn to_f64(self) -> f64 {
         self
@@ -79,8 +108,11 @@ impl Real for f64 {
         x
     }
     #[inline(always)]
-    fn pick<'a>(_: impl FnOnce() -> &'a Mat<f32>, as_f64: &'a Mat<f64>) -> &'a Mat<Self> {
-        as_f64
+    fn pick<'a, E>(
+        _: impl FnOnce() -> Result<&'a Mat<f32>, E>,
+        as_f64: &'a Mat<f64>,
+    ) -> Result<&'a Mat<Self>, E> {
+        Ok(as_f64)
     }
     #[inline(always)]
     fn as_f64(m: MatRef<'_, Self>) -> Option<MatRef<'_, f64>> {
@@ -94,18 +126,9 @@ impl Real for f64 {
     fn is_finite_value(self) -> bool {
         self.is_finite()
     }
-    #[inline]
-    fn all_finite(xs: &[Self]) -> bool {
-        // x * 0 is 0 for finite x and NaN for NaN or +-inf; eight independent lanes vectorize.
-        let mut lanes = [0.0; 8];
-        let mut chunks = xs.chunks_exact(8);
-        for chunk in &mut chunks {
-            for (lane, &x) in lanes.iter_mut().zip(chunk) {
-                *lane += x * 0.0;
-            }
-        }
-        let tail = chunks.remainder().iter().fold(0.0, |acc, &x| acc + x * 0.0);
-        lanes.iter().sum::<Self>() + tail == 0.0
+    #[inline(always)]
+    fn abs_value(self) -> Self {
+        self.abs()
     }
 }
 

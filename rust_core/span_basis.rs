@@ -9,11 +9,12 @@
 //! float32 input gets a basis accurate to f64 round-off and tiny or huge scales neither
 //! underflow nor overflow. A `d x d` projector is never formed.
 
-use crate::checks::{all_finite, check_finite, check_rcond};
+use crate::checks::{all_finite, check_finite, check_rcond, max_abs_finite};
 use crate::error::ProjectionError;
+use crate::memory::{prepare_threads, try_mat, try_scratch, try_vec, try_zeros};
 use crate::scalar::Real;
 use faer::diag::Diag;
-use faer::dyn_stack::{MemBuffer, MemStack};
+use faer::dyn_stack::MemStack;
 use faer::linalg::householder::{
     apply_block_householder_sequence_on_the_left_in_place_scratch,
     apply_block_householder_sequence_on_the_left_in_place_with_conj,
@@ -65,7 +66,8 @@ impl SpanBasis {
     /// Factors `m` (`nrows x ncols`) and keeps the directions above `rcond * sigma_max`
     /// (`rcond = None`: [`Self::default_rcond`]). `arg` names `m` in error messages.
     ///
-    /// Errors: `rcond` negative or NaN, a non-finite entry in `m`, SVD non-convergence.
+    /// Errors: `rcond` negative or NaN, a non-finite entry in `m`, SVD non-convergence, an
+    /// allocation that fails.
     pub fn from_columns<T: Real>(
         arg: &'static str,
         m: MatRef<'_, T>,
@@ -75,7 +77,14 @@ impl SpanBasis {
     ) -> Result<Self, ProjectionError> {
         check_rcond(rcond)?;
         check_finite(arg, m)?;
-        Self::factor(arg, m, rcond, method, par)
+        prepare_threads(par)
+            .and_then(|()| Self::factor(arg, m, rcond, method, par))
+            .map_err(|e| {
+                e.during(|| {
+                    let (r, c) = m.shape();
+                    format!("factoring {arg} of shape ({r}, {c}) ({})", T::NAME)
+                })
+            })
     }
 
     /// [`Self::from_columns`] for input the caller has already checked.
@@ -105,17 +114,22 @@ impl SpanBasis {
         // Scale by powers of two (exact) so that the largest entry lies in [1, 2).
         let e = max_abs.log2().floor() as i32;
         let (s1, s2) = (2f64.powi(-(e / 2)), 2f64.powi(-(e - e / 2)));
-        let scaled = Mat::from_fn(nrows, ncols, |i, j| m[(i, j)].to_f64() * s1 * s2);
+        let scaled = try_mat(
+            "the scaled float64 copy of the factored matrix",
+            nrows,
+            ncols,
+            |i, j| m[(i, j)].to_f64() * s1 * s2,
+        )?;
         let unscale = 2f64.powi(e / 2) * 2f64.powi(e - e / 2);
 
         let (u, mut diag) = match method {
             Factorization::Svd => {
-                svd_basis(scaled.as_ref(), rcond, par).ok_or(ProjectionError::NoConvergence {
+                svd_basis(scaled.as_ref(), rcond, par)?.ok_or(ProjectionError::NoConvergence {
                     arg,
                     shape: (nrows, ncols),
                 })?
             }
-            Factorization::ColPivQr => col_piv_qr_basis(scaled, rcond, par),
+            Factorization::ColPivQr => col_piv_qr_basis(scaled, rcond, par)?,
         };
         diag.iter_mut().for_each(|s| *s *= unscale);
         Ok(Self::from_parts(u, ncols, rcond, diag, method))
@@ -180,74 +194,93 @@ impl SpanBasis {
         self.u64.as_ref()
     }
 
-    /// The basis rounded to `T`, which is what [`Self::project_out_in_place`] applies.
-    pub fn basis_as<T: Real>(&self) -> MatRef<'_, T> {
-        let u32 = || {
-            self.u32.get_or_init(|| {
-                Mat::from_fn(self.u64.nrows(), self.u64.ncols(), |i, j| {
+    /// The basis rounded to `T`, which is what [`Self::project_out_in_place`] applies (the
+    /// float32 copy is made on the first float32 use; an error if it cannot be allocated).
+    pub fn basis_as<T: Real>(&self) -> Result<MatRef<'_, T>, ProjectionError> {
+        let u32 = || match self.u32.get() {
+            Some(u) => Ok(u),
+            None => {
+                let (d, r) = self.u64.shape();
+                let u = try_mat("the float32 copy of the basis", d, r, |i, j| {
                     self.u64[(i, j)] as f32
-                })
-            })
+                })?;
+                Ok(self.u32.get_or_init(|| u))
+            }
         };
-        T::pick(u32, &self.u64).as_ref()
+        Ok(T::pick(u32, &self.u64)?.as_ref())
     }
 
-    /// `x <- x - (x U_r) U_r^T` for each row of `x` (`n x nrows`). Shapes are the caller's to
-    /// check (debug-asserted).
-    pub fn project_out_in_place<T: Real>(&self, x: MatMut<'_, T>, par: Par) {
-        debug_assert_eq!(x.ncols(), self.nrows());
-        self.project_rows(x, None, false, par);
-    }
-
-    /// `dst <- x - (x U_r) U_r^T` for each row of `x`; `dst` has the shape of `x`.
-    pub fn project_out<T: Real>(&self, dst: MatMut<'_, T>, x: MatRef<'_, T>, par: Par) {
-        debug_assert_eq!(dst.shape(), x.shape());
-        self.project_rows(dst, Some(x), false, par);
-    }
-
-    /// [`Self::project_out`] that also looks for NaN and infinity in `x`, on each block of rows
-    /// while it sits in cache after the copy (no extra pass over `x`). Returns false when it
-    /// found one; `dst` is then partly written.
-    pub(crate) fn project_out_checked<T: Real>(
+    /// `x <- x - (x U_r) U_r^T` for each row of `x` (`n x nrows`), which `arg` names in errors.
+    /// Shapes are the caller's to check (debug-asserted); `x` must be finite.
+    ///
+    /// Errors: [`ProjectionError::Overflow`] when an entry of the result is beyond `T::MAX` (`x`
+    /// is then partly projected), [`ProjectionError::OutOfMemory`].
+    pub fn project_out_in_place<T: Real>(
         &self,
+        arg: &'static str,
+        x: MatMut<'_, T>,
+        par: Par,
+    ) -> Result<(), ProjectionError> {
+        debug_assert_eq!(x.ncols(), self.nrows());
+        self.project_rows(arg, x, None, false, par).map(drop)
+    }
+
+    /// `dst <- x - (x U_r) U_r^T` for each row of `x`; `dst` has the shape of `x`. As
+    /// [`Self::project_out_in_place`] otherwise.
+    pub fn project_out<T: Real>(
+        &self,
+        arg: &'static str,
         dst: MatMut<'_, T>,
         x: MatRef<'_, T>,
         par: Par,
-    ) -> bool {
+    ) -> Result<(), ProjectionError> {
         debug_assert_eq!(dst.shape(), x.shape());
-        self.project_rows(dst, Some(x), true, par)
+        self.project_rows(arg, dst, Some(x), false, par).map(drop)
     }
 
     /// `dst <- src - (src U_r) U_r^T` (`src = None`: `dst` itself), a cache-sized block of rows
-    /// at a time: copy, check (when asked), `C = B U_r` into a small buffer, `B -= C U_r^T`, so
-    /// that `src` is read once and `dst` written once. With `par` of several threads, each takes
-    /// a contiguous share of the rows and runs sequentially. Returns false when `check` found a
-    /// non-finite value.
-    fn project_rows<T: Real>(
+    /// at a time: copy, scan (finiteness when `check`, and the largest entry), `C = B U_r` into a
+    /// small buffer, `B -= C U_r^T`, so that `src` is read once and `dst` written once. Rows large
+    /// enough to overflow in the products are scaled first ([`scaled_products`]). With `par` of
+    /// several threads, each takes a contiguous share of the rows and runs sequentially. Returns
+    /// `Ok(false)` when `check` found a non-finite value (`dst` is then partly written).
+    pub(crate) fn project_rows<T: Real>(
         &self,
+        arg: &'static str,
         dst: MatMut<'_, T>,
         src: Option<MatRef<'_, T>>,
         check: bool,
         par: Par,
-    ) -> bool {
+    ) -> Result<bool, ProjectionError> {
         let (n, d) = dst.shape();
         let r = self.rank();
         if n == 0 || d == 0 {
-            return true;
+            return Ok(true);
         }
         let mut dst = dst;
         if r == d {
             let clean = !check || src.map_or(true, all_finite);
             dst.fill(T::from_f64(0.0));
-            return clean;
+            return Ok(clean);
         }
-        let u = self.basis_as::<T>();
+        let u = self.basis_as::<T>()?;
         let rows = block_rows::<T>(d, r);
+        let limit = overflow_free_limit::<T>(d);
+        let overflow = |at| ProjectionError::Overflow {
+            arg,
+            shape: (n, d),
+            at,
+            dtype: T::NAME,
+        };
         // threads share the rows; a share of fewer than 16 rows is not worth a thread (faer's
         // own threads lose there too: d = 4096, k = 64, n = 1 took 92 us on two, 28 us on one)
         let parts = par.degree().max(1).min(n / 16).max(1);
-        let run = |(start, mut dst): (usize, MatMut<'_, T>)| -> bool {
-            let mut coeff = Mat::<T>::zeros(rows.min(dst.nrows()), r);
+        let run = |(start, mut dst): (usize, MatMut<'_, T>)| -> Result<bool, ProjectionError> {
+            let mut coeff = try_zeros::<T>(
+                "the coefficients of a block of rows",
+                rows.min(dst.nrows()),
+                r,
+            )?;
             let mut done = 0;
             while done < dst.nrows() {
                 let len = rows.min(dst.nrows() - done);
@@ -255,31 +288,22 @@ impl SpanBasis {
                 if let Some(src) = src {
                     block.copy_from(src.subrows(start + done, len));
                 }
-                if check && !all_finite(block.rb()) {
-                    return false;
+                let largest = max_abs_finite(block.rb());
+                if check && largest.is_none() {
+                    return Ok(false);
                 }
                 if r > 0 {
-                    let mut c = coeff.as_mut().subrows_mut(0, len);
-                    matmul(
-                        c.rb_mut(),
-                        Accum::Replace,
-                        block.rb(),
-                        u,
-                        T::from_f64(1.0),
-                        Par::Seq,
-                    );
-                    matmul(
-                        block,
-                        Accum::Add,
-                        c.rb(),
-                        u.transpose(),
-                        T::from_f64(-1.0),
-                        Par::Seq,
-                    );
+                    let c = coeff.as_mut().subrows_mut(0, len);
+                    if largest.is_some_and(|top| top > limit) {
+                        scaled_products(block, u, c, limit)
+                            .map_err(|e| e.map_row(start + done, &overflow))?;
+                    } else {
+                        products(block, u, c);
+                    }
                 }
                 done += len;
             }
-            true
+            Ok(true)
         };
         if parts == 1 {
             return run((0, dst));
@@ -295,10 +319,106 @@ impl SpanBasis {
             rest = tail;
             start += len;
         }
-        pieces
-            .into_par_iter()
-            .map(run)
-            .reduce(|| true, |a, b| a && b)
+        let results: Vec<_> = pieces.into_par_iter().map(run).collect();
+        if results.iter().any(|r| matches!(r, Ok(false))) {
+            return Ok(false);
+        }
+        results
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map(|_| true)
+    }
+}
+
+/// Rows whose largest entry is at most this cannot overflow in [`products`]: `|C_ik| <=
+/// ||x_i||` and every partial sum of `x_i - (C U_r^T)_i` is at most `(1 + sqrt(d)) max|x_i|`
+/// (`U_r` orthonormal), with a factor 2 to spare for round-off.
+fn overflow_free_limit<T: Real>(d: usize) -> T {
+    T::from_f64(T::MAX.to_f64() / (4.0 * (1.0 + (d as f64).sqrt())))
+}
+
+/// `C = B U_r`, `B -= C U_r^T` (`c` is `rows x r`).
+fn products<T: Real>(block: MatMut<'_, T>, u: MatRef<'_, T>, c: MatMut<'_, T>) {
+    let mut c = c;
+    matmul(
+        c.rb_mut(),
+        Accum::Replace,
+        block.rb(),
+        u,
+        T::from_f64(1.0),
+        Par::Seq,
+    );
+    matmul(
+        block,
+        Accum::Add,
+        c.rb(),
+        u.transpose(),
+        T::from_f64(-1.0),
+        Par::Seq,
+    );
+}
+
+/// Why [`scaled_products`] stopped.
+enum Scaled {
+    /// An entry of the result (row within the block, column) is beyond the type's range.
+    Overflow(usize, usize),
+    Failed(ProjectionError),
+}
+
+impl Scaled {
+    fn map_row(
+        self,
+        first_row: usize,
+        overflow: &impl Fn((usize, usize)) -> ProjectionError,
+    ) -> ProjectionError {
+        match self {
+            Self::Overflow(i, j) => overflow((first_row + i, j)),
+            Self::Failed(e) => e,
+        }
+    }
+}
+
+/// [`products`] for a block holding rows above [`overflow_free_limit`]: each such row is scaled
+/// by a power of two to a largest entry in `[1, 2)` first and scaled back after (exact, short of
+/// overflow or underflow), so that only a result that is itself beyond the range fails.
+fn scaled_products<T: Real>(
+    block: MatMut<'_, T>,
+    u: MatRef<'_, T>,
+    c: MatMut<'_, T>,
+    limit: T,
+) -> Result<(), Scaled> {
+    let mut block = block;
+    let len = block.nrows();
+    let mut exponents = try_vec("the row scales of a block", len, 0i32).map_err(Scaled::Failed)?;
+    for (i, e) in exponents.iter_mut().enumerate() {
+        let top = max_abs_finite(block.rb().subrows(i, 1)).unwrap_or(T::from_f64(0.0));
+        if top > limit {
+            *e = top.to_f64().log2().floor() as i32;
+            scale_row(block.rb_mut().subrows_mut(i, 1), -*e);
+        }
+    }
+    products(block.rb_mut(), u, c);
+    for (i, &e) in exponents.iter().enumerate() {
+        if e != 0 {
+            let mut row = block.rb_mut().subrows_mut(i, 1);
+            scale_row(row.rb_mut(), e);
+            if let Some(j) = (0..row.ncols()).find(|&j| !row[(0, j)].is_finite_value()) {
+                return Err(Scaled::Overflow(i, j));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `row <- row * 2^e`, in two steps so that each factor is a normal number of the type.
+fn scale_row<T: Real>(row: MatMut<'_, T>, e: i32) {
+    let (f1, f2) = (
+        T::from_f64(2f64.powi(e / 2)),
+        T::from_f64(2f64.powi(e - e / 2)),
+    );
+    let mut row = row;
+    for j in 0..row.ncols() {
+        row[(0, j)] = row[(0, j)] * f1 * f2;
     }
 }
 
@@ -310,12 +430,17 @@ fn block_rows<T>(d: usize, r: usize) -> usize {
     in_cache.max(r.min(256)).max(8)
 }
 
-/// Left singular vectors above the tolerance, and all singular values (nonincreasing).
-fn svd_basis(m: MatRef<'_, f64>, rcond: f64, par: Par) -> Option<(Mat<f64>, Vec<f64>)> {
+/// Left singular vectors above the tolerance, and all singular values (nonincreasing);
+/// `Ok(None)` when the SVD does not converge.
+fn svd_basis(
+    m: MatRef<'_, f64>,
+    rcond: f64,
+    par: Par,
+) -> Result<Option<(Mat<f64>, Vec<f64>)>, ProjectionError> {
     let (nrows, ncols) = m.shape();
     let size = nrows.min(ncols);
     let mut s = Diag::<f64>::zeros(size);
-    let mut u = Mat::<f64>::zeros(nrows, size);
+    let mut u = try_zeros::<f64>("the left singular vectors", nrows, size)?;
     let req = svd_scratch::<f64>(
         nrows,
         ncols,
@@ -324,8 +449,8 @@ fn svd_basis(m: MatRef<'_, f64>, rcond: f64, par: Par) -> Option<(Mat<f64>, Vec<
         par,
         Default::default(),
     );
-    let mut buf = MemBuffer::new(req);
-    svd(
+    let mut buf = try_scratch("the SVD's workspace", req)?;
+    let converged = svd(
         m,
         s.as_mut(),
         Some(u.as_mut()),
@@ -333,21 +458,27 @@ fn svd_basis(m: MatRef<'_, f64>, rcond: f64, par: Par) -> Option<(Mat<f64>, Vec<
         par,
         MemStack::new(&mut buf),
         Default::default(),
-    )
-    .ok()?;
+    );
+    if converged.is_err() {
+        return Ok(None);
+    }
     let diag: Vec<f64> = (0..size).map(|i| s[i]).collect();
     let rank = kept(&diag, rcond);
     u.truncate(nrows, rank);
-    Some((u, diag))
+    Ok(Some((u, diag)))
 }
 
 /// The first columns of `Q` of `M P = Q R` above the tolerance, and `|R_ii|`.
-fn col_piv_qr_basis(m: Mat<f64>, rcond: f64, par: Par) -> (Mat<f64>, Vec<f64>) {
+fn col_piv_qr_basis(
+    m: Mat<f64>,
+    rcond: f64,
+    par: Par,
+) -> Result<(Mat<f64>, Vec<f64>), ProjectionError> {
     let mut qr = m;
     let (nrows, ncols) = qr.shape();
     let size = nrows.min(ncols);
     let bs = recommended_block_size::<f64>(nrows, ncols);
-    let mut q_coeff = Mat::<f64>::zeros(bs, size);
+    let mut q_coeff = try_zeros::<f64>("the Householder coefficients", bs, size)?;
     let mut perm = vec![0usize; ncols];
     let mut perm_inv = vec![0usize; ncols];
     {
@@ -358,7 +489,7 @@ fn col_piv_qr_basis(m: Mat<f64>, rcond: f64, par: Par) -> (Mat<f64>, Vec<f64>) {
             par,
             Default::default(),
         );
-        let mut buf = MemBuffer::new(req);
+        let mut buf = try_scratch("the QR factorization's workspace", req)?;
         col_piv_qr::qr_in_place(
             qr.as_mut(),
             q_coeff.as_mut(),
@@ -371,7 +502,7 @@ fn col_piv_qr_basis(m: Mat<f64>, rcond: f64, par: Par) -> (Mat<f64>, Vec<f64>) {
     }
     let diag: Vec<f64> = (0..size).map(|i| qr[(i, i)].abs()).collect();
     let rank = kept(&diag, rcond);
-    let householder = Mat::from_fn(nrows, size, |i, j| {
+    let householder = try_mat("the Householder vectors", nrows, size, |i, j| {
         if i > j {
             qr[(i, j)]
         } else if i == j {
@@ -379,10 +510,15 @@ fn col_piv_qr_basis(m: Mat<f64>, rcond: f64, par: Par) -> (Mat<f64>, Vec<f64>) {
         } else {
             0.0
         }
-    });
-    let mut q = Mat::from_fn(nrows, rank, |i, j| if i == j { 1.0 } else { 0.0 });
+    })?;
+    let mut q = try_mat(
+        "the basis",
+        nrows,
+        rank,
+        |i, j| if i == j { 1.0 } else { 0.0 },
+    )?;
     let req = apply_block_householder_sequence_on_the_left_in_place_scratch::<f64>(nrows, bs, rank);
-    let mut buf = MemBuffer::new(req);
+    let mut buf = try_scratch("the Householder application's workspace", req)?;
     apply_block_householder_sequence_on_the_left_in_place_with_conj(
         householder.as_ref(),
         q_coeff.as_ref(),
@@ -391,7 +527,7 @@ fn col_piv_qr_basis(m: Mat<f64>, rcond: f64, par: Par) -> (Mat<f64>, Vec<f64>) {
         par,
         MemStack::new(&mut buf),
     );
-    (q, diag)
+    Ok((q, diag))
 }
 
 /// Length of the leading run of `diag` strictly above `rcond * diag[0]`.

@@ -83,7 +83,7 @@ pub fn reference_project(q: MatRef<'_, f64>, x: MatRef<'_, f64>) -> Mat<f64> {
 /// Applies `b` to a copy of `x`.
 pub fn project<T: Real>(b: &SpanBasis, x: MatRef<'_, T>) -> Mat<T> {
     let mut y = Mat::<T>::zeros(x.nrows(), x.ncols());
-    b.project_out(y.as_mut(), x, Par::Seq);
+    b.project_out("X", y.as_mut(), x, Par::Seq).unwrap();
     y
 }
 

@@ -17,10 +17,11 @@ fn main() {
         let _ = std::fs::write("seeded-failure.bin", bytes);
     });
     println!(
-        "{} cases in {:.1} s: {} rejected with the expected error, {} accepted ({} with the orthogonality ratio checked)",
+        "{} cases in {:.1} s: {} rejected with the expected error ({} of them an overflow of the result), {} accepted ({} with the orthogonality ratio checked)",
         tally.cases,
         t0.elapsed().as_secs_f64(),
         tally.rejected,
+        tally.overflowed,
         tally.cases - tally.rejected,
         tally.ratio_checked
     );

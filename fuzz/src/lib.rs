@@ -5,8 +5,11 @@
 //! - no panic, ever (libFuzzer reports one as a crash);
 //! - an input with a NaN or infinity, a bad `rcond`, a column count that does not fit, or an
 //!   output buffer of the wrong shape gives the matching [`ProjectionError`], and only then;
-//! - otherwise the output has the input's shape, is finite (when the input is far enough from
-//!   overflow), and every row meets the orthogonality bar of docs/linalg.md:
+//! - an overflow error only where the exact result can be out of range (a row whose norm
+//!   reaches the largest value of its type: `|y_ij| <= ||y_i|| <= ||x_i||`);
+//! - otherwise the output has the input's shape, is finite (always: finite input never gives a
+//!   non-finite result without an error), and every row meets the orthogonality bar of
+//!   docs/linalg.md:
 //!   `||M^T y_i|| / (||M||_2 ||x_i||) <= bar + rcond` with `bar` = 1e-5 (f32), 1e-12 (f64) and
 //!   `M = A` (encoder) or `J^T` (Jacobian), for the SVD factorization.
 //!
@@ -61,7 +64,7 @@ pub trait Elem: Real {
     /// Orthogonality bar of docs/linalg.md for this type.
     const BAR: f64;
     /// Largest finite value, as f64.
-    const MAX: f64;
+    const LARGEST: f64;
     /// Smallest positive normal value, as f64.
     const MIN_NORMAL: f64;
     /// Any bit pattern: NaN, infinities and subnormals included.
@@ -74,7 +77,7 @@ pub trait Elem: Real {
 
 impl Elem for f32 {
     const BAR: f64 = 1e-5;
-    const MAX: f64 = f32::MAX as f64;
+    const LARGEST: f64 = f32::MAX as f64;
     const MIN_NORMAL: f64 = f32::MIN_POSITIVE as f64;
     const EXP: (i32, i32) = (-149, 120);
     const MANT: i32 = 24;
@@ -85,7 +88,7 @@ impl Elem for f32 {
 
 impl Elem for f64 {
     const BAR: f64 = 1e-12;
-    const MAX: f64 = f64::MAX;
+    const LARGEST: f64 = f64::MAX;
     const MIN_NORMAL: f64 = f64::MIN_POSITIVE;
     const EXP: (i32, i32) = (-1074, 1000);
     const MANT: i32 = 53;
@@ -264,6 +267,27 @@ fn max_abs<T: Real>(m: MatRef<'_, T>) -> f64 {
     worst
 }
 
+/// With one more byte (one in six values of it; never for a zero byte, so that inputs that end
+/// earlier decode as before), rescales the batch by a power of two so that its largest entry
+/// lies within a factor 16 of the largest value of its type: rows whose products overflow
+/// unless the core scales them, and whose results may be out of range. Returns a note for the
+/// failure message.
+fn near_overflow<T: Elem>(b: &mut Bytes, vals: &mut Mat<T>, x: &mut Strided<T>) -> &'static str {
+    let choice = b.u8();
+    let top = max_abs(vals.as_ref());
+    if choice % 6 != 5 || !(top.is_finite() && top > 0.0) {
+        return "";
+    }
+    let e = (T::LARGEST / top).log2().floor() as i32 - i32::from(choice / 6 % 4);
+    let (f1, f2) = (T::from_f64(2f64.powi(e / 2)), T::from_f64(2f64.powi(e - e / 2)));
+    let scale = |v: &mut T| *v = *v * f1 * f2;
+    for j in 0..vals.ncols() {
+        vals.col_mut(j).iter_mut().for_each(scale);
+    }
+    x.buf.iter_mut().for_each(scale);
+    ", near the largest value"
+}
+
 /// `m / max|m|` in f64 (exactly representable scaling is not needed: the ratio is scale-free).
 fn normalized<T: Real>(m: MatRef<'_, T>) -> Mat<f64> {
     let s = max_abs(m);
@@ -271,9 +295,10 @@ fn normalized<T: Real>(m: MatRef<'_, T>) -> Mat<f64> {
     Mat::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)].to_f64() / s)
 }
 
-/// `max_i ||y_i M|| / (sigma_max(M) ||x_i||)` over rows whose norm is in `[lo, hi]` (others are
-/// skipped: their round-off is governed by under/overflow, not by the projection). `M` is
-/// `d x k` with `y`, `x` `n x d`.
+/// `max_i ||y_i M|| / (sigma_max(M) ||x_i||)` over rows whose largest entry is at least `lo`
+/// (smaller ones are skipped: their round-off is governed by underflow, not by the projection;
+/// rows up to the largest value count, since the core scales those that could overflow). `M`
+/// is `d x k` with `y`, `x` `n x d`.
 pub fn orthogonality_ratio<TM: Real, T: Elem>(m: MatRef<'_, TM>, x: MatRef<'_, T>, y: MatRef<'_, T>) -> f64 {
     if m.nrows() * m.ncols() == 0 || x.nrows() == 0 {
         return 0.0;
@@ -290,18 +315,11 @@ pub fn orthogonality_ratio<TM: Real, T: Elem>(m: MatRef<'_, TM>, x: MatRef<'_, T
     }
     let xs = max_abs(x);
     let xs = if xs > 0.0 { xs } else { 1.0 };
-    let (lo, hi) = (T::MIN_NORMAL * 2f64.powi(T::MANT), T::MAX * 2f64.powi(-T::MANT));
+    let lo = T::MIN_NORMAL * 2f64.powi(T::MANT);
     let mut worst: f64 = 0.0;
     for i in 0..x.nrows() {
-        let xn_true = (0..x.ncols())
-            .map(|j| {
-                let v = x[(i, j)].to_f64();
-                v * v
-            })
-            .sum::<f64>()
-            .sqrt();
         let row_max = (0..x.ncols()).fold(0.0f64, |a, j| a.max(x[(i, j)].to_f64().abs()));
-        if !(row_max >= lo && row_max <= hi) || xn_true == 0.0 {
+        if !(row_max >= lo && row_max.is_finite()) {
             continue;
         }
         let xn = (0..x.ncols())
@@ -322,13 +340,15 @@ pub fn orthogonality_ratio<TM: Real, T: Elem>(m: MatRef<'_, TM>, x: MatRef<'_, T
     worst
 }
 
-/// Which errors the inputs call for (any of them is acceptable; none means success).
+/// Which errors the inputs call for (any of them is acceptable; none means success), and
+/// whether an overflow error is possible (allowed, not required).
 #[derive(Default, Debug)]
 struct Expected {
     rcond: bool,
     non_finite: Vec<&'static str>,
     columns: bool,
     output: bool,
+    overflow: bool,
 }
 
 impl Expected {
@@ -342,7 +362,8 @@ impl Expected {
             ProjectionError::NonFinite { arg, .. } => self.non_finite.contains(arg),
             ProjectionError::ColumnMismatch { .. } => self.columns,
             ProjectionError::OutputShape { .. } => self.output,
-            ProjectionError::NoConvergence { .. } => false,
+            ProjectionError::Overflow { .. } => self.overflow,
+            ProjectionError::NoConvergence { .. } | ProjectionError::OutOfMemory { .. } => false,
         }
     }
 }
@@ -375,6 +396,22 @@ pub struct Outcome {
     pub rejected: bool,
     /// The orthogonality ratio was checked (SVD, finite, in-range rows).
     pub ratio_checked: bool,
+    /// The error was an overflow of the result (input near the largest value of its type).
+    pub overflowed: bool,
+}
+
+impl Outcome {
+    fn rejected(e: &ProjectionError) -> Self {
+        Self {
+            rejected: true,
+            ratio_checked: false,
+            overflowed: matches!(e, ProjectionError::Overflow { .. }),
+        }
+    }
+
+    fn accepted(ratio_checked: bool) -> Self {
+        Self { rejected: false, ratio_checked, overflowed: false }
+    }
 }
 
 /// Decodes one case from `data`, runs it, and panics if a property fails.
@@ -396,6 +433,22 @@ pub fn run(data: &[u8]) -> Outcome {
     }
 }
 
+/// Whether a row of `x` has a norm of at least 0.99 times the largest value of `T`: the only
+/// rows whose projection can be out of range.
+fn may_overflow<T: Elem>(x: MatRef<'_, T>) -> bool {
+    (0..x.nrows()).any(|i| {
+        let top = (0..x.ncols()).fold(0.0f64, |a, j| a.max(x[(i, j)].to_f64().abs()));
+        if !top.is_finite() || top == 0.0 {
+            return false;
+        }
+        let norm = (0..x.ncols())
+            .map(|j| (x[(i, j)].to_f64() / top).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        norm >= 0.99 * (T::LARGEST / top)
+    })
+}
+
 fn check_output<TM: Real, T: Elem>(
     what: &str,
     m: MatRef<'_, TM>,
@@ -405,14 +458,12 @@ fn check_output<TM: Real, T: Elem>(
     svd: bool,
 ) -> bool {
     assert_eq!(y.shape(), x.shape(), "{what}: output shape");
-    if max_abs(x) <= T::MAX * 2f64.powi(-24) {
-        assert!(
-            all_finite(y),
-            "{what}: non-finite output for finite input (max |M| {:e}, max |input| {:e})",
-            max_abs(m),
-            max_abs(x)
-        );
-    }
+    assert!(
+        all_finite(y),
+        "{what}: non-finite output for finite input (max |M| {:e}, max |input| {:e})",
+        max_abs(m),
+        max_abs(x)
+    );
     if !svd {
         return false;
     }
@@ -445,7 +496,7 @@ fn encoder<TA: Elem, T: Elem>(b: &mut Bytes) -> Outcome {
     let proj = match EncoderNullProjector::from_matrix_with(a.view(), rc, method, p) {
         Err(e) => {
             assert!(expected.allows(&e), "{what}: unexpected error {e}");
-            return Outcome { rejected: true, ratio_checked: false };
+            return Outcome::rejected(&e);
         }
         Ok(proj) => {
             assert!(expected.none(), "{what}: accepted input that needs an error: {expected:?}");
@@ -461,12 +512,13 @@ fn encoder<TA: Elem, T: Elem>(b: &mut Bytes) -> Outcome {
     let (mut x_vals, x_kind) = values::<T>(b, n, cols);
     let in_place = b.u8() % 3 == 0;
     let mut x = Strided::new(&mut x_vals, b.u8(), !in_place);
-    let what = format!("{what}; X {n}x{cols} {} ({x_kind}, {})", T::NAME, x.layout);
-    let mut expected = Expected { columns: cols != d, ..Default::default() };
+    let wrong_dst = !in_place && b.u8() % 12 == 0;
+    let near = near_overflow(b, &mut x_vals, &mut x);
+    let what = format!("{what}; X {n}x{cols} {} ({x_kind}{near}, {})", T::NAME, x.layout);
+    let mut expected = Expected { columns: cols != d, overflow: may_overflow(x.view()), ..Default::default() };
     if !all_finite(x.view()) {
         expected.non_finite.push("X");
     }
-    let wrong_dst = !in_place && b.u8() % 12 == 0;
     expected.output = wrong_dst;
     let result = if in_place {
         proj.apply_in_place(x.view_mut(), p).map(|()| None)
@@ -477,7 +529,7 @@ fn encoder<TA: Elem, T: Elem>(b: &mut Bytes) -> Outcome {
     let y = match result {
         Err(e) => {
             assert!(expected.allows(&e), "{what}: unexpected error {e}");
-            return Outcome { rejected: true, ratio_checked: false };
+            return Outcome::rejected(&e);
         }
         Ok(y) => {
             assert!(expected.none(), "{what}: accepted input that needs an error: {expected:?}");
@@ -487,7 +539,7 @@ fn encoder<TA: Elem, T: Elem>(b: &mut Bytes) -> Outcome {
     let y = y.unwrap_or_else(|| x.view().to_owned());
     let svd = method == Factorization::Svd;
     let checked = check_output(&what, a_vals.as_ref(), x_vals.as_ref(), y.as_ref(), used_rcond, svd);
-    Outcome { rejected: false, ratio_checked: checked }
+    Outcome::accepted(checked)
 }
 
 /// J (m x n) in `TJ`, G (b x n) in `T`.
@@ -502,14 +554,21 @@ fn jacobian<TJ: Elem, T: Elem>(b: &mut Bytes) -> Outcome {
     let mut g = Strided::new(&mut g_vals, b.u8(), !in_place);
     let p = par(b);
     let wrong_dst = !in_place && b.u8() % 12 == 0;
+    let near = near_overflow(b, &mut g_vals, &mut g);
     let what = format!(
-        "jacobian J {m}x{n} {} ({j_kind}, {}), G {rows}x{cols} {} ({g_kind}, {}), rcond {rc:?}",
+        "jacobian J {m}x{n} {} ({j_kind}, {}), G {rows}x{cols} {} ({g_kind}{near}, {}), rcond {rc:?}",
         TJ::NAME,
         j.layout,
         T::NAME,
         g.layout
     );
-    let mut expected = Expected { rcond: rc_bad, columns: cols != n, output: wrong_dst, ..Default::default() };
+    let mut expected = Expected {
+        rcond: rc_bad,
+        columns: cols != n,
+        output: wrong_dst,
+        overflow: may_overflow(g.view()),
+        ..Default::default()
+    };
     if !all_finite(j.view()) {
         expected.non_finite.push("J");
     }
@@ -525,7 +584,7 @@ fn jacobian<TJ: Elem, T: Elem>(b: &mut Bytes) -> Outcome {
     let (rank, y) = match result {
         Err(e) => {
             assert!(expected.allows(&e), "{what}: unexpected error {e}");
-            return Outcome { rejected: true, ratio_checked: false };
+            return Outcome::rejected(&e);
         }
         Ok(ok) => {
             assert!(expected.none(), "{what}: accepted input that needs an error: {expected:?}");
@@ -536,7 +595,7 @@ fn jacobian<TJ: Elem, T: Elem>(b: &mut Bytes) -> Outcome {
     let y = y.unwrap_or_else(|| g.view().to_owned());
     let used_rcond = rc.unwrap_or_else(|| saerecover_core::SpanBasis::default_rcond(n, m));
     let checked = check_output(&what, j_vals.transpose(), g_vals.as_ref(), y.as_ref(), used_rcond, true);
-    Outcome { rejected: false, ratio_checked: checked }
+    Outcome::accepted(checked)
 }
 
 /// Seeded random inputs for machines without libFuzzer.
@@ -562,6 +621,7 @@ pub mod seeded {
         pub cases: u64,
         pub rejected: u64,
         pub ratio_checked: u64,
+        pub overflowed: u64,
     }
 
     /// Runs `cases` inputs of random length (up to `max_len` bytes); on a failure calls
@@ -582,6 +642,7 @@ pub mod seeded {
                     tally.cases += 1;
                     tally.rejected += u64::from(outcome.rejected);
                     tally.ratio_checked += u64::from(outcome.ratio_checked);
+                    tally.overflowed += u64::from(outcome.overflowed);
                 }
                 Err(panic) => {
                     on_failure(i, &bytes);

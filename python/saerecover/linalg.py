@@ -20,6 +20,11 @@ tensors on another device (CUDA) are projected there with torch, using the same 
 float32 and cast back. Outputs are new arrays, never views of the input, and carry no
 autograd history.
 
+Finite input never gives a non-finite result: rows large enough to overflow in the products
+are scaled by a power of two first (exact), and a result that is itself beyond the range of
+the dtype (also when cast back to float16/bfloat16) raises ValueError. A failed allocation
+raises MemoryError naming the shapes and the bytes.
+
 This is the only module that imports ``saerecover._core``; torch is imported only when a
 tensor is passed.
 """
@@ -110,8 +115,9 @@ class EncoderNullProjector:
 
     def apply(self, X: ArrayLike) -> ArrayLike:
         """``X - (X U_r) U_r^T`` over the last axis: X (..., d) -> same shape, kind, dtype,
-        device. Raises ValueError for a wrong last axis or NaN/Inf in X, TypeError for a
-        non-float dtype."""
+        device. Raises ValueError for a wrong last axis, NaN/Inf in X or a result beyond the
+        range of X's dtype, TypeError for a non-float dtype, MemoryError when an allocation
+        fails."""
         d = self.d
         if _is_tensor(X):
             _check_last_axis(X, d, "X", f"the projector was built for d={d}", min_ndim=1)
@@ -121,7 +127,7 @@ class EncoderNullProjector:
             return restore(self._core.apply(flat))
         x = _as_float_ndarray(X, "X")
         _check_last_axis(x, d, "X", f"the projector was built for d={d}", min_ndim=1)
-        flat, restore = _ndarray_rows(x, d)
+        flat, restore = _ndarray_rows(x, "X", d)
         return restore(self._core.apply(flat))
 
     __call__ = apply
@@ -137,9 +143,8 @@ class EncoderNullProjector:
             elif self.rank == self.d:
                 y = torch.zeros_like(x)
             else:
-                u = self._device_basis(X.device, compute)
-                y = x - (x @ u) @ u.T
-        return y.reshape(X.shape).to(X.dtype)
+                y = _project_out_torch(x, self._device_basis(X.device, compute), "X", X.shape)
+        return _cast_back_tensor(y.reshape(X.shape), X.dtype, "X")
 
     def _device_basis(self, device: Any, dtype: Any) -> torch.Tensor:
         key = (device, dtype)
@@ -183,7 +188,7 @@ def jacobian_null_project(J: ArrayLike, G: ArrayLike, *, rcond: float | None = N
     else:
         g = _as_float_ndarray(G, "G")
         _check_jacobian_shapes(j.shape, g)
-        flat, restore = _ndarray_rows(g, j.shape[1])
+        flat, restore = _ndarray_rows(g, "G", j.shape[1])
     out, _rank = _core.jacobian_null_project(j, flat, rcond)
     return restore(out)
 
@@ -208,9 +213,57 @@ def _jacobian_torch_device(J: ArrayLike, G: torch.Tensor, rcond: float | None) -
         if u.shape[1] == 0:
             y = g.clone()
         else:
-            u = u.to(compute)
-            y = g - (g @ u) @ u.T
-    return y.reshape(G.shape).to(G.dtype)
+            y = _project_out_torch(g, u.to(compute), "G", G.shape)
+    return _cast_back_tensor(y.reshape(G.shape), G.dtype, "G")
+
+
+def _project_out_torch(x: torch.Tensor, u: torch.Tensor, name: str, shape: Any) -> torch.Tensor:
+    """``x - (x u) u^T`` for x (rows, d) and an orthonormal u (d, r) of x's dtype, as the Rust
+    core computes it: rows whose largest entry could overflow in the products are scaled by a
+    power of two first and back after (exact), and a result beyond the dtype's range raises
+    ValueError (``shape``: the caller's shape of ``name``, for the message)."""
+    torch = _torch()
+    rows, d = x.shape
+    if rows == 0 or d == 0:
+        return x.clone()
+    limit = torch.finfo(x.dtype).max / (4.0 * (1.0 + math.sqrt(d)))
+    top = x.abs().amax(dim=1, keepdim=True)
+    big = top > limit
+    if not bool(big.any()):
+        return x - (x @ u) @ u.T
+    # 2^(e1 + e2) with the largest entry of the row in [1, 2); two factors keep each one normal
+    e = torch.where(big, torch.frexp(top).exponent - 1, 0).to(torch.float64)
+    e1 = torch.div(e, 2, rounding_mode="trunc")
+    down = (2.0**-e1).to(x.dtype), (2.0 ** -(e - e1)).to(x.dtype)
+    up = (2.0**e1).to(x.dtype), (2.0 ** (e - e1)).to(x.dtype)
+    xs = x * down[0] * down[1]
+    y = (xs - (xs @ u) @ u.T) * up[0] * up[1]
+    _check_overflow(torch.isfinite(y), x.dtype, name, shape)
+    return y
+
+
+def _cast_back_tensor(y: torch.Tensor, dtype: Any, name: str) -> torch.Tensor:
+    """``y`` (computed in float32 or float64) cast to ``dtype``; ValueError when an entry is
+    beyond the range of ``dtype`` (float16 and bfloat16 have a smaller one than float32)."""
+    out = y.to(dtype)
+    if out.dtype != y.dtype:
+        _check_overflow(_torch().isfinite(out), dtype, name, tuple(y.shape))
+    return out
+
+
+def _check_overflow(finite: Any, dtype: Any, name: str, shape: Any) -> None:
+    """The Rust core's overflow error when ``finite`` (a bool mask of a result of ``dtype``,
+    NumPy or torch) is not all true; the position is given in ``shape``."""
+    if bool(finite.all()):
+        return
+    bad = np.asarray((~finite).cpu()) if _is_tensor(finite) else ~finite
+    at = [int(i) for i in np.unravel_index(int(np.flatnonzero(bad)[0]), tuple(shape))]
+    label = str(dtype).replace("torch.", "")
+    largest = float(np.finfo(dtype).max) if isinstance(dtype, np.dtype) else float(_torch().finfo(dtype).max)
+    raise ValueError(
+        f"the projection of {name} overflows {label} at {at}: the exact result exceeds the "
+        f"largest {label}, {largest:g}; {name} has shape {tuple(shape)} (scale {name} down)"
+    )
 
 
 def _torch_row_space_basis(j: torch.Tensor, rcond: float | None, torch: Any) -> torch.Tensor:
@@ -312,16 +365,22 @@ def _nrows(shape: Any) -> int:
     return math.prod(tuple(shape)[:-1])
 
 
-def _ndarray_rows(x: np.ndarray, n: int) -> tuple[np.ndarray, Any]:
+def _ndarray_rows(x: np.ndarray, name: str, n: int) -> tuple[np.ndarray, Any]:
     """``x`` (..., n) as a 2-D float32/float64 (rows, n) array, and the function that turns a
-    projected (rows, n) array back into ``x``'s shape and dtype."""
+    projected (rows, n) array back into ``x``'s shape and dtype (ValueError when a float16
+    result overflows)."""
     shape, dtype = x.shape, x.dtype
     if dtype == np.float16:
         x = x.astype(np.float32)
     flat = _aligned(x.reshape(_nrows(x.shape), n) if x.ndim != 2 else x)
 
     def restore(y: np.ndarray) -> np.ndarray:
-        return y.reshape(shape).astype(dtype, copy=False)
+        if y.dtype == dtype:
+            return y.reshape(shape)
+        with np.errstate(over="ignore"):
+            out = y.reshape(shape).astype(dtype)
+        _check_overflow(np.isfinite(out), dtype, name, shape)
+        return out
 
     return flat, restore
 
@@ -342,7 +401,7 @@ def _tensor_rows(x: torch.Tensor, name: str, n: int) -> tuple[np.ndarray, Any]:
     shape, dtype = x.shape, x.dtype
 
     def restore(y: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(y).reshape(shape).to(dtype)
+        return _cast_back_tensor(torch.from_numpy(y).reshape(shape), dtype, name)
 
     return flat.numpy(), restore
 

@@ -283,3 +283,74 @@ def test_refusal_valid_set_strict_and_lenient(strict, want):
     assert notes["defended"]["category"] == "refusal_or_degenerate" and notes["defended"]["answered"] is False
     assert notes["defended"]["same_opening_as_base"] is False
     assert task.notes(task.ids[3])["defended"]["same_opening_as_base"] is True
+
+
+def test_refusal_weights_score_and_loss_by_hand():
+    # vocab: 0 pad, 1 special, a = 2, b = 3, no = 4, stop = 5; refusal openings "no" and "stop".
+    # Example 0: prompt "a" (length 1), response "no b a" (length 3): input [a, no, b, a].
+    # response weights (prefix weight 3 on the first 2 response tokens): positions 0..3 -> [0, 3, 3, 1]
+    # Logits are log-probabilities: position 0 predicts "no" with p 0.2, position 1 "b" with 0.5,
+    # position 2 "a" with 0.25. score = (3 log 0.2 + 3 log 0.5 + 1 log 0.25) / 7.
+    # log P(refusal opening) at the answer position (0) = log p(stop) = log 0.4: "no" is left out
+    # because it is the base response's own first token. loss = -score + 0.5 log 0.4.
+    # Example 1: prompt "a" only (response length 0): all weights 0, score 0 / 1e-8 = 0, and
+    # log P(refusal opening) = log(p(no) + p(stop)) = log 0.6.
+    tok = WordTokenizer(["a", "b", "no", "stop"])
+    model = type("Stub", (), {"tokenizer": tok})()
+    task = Refusal(model, ["a"], prefix_weight=3.0, prefix_tokens=2, discourage_refusal=0.5,
+                   refusal_prefixes=["no", "stop"])
+    assert task.refusal_prefix_ids.tolist() == [4, 5]
+    prompt_len, response_len = torch.tensor([1, 1]), torch.tensor([3, 0])
+    weights = task.response_weights(prompt_len, response_len, 4)
+    assert weights.tolist() == [[0.0, 3.0, 3.0, 1.0], [0.0, 0.0, 0.0, 0.0]]
+    ex = examples([[2, 4, 3, 2], [2, 0, 0, 0]], answer_pos=[0, 0], mask=[[1, 1, 1, 1], [1, 0, 0, 0]],
+                  prompt_len=prompt_len, response_len=response_len, weights=weights)
+    p0 = [0.1, 0.1, 0.1, 0.1, 0.2, 0.4]
+    probs = torch.tensor([[p0, [0.1, 0.1, 0.1, 0.5, 0.1, 0.1], [0.15, 0.15, 0.25, 0.15, 0.15, 0.15], p0]] * 2)
+    logits = probs.log()
+    lp, w = task.token_logprobs(logits, ex)
+    torch.testing.assert_close(lp[0], torch.tensor([0.2, 0.5, 0.25]).log())
+    assert w.tolist() == [[3.0, 3.0, 1.0], [0.0, 0.0, 0.0]]
+    want = (3 * math.log(0.2) + 3 * math.log(0.5) + math.log(0.25)) / 7
+    score = task.score(logits, ex)
+    assert score[0].item() == pytest.approx(want, rel=1e-6) and score[1].item() == 0.0
+    torch.testing.assert_close(task.refusal_logprob(logits, ex), torch.tensor([math.log(0.4), math.log(0.6)]))
+    torch.testing.assert_close(task.loss(logits, ex), torch.tensor([-want + 0.5 * math.log(0.4), 0.5 * math.log(0.6)]))
+    # without the refusal term the loss is minus the score; without refusal openings the term is -1e4
+    plain = Refusal(model, ["a"], prefix_weight=3.0, prefix_tokens=2, refusal_prefixes=["no", "stop"])
+    torch.testing.assert_close(plain.loss(logits, ex), -score)
+    none = Refusal(model, ["a"], refusal_prefixes=[])
+    assert none.refusal_logprob(logits, ex).tolist() == [-1e4, -1e4]
+
+
+# --- TPP latent selection -----------------------------------------------------------------------
+
+
+def test_tpp_pooled_stats_and_latent_selection():
+    # W_enc = W_dec = I on d = 2 (z = relu(h)); texts: class p: "ta tb", "tc"; class q: "td".
+    # embeddings: ta [1, -1], tb [3, 1], tc [-2, 2], td [0, 4]; special (first token) [9, 9]; pad [7, 7].
+    # pooled residuals (real tokens only): [2, 0], [-2, 2], [0, 4]
+    # pooled SAE activations: mean(relu[1,-1], relu[3,1]) = [2, 0.5]; [0, 2]; [0, 4]
+    # class p: mean over its texts [1, 1.25], over the others [0, 4]; class q: [0, 4] and [1, 1.25]
+    from saerecover.tasks.tpp import latent_scores, pooled_stats, top_latents
+
+    tok = WordTokenizer(["ta", "tb", "tc", "td"])
+    embed = torch.tensor([[7.0, 7.0], [9.0, 9.0], [1.0, -1.0], [3.0, 1.0], [-2.0, 2.0], [0.0, 4.0]])
+    model = LinearModel(embed, torch.zeros(2, 6), tokenizer=tok)
+    site = hand_site([[1.0, 0.0], [0.0, 1.0]])
+    st = pooled_stats(model, site, tok, {"p": ["ta tb", "tc"], "q": ["td"]}, batch_size=2)
+    assert st.x.tolist() == [[2.0, 0.0], [-2.0, 2.0], [0.0, 4.0]] and st.labels == ["p", "p", "q"]
+    assert st.z_class_mean["p"].tolist() == [1.0, 1.25] and st.z_rest_mean["p"].tolist() == [0.0, 4.0]
+    assert st.z_class_mean["q"].tolist() == [0.0, 4.0] and st.z_rest_mean["q"].tolist() == [1.0, 1.25]
+    # latent score = [mean_p - mean_rest]_+ * (W_dec @ w): [1, -2.75]_+ = [1, 0], W_dec @ w = w = [0.5, 3]
+    scores = latent_scores(site, st.z_class_mean["p"], st.z_rest_mean["p"], torch.tensor([0.5, 3.0]))
+    assert scores.tolist() == [0.5, 0.0]
+    assert top_latents(scores, 5).tolist() == [0]  # only non-zero scores are candidates
+    # the top-n by score (negative scores too, when non-zero), returned sorted by index
+    s = torch.tensor([0.5, -1.0, 2.0, 0.0, 0.25])
+    assert top_latents(s, 2).tolist() == [0, 2]
+    assert top_latents(s, 3).tolist() == [0, 2, 4]
+    assert top_latents(s, 9).tolist() == [0, 1, 2, 4]
+    with pytest.raises(ValueError, match="top_n"):
+        top_latents(s, 0)
+    assert pooled_stats(model, site, tok, {"p": ["ta tb"]}, with_sae=False).z_class_mean == {}

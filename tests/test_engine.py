@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
+from exact_stubs import TokenMargin
 from sae_lens import SAE
 from saerecover.core.clamp import Clamp
 from saerecover.core.defended import DefendedModel
-from saerecover.core.examples import Examples, answer_logits, pad_right
+from saerecover.core.examples import Examples, pad_right
 from saerecover.core.metrics import c1_residual
 from saerecover.core.recovery import RecoveryConfig, recover_batch
 from saerecover.core.sites import Site
@@ -32,25 +31,6 @@ def make_sae(d_in: int, d_sae: int, arch: str = "standard", *, seed: int = 0, dt
         if arch == "jumprelu":
             sae.threshold.fill_(0.02)
     return sae
-
-
-@dataclass
-class TokenMargin:
-    """A toy behavior: logit(a) - logit(b) at the answer position."""
-
-    a: int
-    b: int
-    name: str = "margin"
-
-    def score(self, logits: torch.Tensor, ex: Examples) -> torch.Tensor:
-        last = answer_logits(logits, ex).float()
-        return last[:, self.a] - last[:, self.b]
-
-    def loss(self, logits: torch.Tensor, ex: Examples) -> torch.Tensor:
-        return -self.score(logits, ex)
-
-    def describe(self) -> dict:
-        return {"name": self.name, "a": self.a, "b": self.b}
 
 
 @pytest.fixture(scope="module")

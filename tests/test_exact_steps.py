@@ -469,3 +469,181 @@ def test_encoder_device_route_hand_cases():
     assert linalg.EncoderNullProjector(np.zeros((3, 2)))._apply_torch_device(x).tolist() == [[1.0, 2.0, 3.0]]
     # the cached device basis is reused
     assert p._device_basis(x.device, torch.float32) is p._device_basis(x.device, torch.float32)
+
+
+# --- more of the loop: Adam, several delta sites, reclamp, checkpoints, sketch, inputs -----------
+
+
+def test_adam_first_step_is_lr_times_the_sign_of_the_gradient():
+    # Adam's first step is lr * g / (|g| + eps) per coordinate: the gradient -u = [-3, -4, 0] gives
+    # delta = 0.1 [1, 1, 0] (to within eps / |g| ~ 1e-9); the zero coordinate stays 0
+    dm, task = linear_setup()
+    cfg = RecoveryConfig(steps=1, lr=0.1, budget=5.0, optimizer="adam")
+    (out,) = recover_batch(dm, task, examples([[0, 0]]), mode="none", cfg=cfg)
+    torch.testing.assert_close(out.tensors["delta"], torch.tensor([[0.1, 0.1, 0.0]]))
+
+
+def test_on_step_sees_the_delta_applied_next_and_the_row_mask():
+    seen = []
+    dm, task = linear_setup()
+    cfg = RecoveryConfig(steps=2, lr=0.1, budget=5.0, optimizer="sgd", history=False)
+    (out,) = recover_batch(dm, task, examples([[0, 0]]), mode="none", cfg=cfg,
+                           on_step=lambda step, deltas, mask: seen.append((step, deltas[HOOK].clone(), mask.clone())))
+    assert [s for s, _, _ in seen] == [0, 1]
+    torch.testing.assert_close(seen[0][1], torch.tensor([[[0.0, 0.0, 0.0], [0.3, 0.4, 0.0]]]))
+    torch.testing.assert_close(seen[1][1], torch.tensor([[[0.0, 0.0, 0.0], [0.6, 0.8, 0.0]]]))
+    assert seen[0][2].tolist() == [[False, True]]
+    assert out.history == []  # history=False
+
+
+def test_positions_all_and_phi_from_the_first_optimized_row():
+    # positions "all": both rows get the gradient of the score at the answer row only, so row 0's
+    # delta stays 0; the row mask and the metrics cover both rows.
+    dm, task = linear_setup()
+    cfg = RecoveryConfig(steps=1, lr=0.1, budget=5.0, optimizer="sgd", positions="all")
+    (out,) = recover_batch(dm, task, examples([[0, 0]]), mode="none", cfg=cfg)
+    torch.testing.assert_close(out.tensors["delta"], torch.tensor([[0.0, 0.0, 0.0], [0.3, 0.4, 0.0]]))
+    assert out.tensors["rows"].tolist() == [0, 1]
+    # z_def = 0 on both rows (both are token 0 -> e0, clamped); z_rec: 0 and 0.3 -> 1 of 2 pairs reactivated
+    assert out.metrics["reactivated_fraction"] == 0.5
+    assert out.tensors["h_def"].tolist() == [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+
+
+def test_two_delta_sites_in_model_order():
+    # Two layers with mix = I; the clamp at blocks.0.hook_resid_post (feature 0 to 0) and at
+    # blocks.1.hook_resid_post (feature 1 to 0, a second hand site); delta at both sites, given in
+    # reverse order (they are sorted into model order). At delta = 0 the residual reaching the
+    # layer-1 clamp is 0, where relu' = 0, so that clamp passes the gradient unchanged: the gradient
+    # at either site is -u, and one SGD step gives [0.3, 0.4, 0] at each.
+    # delta_norm is over both sites: sqrt(2) * 0.5; the c1 residual is the larger of the two sites'.
+    model = LinearModel(torch.eye(3), U, mix=[torch.eye(3), torch.eye(3)])
+    s0 = hand_site(torch.eye(3).tolist(), hook=HOOK)
+    s1 = hand_site(torch.eye(3).tolist(), hook="blocks.1.hook_resid_post")
+    dm = DefendedModel(model, Clamp.combine(Clamp({s0: [0]}), Clamp({s1: [1]})))
+    cfg = RecoveryConfig(steps=1, lr=0.1, budget=5.0, optimizer="sgd")
+    (out,) = recover_batch(dm, TokenMargin(0, 1), examples([[0, 0]]), mode="none", cfg=cfg,
+                           delta_site=["blocks.1.hook_resid_post", HOOK])
+    torch.testing.assert_close(out.tensors["delta"], torch.tensor([[0.3, 0.4, 0.0]]))
+    torch.testing.assert_close(out.tensors["delta@blocks.1.hook_resid_post"], torch.tensor([[0.3, 0.4, 0.0]]))
+    assert out.metrics["delta_norm"] == pytest.approx(math.sqrt(2) * 0.5, rel=1e-6)
+    # c1 at site 0 (A = e0): 0.3 / 0.5 = 0.6; at site 1 (A = e1): 0.4 / 0.5 = 0.8 -> 0.8
+    assert out.metrics["c1_residual"] == pytest.approx(0.8, rel=1e-6)
+    # the budget is over both sites together: 0.5 sqrt(2) > 0.5 -> both scaled by 1 / sqrt(2)
+    cfg = RecoveryConfig(steps=1, lr=0.1, budget=0.5, optimizer="sgd")
+    (out,) = recover_batch(dm, TokenMargin(0, 1), examples([[0, 0]]), mode="none", cfg=cfg,
+                           delta_site=[HOOK, "blocks.1.hook_resid_post"])
+    torch.testing.assert_close(out.tensors["delta"], torch.tensor([[0.3, 0.4, 0.0]]) / math.sqrt(2))
+    assert out.metrics["delta_norm"] == pytest.approx(0.5, rel=1e-6)
+
+
+def test_reclamp_metrics_measure_what_the_attacker_added():
+    # reclamp: the clamp is applied again after delta, so the model sees feature 0 back at 0; the
+    # metrics are taken on h_def + delta (what was added), so the drift is still 0.3
+    dm, task = linear_setup()
+    cfg = RecoveryConfig(steps=1, lr=0.1, budget=5.0, optimizer="sgd", reclamp=True)
+    (out,) = recover_batch(dm, task, examples([[0, 0]]), mode="none", cfg=cfg)
+    # with the clamp re-applied, d score / d delta_0 = 3 (1 - relu'(0)) = 3 at delta = 0: the same step
+    torch.testing.assert_close(out.tensors["delta"], torch.tensor([[0.3, 0.4, 0.0]]))
+    assert out.metrics["activation_drift"] == pytest.approx(0.3, rel=1e-6)
+    # the model saw h_rec = reclamp(delta) = [0, 0.4, 0]: score 1.6, not 2.5
+    assert out.recovered_score == pytest.approx(1.6, rel=1e-6)
+
+
+def test_best_checkpoint_under_a_drift_limit_in_the_loop():
+    # clamp feature 0 to 1 (Phi_def = 1 at the answer row). Two SGD steps of 0.1 u: Phi = relu(1 + d_0):
+    # step 0 (delta 0): drift 0, score 3; step 1 (delta 0.1 u): drift 0.3, score 5.5; the final
+    # delta 0.2 u: drift 0.6, score 8. With max_drift 0.4 the best is step 1's delta (0.1 u).
+    dm, task = linear_setup(value=1.0)
+    cfg = RecoveryConfig(steps=2, lr=0.1, budget=5.0, optimizer="sgd", max_drift=0.4)
+    (out,) = recover_batch(dm, task, examples([[0, 0]]), mode="none", cfg=cfg)
+    assert out.metrics["checkpoint_step"] == 1
+    torch.testing.assert_close(out.tensors["delta"], torch.tensor([[0.3, 0.4, 0.0]]))
+    assert out.metrics["phi_relative_drift"] == pytest.approx(0.3 / (1 + 1e-8), rel=1e-6)
+    assert [h["phi_relative_drift"] for h in out.history] == pytest.approx([0.0, 0.3])
+    # a limit the final delta meets: the final delta (step 2) wins
+    cfg = RecoveryConfig(steps=2, lr=0.1, budget=5.0, optimizer="sgd", max_drift=1.0)
+    (out,) = recover_batch(dm, task, examples([[0, 0]]), mode="none", cfg=cfg)
+    assert out.metrics["checkpoint_step"] == 2
+    torch.testing.assert_close(out.tensors["delta"], torch.tensor([[0.6, 0.8, 0.0]]))
+    # a limit nothing but delta = 0 meets: step 0
+    cfg = RecoveryConfig(steps=2, lr=0.1, budget=5.0, optimizer="sgd", max_drift=0.0)
+    (out,) = recover_batch(dm, task, examples([[0, 0]]), mode="none", cfg=cfg)
+    assert out.metrics["checkpoint_step"] == 0 and out.tensors["delta"].abs().sum() == 0
+
+
+def test_jacobian_step_residual_of_a_step_along_a_dropped_direction():
+    # Features 0 and 1 read e0 and 1e-3 e1 (W_enc columns), both set to 1: Phi = z at the answer
+    # row, J = [[1, 0, 0], [0, 1e-3, 0]]. With rcond 1e-2 the second singular value (1e-3) counts as
+    # zero: the step keeps its e1 part, [0, 0.4, 0], and moves Phi by J step = [0, 4e-4]:
+    # jacobian_step_residual = ||J step|| / (||J||_2 ||step||) = 4e-4 / (1 * 0.4) = 1e-3.
+    model = LinearModel(torch.eye(3), U)
+    site = hand_site([[1.0, 0.0], [0.0, 1e-3], [0.0, 0.0]], [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], hook=HOOK)
+    dm = DefendedModel(model, Clamp({site: [0, 1]}, value=1.0))
+    cfg = RecoveryConfig(steps=1, lr=0.1, budget=5.0, optimizer="sgd", rcond=1e-2)
+    (out,) = recover_batch(dm, TokenMargin(0, 1), examples([[0, 0]]), mode="jacobian", cfg=cfg)
+    torch.testing.assert_close(out.tensors["delta"], torch.tensor([[0.0, 0.4, 0.0]]))
+    assert out.metrics["jacobian_step_residual"] == pytest.approx(1e-3, rel=1e-4)
+    assert out.history[0]["first_order_drift"] == pytest.approx(1e-3, rel=1e-4)
+    # with the default rcond both directions are projected out, and the gradient -u has no e2
+    # part: nothing moves
+    cfg = RecoveryConfig(steps=1, lr=0.1, budget=5.0, optimizer="sgd")
+    (out,) = recover_batch(dm, TokenMargin(0, 1), examples([[0, 0]]), mode="jacobian", cfg=cfg)
+    assert out.tensors["delta"].abs().max() < 1e-6 and out.metrics["jacobian_step_residual"] == 0.0
+
+
+def test_jacobian_mode_at_the_budget_takes_no_round_off_step():
+    # step 0: 0.1 P u = [0, 0.4, 0] shortened to the budget 0.2 -> [0, 0.2, 0]. Step 1: the same
+    # step from a delta on the budget sphere, along delta itself: pulled back along delta's null-space
+    # part it is exactly 0 (a step below 1e-3 ||delta|| is not taken), so delta stays [0, 0.2, 0].
+    (out,) = run("jacobian", budget=0.2, steps=3, value=1.0)
+    torch.testing.assert_close(out.tensors["delta"], torch.tensor([[0.0, 0.2, 0.0]]))
+    assert [h["delta_norm"] for h in out.history] == pytest.approx([0.2, 0.2, 0.2])
+
+
+def test_sketch_mode_through_the_loop():
+    # clamp feature 0 to 1: Phi = relu(1 + d_0) at the answer row, J = e0^T. The drift probe is
+    # zero at delta = 0 (dropped); each random probe's VJP is +-e0: the basis is {e0}, so the step
+    # is the projected gradient [0, 0.4, 0], as in the exact modes.
+    (out,) = run("sketch", budget=5.0, value=1.0, sketch_probes=2)
+    torch.testing.assert_close(out.tensors["delta"], torch.tensor([[0.0, 0.4, 0.0]]))
+    assert out.metrics["phi_relative_drift"] == 0.0
+    # no probes at all: nothing is projected out, the plain step
+    (out,) = run("sketch", budget=5.0, value=1.0, sketch_probes=0, sketch_drift_probe=False)
+    torch.testing.assert_close(out.tensors["delta"], torch.tensor([[0.3, 0.4, 0.0]]))
+
+
+def test_recover_batch_refuses_bad_inputs_before_any_work():
+    dm, task = linear_setup()
+    ex = examples([[0, 0], [0, 0]])
+    cfg = RecoveryConfig(steps=1, lr=0.1, budget=1.0, optimizer="sgd")
+    with pytest.raises(ValueError, match="unknown projection"):
+        recover_batch(dm, task, ex, mode="orthogonal", cfg=cfg)
+    with pytest.raises(ValueError, match="budget must hold one value per example"):
+        recover_batch(dm, task, ex, mode="none", cfg=cfg, budget=torch.ones(3))
+    for bad in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="per-example budgets must be finite and > 0"):
+            recover_batch(dm, task, ex, mode="none", cfg=cfg, budget=torch.tensor([1.0, bad]))
+    with pytest.raises(ValueError, match="must be clamped"):
+        recover_batch(dm, task, ex, mode="none", cfg=cfg, delta_site="blocks.0.hook_resid_pre")
+    with pytest.raises(ValueError, match="unknown hook name"):
+        recover_batch(dm, task, ex, mode="none", cfg=cfg, delta_site="blocks.0.hook_attn_out")
+    site = hand_site(torch.eye(3).tolist(), hook=HOOK)
+    empty = DefendedModel(dm.model, Clamp({site: []}))
+    with pytest.raises(ValueError, match="empty feature set"):
+        recover_batch(empty, task, ex, mode="none", cfg=cfg)
+    with pytest.raises(ValueError, match="budget"):
+        recover_batch(dm, task, ex, mode="none", cfg=RecoveryConfig(budget=0.0))
+    assert dm.model.calls == 0  # nothing ran
+    # a budget per example given as a list works like the tensor
+    outs = recover_batch(dm, task, ex, mode="none", cfg=cfg, budget=[2.0, 0.25])
+    torch.testing.assert_close(outs[1].tensors["delta"], torch.tensor([[0.15, 0.2, 0.0]]))
+
+
+def test_non_finite_scores_are_refused_with_the_example_named():
+    # an embedding of +inf makes the score non-finite: the loop names the example
+    model = LinearModel(torch.tensor([[1.0, 0.0, 0.0], [math.inf, 0.0, 0.0]]), U)
+    site = hand_site(torch.eye(3).tolist(), hook=HOOK)
+    dm = DefendedModel(model, Clamp({site: [2]}))
+    cfg = RecoveryConfig(steps=1, lr=0.1, budget=1.0, optimizer="sgd")
+    with pytest.raises(FloatingPointError, match=r"\['ex-1'\]"):
+        recover_batch(dm, TokenMargin(0, 1), examples([[0, 0], [0, 1]]), mode="none", cfg=cfg)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from exact_stubs import hand_site
@@ -243,6 +244,15 @@ def test_compare_value_abs_and_rel():
     assert analysis.compare_value(math.nan, math.nan, atol=0, rtol=0)["ok"] is True
     assert analysis.compare_value(1.0, math.inf, atol=9, rtol=9) == {"abs": math.inf, "rel": math.inf, "ok": False}
     assert analysis.compare_value(math.inf, 1.0, atol=9, rtol=9)["ok"] is False
+    assert analysis.compare_value(math.inf, math.inf, atol=0, rtol=0) == {"abs": 0.0, "rel": 0.0, "ok": True}
+    # NaN against infinity is a mismatch (only two NaNs, or equal infinities, match)
+    assert analysis.compare_value(math.nan, math.inf, atol=9, rtol=9)["ok"] is False
+    assert analysis.compare_value(math.inf, math.nan, atol=9, rtol=9)["ok"] is False
+    # a NumPy bool equal to the recorded bool is the same value
+    assert analysis.compare_value(True, np.bool_(True), atol=0, rtol=0)["ok"] is True
+    # values below 1: rel = 0.05 / 0.25 = 0.2, not 0
+    c = analysis.compare_value(0.2, 0.25, atol=0.0, rtol=0.1)
+    assert c["abs"] == pytest.approx(0.05) and c["rel"] == pytest.approx(0.2) and c["ok"] is False
 
 
 def test_tensor_diff_is_the_largest_elementwise_difference():

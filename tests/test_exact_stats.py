@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from saerecover.experiments import sweeps
 from saerecover.runs import stats
 from saerecover.runs.stats import bootstrap_ci, summarize, wilson_interval
 
@@ -202,3 +203,108 @@ def test_finite_number():
     assert f(None) is None and f(True) is None and f("x") is None and f([1]) is None
     assert f(math.inf) is None and f(math.nan) is None
     assert f(3) == 3.0 and f("2.5") == 2.5 and f(np.float32(0.5)) == 0.5
+
+
+# --- the robustness score of a budget sweep ------------------------------------------------------
+
+
+def rob(eid, recovered, *, valid=True, failed=False, mode="m"):
+    return {"example_id": eid, "mode": mode, "valid": valid, "recovered": recovered, "failed": failed}
+
+
+def test_robustness_by_hand():
+    # budgets 1, 2, 4, 8; examples valid at every budget: a, b, c, d, e (f is invalid at 2).
+    #   a: recovered at 1, 2, 4, 8       -> 1
+    #   b: recovered at 1, not 2, at 4   -> 1, non-monotone
+    #   c: recovered at 2, not 4, at 8   -> 2, non-monotone
+    #   d: recovered at 8 only           -> 8
+    #   e: never                         -> None (+inf in the quantiles)
+    # sorted: 1, 1, 2, 8, inf (n = 5); inverted-CDF quantiles: q1 = the 2nd value (ceil(0.25 * 5))
+    # = 1, median the 3rd = 2, q3 the 4th = 8; never 1 of 5; smallest recovering budget 1
+    table = {"a": (1, 1, 1, 1), "b": (1, 0, 1, 1), "c": (0, 1, 0, 1), "d": (0, 0, 0, 1), "e": (0, 0, 0, 0),
+             "f": (1, 1, 1, 1)}
+    by_budget = {}
+    for i, b in enumerate((1.0, 2.0, 4.0, 8.0)):
+        by_budget[b] = [rob(eid, bool(r[i]), valid=not (eid == "f" and b == 2.0)) for eid, r in table.items()]
+        by_budget[b].append(rob("a", True, mode="other"))  # other modes are not mixed in
+    r = sweeps.robustness(by_budget, ["m"])["m"]
+    assert r["per_example"] == {"a": 1.0, "b": 1.0, "c": 2.0, "d": 8.0, "e": None}
+    assert (r["n"], r["never"], r["nonmonotone"]) == (5, 1, 2)
+    assert (r["q1"], r["median"], r["q3"]) == (1.0, 2.0, 8.0)
+    assert r["never_share"] == 0.2 and r["never_share_ci95"] == list(wilson_interval(1, 5))
+    assert r["recovered_min"] == 1.0
+    # the budgets are taken in increasing order whatever the mapping's order
+    assert sweeps.robustness(dict(reversed(list(by_budget.items()))), ["m"])["m"] == r
+
+
+def test_robustness_edges():
+    # failed counts as not recovered; an example recovered only at its largest budget is monotone
+    by_budget = {1.0: [rob("a", True, failed=True), rob("b", False)], 2.0: [rob("a", True), rob("b", True)]}
+    r = sweeps.robustness(by_budget, ["m"])["m"]
+    assert r["per_example"] == {"a": 2.0, "b": 2.0} and r["nonmonotone"] == 0 and r["median"] == 2.0
+    # nobody recovered: quantiles and the smallest budget are None, never_share 1
+    r = sweeps.robustness({1.0: [rob("a", False)]}, ["m"])["m"]
+    assert (r["q1"], r["median"], r["q3"], r["recovered_min"], r["never_share"]) == (None, None, None, None, 1.0)
+    # no examples / no budgets / a mode without records
+    for r in (sweeps.robustness({1.0: []}, ["m"])["m"], sweeps.robustness({}, ["m"])["m"],
+              sweeps.robustness({1.0: [rob("a", True)]}, ["x"])["x"]):
+        assert r["n"] == 0 and r["median"] is None and r["never_share"] is None and r["never_share_ci95"] is None
+        assert r["per_example"] == {} and r["recovered_min"] is None
+
+
+def test_check_grid():
+    assert sweeps.check_grid([4, 1.5, 2], "budgets", integer=False) == [1.5, 2.0, 4.0]
+    out = sweeps.check_grid([8.0, 2], "ks", integer=True)
+    assert out == [2, 8] and all(type(v) is int for v in out)
+    assert all(type(v) is float for v in sweeps.check_grid([3, 1], "budgets", integer=False))
+    assert sweeps.check_grid((0.5,), "budgets", integer=False) == [0.5]
+    for bad in ("1,2", b"12", [], None, 3.0, {1.0}):
+        with pytest.raises(ValueError, match="must be a non-empty list of numbers"):
+            sweeps.check_grid(bad, "budgets", integer=False)
+    for bad in ([1.0, True], [1.0, "2"], [math.nan], [math.inf], [0.0], [-1.0], [1e-300, 0]):
+        with pytest.raises(ValueError, match="every budget must be a finite number > 0"):
+            sweeps.check_grid(bad, "budgets", integer=False)
+    with pytest.raises(ValueError, match="every k must be an integer, got 2.5"):
+        sweeps.check_grid([2.5], "ks", integer=True)
+    with pytest.raises(ValueError, match=r"budgets repeat: \[1.0, 1.0\]"):
+        sweeps.check_grid([1, 1.0], "budgets", integer=False)
+
+
+def test_refusal_summary_by_hand():
+    # mode "jacobian": a, b, c valid (d not). non_refusal: a, b True, c "yes" (not True) -> 2 of 3;
+    # base_like: a -> 1 of 3; base_like_strict: none -> 0 of 3.
+    # phi_relative_drift: 0.1, 0.3 and NaN (left out) -> n 2, mean 0.2; relative_drift: only b's 0.5;
+    # jacobian_step_residual: 1e-7, 3e-7 (c's "x" is not a number) -> max 3e-7; c1_residual: 2 (int) -> 2.0
+    from saerecover.experiments.refusal import refusal_summary
+
+    recs = [
+        {"example_id": "a", "mode": "jacobian", "valid": True, "non_refusal": True, "base_like": True,
+         "phi_relative_drift": 0.1, "jacobian_step_residual": 1e-7, "phi_floor_violation": 0.0},
+        {"example_id": "b", "mode": "jacobian", "valid": True, "non_refusal": True, "base_like": False,
+         "phi_relative_drift": 0.3, "relative_drift": 0.5, "jacobian_step_residual": 3e-7, "c1_residual": 2},
+        {"example_id": "c", "mode": "jacobian", "valid": True, "non_refusal": "yes", "phi_relative_drift": math.nan,
+         "jacobian_step_residual": "x", "relative_delta_norm": math.inf},
+        {"example_id": "d", "mode": "jacobian", "valid": False, "non_refusal": True, "phi_relative_drift": 9.0},
+        {"example_id": "a", "mode": "none", "valid": True, "non_refusal": False},
+    ]
+    out = refusal_summary(recs)
+    assert list(out) == ["jacobian", "none"]
+    j = out["jacobian"]
+    assert (j["n_valid"], j["non_refusal"], j["base_like"], j["base_like_strict"]) == (3, 2, 1, 0)
+    assert j["non_refusal_rate"] == 2 / 3 and j["non_refusal_rate_ci95"] == list(wilson_interval(2, 3))
+    assert j["base_like_rate"] == 1 / 3 and j["base_like_rate_ci95"] == list(wilson_interval(1, 3))
+    assert j["base_like_strict_rate"] == 0.0 and j["base_like_strict_rate_ci95"] == list(wilson_interval(0, 3))
+    assert j["phi_relative_drift_n"] == 2 and j["phi_relative_drift_mean"] == pytest.approx(0.2, abs=1e-15)
+    assert j["phi_relative_drift_ci95"] == list(bootstrap_ci([0.1, 0.3]))
+    assert (j["relative_drift_n"], j["relative_drift_mean"], j["relative_drift_ci95"]) == (1, 0.5, [0.5, 0.5])
+    assert (j["phi_floor_violation_n"], j["phi_floor_violation_mean"]) == (1, 0.0)
+    assert (j["relative_delta_norm_n"], j["relative_delta_norm_mean"], j["relative_delta_norm_ci95"]) == (0, None, None)
+    assert j["jacobian_step_residual_max"] == 3e-7 and j["c1_residual_max"] == 2.0
+    n = out["none"]
+    assert (n["n_valid"], n["non_refusal"], n["non_refusal_rate"]) == (1, 0, 0.0)
+    assert n["jacobian_step_residual_max"] is None and n["c1_residual_max"] is None
+    # modes given: their order, and a mode without records
+    out = refusal_summary(recs, modes=["suffix", "none"])
+    assert list(out) == ["suffix", "none"]
+    s = out["suffix"]
+    assert s["n_valid"] == 0 and s["non_refusal_rate"] is None and s["non_refusal_rate_ci95"] is None

@@ -14,6 +14,7 @@ a long run.
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -29,7 +30,10 @@ SCALES = [1e-30, 1e-12, 1e-3, 1.0, 1e3, 1e12, 1e30]
 LAYOUTS = ["C", "F", "T", "step", "neg", "negstep", "broadcast"]
 REFUSED_DTYPES = [np.int8, np.int32, np.int64, np.uint16, np.bool_, np.complex64, np.complex128,
                   np.longdouble, object]
-CASES = {"count": 0}
+#: fuzz cases run in this session, per test (see test_fuzz_case_count)
+CASES: Counter[str] = Counter()
+#: the number of distinct inputs of the fuzz tests whose input space is small
+SPACE = {"test_fuzz_refused_dtypes": len(REFUSED_DTYPES) * 4 * 6 * 6, "test_fuzz_empty_shapes": 7 * 7 * 7 * 2}
 
 
 def ratio(M: np.ndarray, X: np.ndarray, Y: np.ndarray) -> float:
@@ -109,7 +113,7 @@ def well_scaled(X: np.ndarray, kind: str, dtype) -> bool:
 @SETTINGS
 @given(st.data())
 def test_fuzz_encoder(data):
-    CASES["count"] += 1
+    CASES["test_fuzz_encoder"] += 1
     dtype = data.draw(st.sampled_from([np.float32, np.float64]), "dtype")
     a_dtype = data.draw(st.sampled_from([np.float32, np.float64]), "A dtype")
     d, k, n = data.draw(st.integers(0, 24), "d"), data.draw(st.integers(0, 30), "k"), data.draw(st.integers(0, 20), "n")
@@ -132,7 +136,7 @@ def test_fuzz_encoder(data):
 @SETTINGS
 @given(st.data())
 def test_fuzz_jacobian(data):
-    CASES["count"] += 1
+    CASES["test_fuzz_jacobian"] += 1
     dtype = data.draw(st.sampled_from([np.float32, np.float64]), "dtype")
     j_dtype = data.draw(st.sampled_from([np.float32, np.float64]), "J dtype")
     m, n, b = data.draw(st.integers(0, 24), "m"), data.draw(st.integers(0, 30), "n"), data.draw(st.integers(0, 12), "b")
@@ -196,7 +200,7 @@ def test_fuzz_near_the_largest_value(data):
 @given(st.data())
 def test_fuzz_torch_cpu_tensors(data):
     """CPU tensors (non-contiguous, float16/bfloat16 too) come back as tensors like the input."""
-    CASES["count"] += 1
+    CASES["test_fuzz_torch_cpu_tensors"] += 1
     tdtype = data.draw(st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]), "dtype")
     d, k, n = data.draw(st.integers(1, 20), "d"), data.draw(st.integers(0, 20), "k"), data.draw(st.integers(0, 10), "n")
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), "seed"))
@@ -216,7 +220,7 @@ def test_fuzz_torch_cpu_tensors(data):
 @SETTINGS
 @given(st.data())
 def test_fuzz_non_finite_is_refused_naming_the_argument(data):
-    CASES["count"] += 1
+    CASES["test_fuzz_non_finite_is_refused_naming_the_argument"] += 1
     dtype = data.draw(st.sampled_from([np.float16, np.float32, np.float64]), "dtype")
     which = data.draw(st.sampled_from(["A", "X", "J", "G"]), "argument")
     bad = data.draw(st.sampled_from([np.nan, np.inf, -np.inf]), "value")
@@ -244,7 +248,7 @@ def test_fuzz_non_finite_is_refused_naming_the_argument(data):
 @SETTINGS
 @given(st.sampled_from(REFUSED_DTYPES), st.sampled_from(["A", "X", "J", "G"]), st.integers(0, 5), st.integers(0, 5))
 def test_fuzz_refused_dtypes(dtype, which, rows, cols):
-    CASES["count"] += 1
+    CASES["test_fuzz_refused_dtypes"] += 1
     V = np.zeros((rows, cols), dtype=dtype)
     f = np.zeros
     with pytest.raises(TypeError, match=rf"{which} must have a floating-point dtype"):
@@ -262,7 +266,7 @@ def test_fuzz_refused_dtypes(dtype, which, rows, cols):
 @given(st.integers(0, 6), st.integers(0, 6), st.integers(0, 6), st.sampled_from([np.float32, np.float64]))
 def test_fuzz_empty_shapes(rows, d, k, dtype):
     """0 rows, 0 columns, 0 features: all well defined (identity, or nothing to project)."""
-    CASES["count"] += 1
+    CASES["test_fuzz_empty_shapes"] += 1
     A = np.ones((d, k), dtype=dtype)
     X = np.ones((rows, d), dtype=dtype)
     Y = EncoderNullProjector(A).apply(X)
@@ -277,6 +281,13 @@ def test_fuzz_empty_shapes(rows, d, k, dtype):
 
 
 def test_fuzz_case_count():
-    """The number of fuzz cases this session ran (visible with -s / in the report)."""
-    print(f"\nlinalg fuzz cases run: {CASES['count']}")
-    assert CASES["count"] >= 0
+    """Every fuzz test that ran in this session ran all its cases: SAERECOVER_FUZZ_EXAMPLES of them,
+    or every input where the input space is smaller (hypothesis counts valid examples; its
+    database may replay a few more). A strategy that stops generating, or a test whose body
+    stopped running, shows here. Visible with -s."""
+    ran = {name: n for name, n in CASES.items() if n}
+    if not ran:
+        pytest.skip("no fuzz test of this module ran in this session (run the whole file)")
+    print(f"\nlinalg fuzz cases run: {sum(ran.values())} {dict(ran)}")
+    short = {name: n for name, n in ran.items() if n < min(N_EXAMPLES, SPACE.get(name, N_EXAMPLES))}
+    assert not short, f"fuzz tests that ran fewer than {N_EXAMPLES} cases: {short}"

@@ -253,6 +253,18 @@ def test_suffix_recovery_acts_only_on_suffix_rows_within_budget(tiny, setting):
         assert len(oc.history) == 3
 
 
+def test_suffix_norm_penalty_has_a_finite_gradient_at_zero(tiny, setting):
+    """lambda_delta * ||delta|| is evaluated first at delta = 0, where sqrt of the sum of squares has
+    a NaN gradient; the suffix delta then became NaN after one step (Adam and SGD alike)."""
+    model, _ = tiny
+    dm = DefendedModel(model, setting.clamp)
+    ex = setting.task.examples().select([0])
+    cfg = RecoveryConfig(steps=2, lr=0.2, budget=1.5, positions="prompt", lambda_delta=1.0)
+    (oc,) = recover_suffix(dm, setting.task, ex, cfg=cfg, n_suffix=2, token="a")
+    assert bool(torch.isfinite(oc.tensors["delta"]).all())
+    assert 0 < oc.metrics["delta_norm"] <= 1.5 + 1e-5
+
+
 def test_refusal_summary_counts_and_wilson_intervals():
     recs = [{"example_id": f"e{i}", "mode": "jacobian", "valid": True, "non_refusal": i < 3, "base_like": i < 1,
              "base_like_strict": False, "phi_relative_drift": 0.1 * i, "jacobian_step_residual": 1e-7}

@@ -131,9 +131,14 @@ def test_opening_record_holds_no_text():
 
 def test_opening_hash_is_stable_and_normalised():
     h = rt.opening_hash(TOY_COMPLIANCE)
-    assert len(h) == 64 and int(h, 16) >= 0
-    # a fixed value: changing normalisation or hashing breaks comparisons with stored runs
+    # a fixed value: changing normalisation or hashing breaks comparisons with stored runs.
+    # The opening is the normalised text (case-folded, no space before punctuation), and its
+    # hash is sha256 of its UTF-8 bytes: hashlib.sha256(b"sure, here is how to bake a cake.")
+    assert rt.opening(TOY_COMPLIANCE, 16) == "sure, here is how to bake a cake."
+    assert h == "372e9c12b3ef409fd7b1c88825c87f45d360cf7f877802a89a6270ce6653f181"
     assert h == rt.opening_hash("sure, here is how to bake a cake.")
+    # the first n_words words: sha256(b"a b c")
+    assert rt.opening_hash("A  b C d", n_words=3) == "0e9f64031fcb2bc708b531c2a20441580425d151a38503f38592a7dd36019d3b"
     assert h == rt.opening_hash("  SURE ,  here is how to bake a cake .  ")
     assert rt.opening_hash("a b c d e f", n_words=3) == rt.opening_hash("a b c x y z", n_words=3)
     assert rt.opening_hash("a b c d", n_words=4) != rt.opening_hash("a b c x", n_words=4)

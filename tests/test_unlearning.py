@@ -54,18 +54,48 @@ def test_every_order_with_the_right_letter(model):
     assert bool((ce > 0).all())
 
 
+class Offset:
+    """The tiny model with a chosen offset added to the correct letter's logit of each
+    (question, order): +1000 makes that order right whatever the random weights say, -1000 wrong."""
+
+    def __init__(self, model, task, offsets):
+        ex = task.examples()
+        self.model, self.device = model, model.device
+        self.rows = {}
+        for i in range(len(ex)):
+            length = int(ex.attention_mask[i].sum())
+            letter = int(ex.targets["letters"][i, ex.targets["correct"][i]])
+            self.rows[tuple(ex.input_ids[i, :length].tolist())] = (int(ex.answer_pos[i]), letter,
+                                                                    offsets.get(divmod(i, 24), 0.0))
+
+    def forward(self, input_ids, attention_mask=None, **kw):
+        logits, captured = self.model.forward(input_ids, attention_mask, **kw)
+        logits = logits.clone()
+        for r in range(input_ids.shape[0]):
+            pos, letter, offset = self.rows[tuple(input_ids[r, : int(attention_mask[r].sum())].tolist())]
+            logits[r, pos, letter] += offset
+        return logits, captured
+
+
 def test_strict_filter_keeps_questions_right_under_every_order(model):
-    qs = [ul.MCQuestion(f"q{i}", "the tree is", ("red", "blue", "green", "big"), i) for i in range(4)]
+    # q0 right under all 24 orders; q1 under all but order 5; q2 wrong under order 0 (the other 23
+    # as the random model has it); q3 wrong under all: only q0 is kept
+    texts = ["the tree is", "a car is", "the book is", "the cup is"]
+    qs = [ul.MCQuestion(f"q{i}", t, ("red", "blue", "green", "big"), i) for i, t in enumerate(texts)]
     task = ul.MultipleChoice(model.tokenizer, qs, TINY_FORMAT)
-    scores = ul.base_scores(model, task).view(4, 24)
-    all_right = (scores > 0).all(1)
-    if bool(all_right.any()):
-        kept = ul.strict_filter(model, task)
-        assert [q.id for q in kept.questions] == [q.id for q, k in zip(qs, all_right.tolist()) if k]
-        assert kept.info["strict"]["n_questions"] == 4
-    else:
-        with pytest.raises(ValueError, match="no question"):
-            ul.strict_filter(model, task)
+    offsets = {**{(0, k): 1000.0 for k in range(24)}, **{(1, k): 1000.0 for k in range(24)},
+               (1, 5): -1000.0, (2, 0): -1000.0, **{(3, k): -1000.0 for k in range(24)}}
+    biased = Offset(model, task, offsets)
+    scores = ul.base_scores(biased, task, batch_size=10).view(4, 24)
+    assert (scores > 0).sum(1).tolist()[:2] == [24, 23] and bool((scores[3] < 0).all()) and scores[2, 0] < 0
+    kept = ul.strict_filter(biased, task, batch_size=10)
+    assert [q.id for q in kept.questions] == ["q0"]
+    assert kept.info["strict"]["n_questions"] == 4 and kept.info["strict"]["n_kept"] == 1
+    assert kept.info["strict"]["per_order_accuracy"] == pytest.approx(float((scores > 0).float().mean()))
+    # no question right under every order: refused
+    rest = task.with_questions(qs[2:])
+    with pytest.raises(ValueError, match="no question"):
+        ul.strict_filter(Offset(model, rest, {(0, 0): -1000.0, **{(1, k): -1000.0 for k in range(24)}}), rest)
 
 
 def test_selection_by_forget_and_retain_frequency():

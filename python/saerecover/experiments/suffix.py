@@ -121,7 +121,8 @@ def recover_suffix(
             phi = defended_features(clamp, out.sites, phi_sites, phi_mask)
             loss_vec = loss_vec + cfg.lambda_act * (phi - phi_ref).norm(dim=1) / (phi_ref_norm + 1e-8)
         if cfg.lambda_delta > 0:
-            loss_vec = loss_vec + cfg.lambda_delta * delta.pow(2).flatten(1).sum(1).sqrt()
+            # ||delta|| by vector_norm: its gradient at delta = 0 (the start) is 0; sqrt(sum of squares) gives NaN
+            loss_vec = loss_vec + cfg.lambda_delta * torch.linalg.vector_norm(delta.flatten(1), dim=1)
         if not bool(torch.isfinite(loss_vec.detach()).all()):
             raise FloatingPointError(f"non-finite suffix loss at step {step}")
         (grad,) = torch.autograd.grad(loss_vec.sum(), [delta])

@@ -199,11 +199,12 @@ def top_latents(scores: torch.Tensor, n: int) -> torch.Tensor:
     ``select_top_n_features``), sorted indices (<= n,)."""
     if n < 1:
         raise ValueError(f"top_n must be >= 1, got {n}")
-    nonzero = int((scores != 0).sum())
-    k = min(n, nonzero)
+    candidates = torch.nonzero(scores != 0).flatten()
+    k = min(n, int(candidates.numel()))
     if k == 0:
         raise ValueError("no latent has a non-zero TPP effect for this class")
-    return torch.topk(scores, k).indices.sort().values
+    # top-k among the candidates only: over all latents, zero scores would outrank negative ones
+    return candidates[torch.topk(scores[candidates], k).indices].sort().values
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# Mutation testing (slow; not part of CI): how many small deliberate bugs in the code that computes
+# numbers the test suite catches. docs/mutation.md has the scores, the survivors and why.
+#
+#   scripts/mutation.sh python   mutmut on the number-computing Python functions (SCOPE below)
+#   scripts/mutation.sh rust     cargo-mutants on rust_core with its own unit tests
+#   scripts/mutation.sh survivors  the hand-applied mutants of docs/mutation.md, each against its test
+#   scripts/mutation.sh all      all three (the default)
+#
+# Needs: pip install -e ".[mutation]" (mutmut), cargo install cargo-mutants --locked, and the
+# compiled extension python/saerecover/_core*.so (maturin develop, or scripts/test.sh).
+# Environment: MUTATION_JOBS (parallel mutants, default: CPU count), MUTATION_DIR (work directory,
+# default .mutation/ in the repository; it is wiped first), MUTATION_RUST_TIMEOUT (seconds per
+# mutant's tests, default 300).
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+WHAT="${1:-all}"
+JOBS="${MUTATION_JOBS:-$(nproc)}"
+WORK="${MUTATION_DIR:-$ROOT/.mutation}"
+
+# The functions whose mutants count, as mutmut mutant-name globs (module.x_function or
+# module.xǁClassǁmethod). Modules that are mostly I/O or orchestration contribute only their
+# numeric functions. mutmut 3 never mutates decorated functions (@property, @torch.no_grad(),
+# @lru_cache): those are covered by the hand-applied mutants ("survivors" below).
+SCOPE=(
+  "saerecover.core.metrics.*"
+  "saerecover.core.decomposition.*"
+  "saerecover.core.checkpoints.*"
+  "saerecover.core.recovery.*"
+  "saerecover.core.projection*"
+  "saerecover.runs.stats.*"
+  "saerecover.linalg.x_*"
+  "saerecover.linalg.xǁEncoderNullProjectorǁ__init__*"
+  "saerecover.linalg.xǁEncoderNullProjectorǁapply*"
+  "saerecover.linalg.xǁEncoderNullProjectorǁ_apply_torch_device*"
+  "saerecover.linalg.xǁEncoderNullProjectorǁ_device_basis*"
+  "saerecover.core.clamp.xǁSiteClampǁapply*"
+  "saerecover.core.clamp.xǁSiteClampǁdefend*"
+  "saerecover.core.clamp.xǁClampǁ__init__*"
+  "saerecover.core.clamp.xǁClampǁ_add*"
+  "saerecover.core.clamp.xǁClampǁper_feature*"
+  "saerecover.core.clamp.xǁClampǁcombine*"
+  "saerecover.core.clamp.xǁClampǁat__*"
+  "saerecover.experiments.pipeline.x_behavior_scores*"
+  "saerecover.experiments.pipeline.x__score_chunk*"
+  "saerecover.experiments.pipeline.x_find_flips*"
+  "saerecover.experiments.analysis.x_compare_value*"
+  "saerecover.experiments.analysis.x__tensor_diff*"
+  "saerecover.experiments.analysis.x__json_float*"
+  "saerecover.experiments.analysis.x__h_rec*"
+  "saerecover.experiments.analysis.x__model_dtype*"
+  "saerecover.experiments.analysis.x__aggregate*"
+  "saerecover.experiments.analysis.x__mean*"
+  "saerecover.experiments.sweeps.x_robustness*"
+  "saerecover.experiments.sweeps.x_check_grid*"
+  "saerecover.experiments.refusal.x_refusal_summary*"
+  "saerecover.experiments.refusal.x__wilson*"
+  "saerecover.tasks.ioi.xǁIOIǁscore*"
+  "saerecover.tasks.ioi.xǁIOIǁloss*"
+  "saerecover.tasks.tpp.xǁProbedModelǁforward*"
+  "saerecover.tasks.tpp.xǁTPPTaskǁscore*"
+  "saerecover.tasks.tpp.xǁTPPTaskǁloss*"
+  "saerecover.tasks.tpp.x_latent_scores*"
+  "saerecover.tasks.tpp.x_top_latents*"
+  "saerecover.tasks.text.x_pool_mask*"
+  "saerecover.tasks.text.x_masked_mean*"
+  "saerecover.tasks.text.x_special_ids*"
+  "saerecover.tasks.unlearning.xǁMultipleChoiceǁletter_logits*"
+  "saerecover.tasks.unlearning.xǁMultipleChoiceǁscore*"
+  "saerecover.tasks.unlearning.xǁMultipleChoiceǁloss*"
+  "saerecover.tasks.unlearning.x_strict_filter*"
+  "saerecover.tasks.unlearning.x_select_by_frequency*"
+  "saerecover.tasks.refusal.judge.*"
+  "saerecover.tasks.refusal.task.xǁRefusalǁanswered*"
+  "saerecover.tasks.refusal.task.xǁRefusalǁjudge*"
+  "saerecover.tasks.refusal.task.xǁRefusalǁresponse_weights*"
+  "saerecover.tasks.refusal.task.xǁRefusalǁtoken_logprobs*"
+  "saerecover.tasks.refusal.task.xǁRefusalǁscore*"
+  "saerecover.tasks.refusal.task.xǁRefusalǁrefusal_logprob*"
+  "saerecover.tasks.refusal.task.xǁRefusalǁloss*"
+)
+
+python_mutants() {
+  local so
+  so=$(ls "$ROOT"/python/saerecover/_core*.so 2>/dev/null | head -1 || true)
+  [ -n "$so" ] || { echo "python/saerecover/_core*.so is missing: build it first (maturin develop)" >&2; exit 2; }
+  # mutmut expects the package at the top of its directory (./, src/ or source/): stage a copy
+  # with saerecover/ next to tests/ and pyproject.toml ([tool.mutmut] is written for that layout)
+  rm -rf "$WORK/python"
+  mkdir -p "$WORK/python/mutants"
+  (cd "$ROOT/python" && tar --exclude=__pycache__ -cf - saerecover) | tar -xf - -C "$WORK/python"
+  (cd "$ROOT" && tar --exclude=__pycache__ -cf - tests pyproject.toml) | tar -xf - -C "$WORK/python"
+  cd "$WORK/python"
+  # the mutated copy, not an installed saerecover, must be the one imported; one thread per
+  # worker (mutmut's time limits are CPU seconds, and idle OpenMP threads spin)
+  export PYTHONPATH="$WORK/python/mutants" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+  local start=$SECONDS status=0
+  mutmut run --max-children "$JOBS" "${SCOPE[@]}" || status=$?
+  echo "mutmut run: exit $status after $((SECONDS - start)) s"
+  mutmut results --all true > results.txt
+  python3 - "$WORK/python/results.txt" "${SCOPE[@]}" <<'PY'
+import fnmatch, re, sys
+from collections import Counter, defaultdict
+path, scope = sys.argv[1], sys.argv[2:]
+rows = [re.match(r"\s*(\S+): (.+)$", line) for line in open(path, encoding="utf-8")]
+rows = [(m.group(1), m.group(2).strip()) for m in rows if m]
+rows = [(k, s) for k, s in rows if any(fnmatch.fnmatch(k, g) for g in scope)]
+detected = {"killed", "timeout", "segfault", "caught by type check"}
+by_module = defaultdict(Counter)
+for key, status in rows:
+    module = re.split(r"\.x[_ǁ]", key)[0]
+    by_module[module][status] += 1
+total = Counter(s for _, s in rows)
+def score(c):
+    n = sum(c.values())
+    return sum(c[s] for s in detected) / n if n else float("nan")
+print(f"\n{'module':45s} {'mutants':>8s} {'killed':>7s} {'survived':>9s} {'no tests':>9s} {'other':>6s} {'score':>7s}")
+for module, c in sorted(by_module.items()):
+    other = sum(v for s, v in c.items() if s not in detected | {"survived", "no tests"})
+    print(f"{module:45s} {sum(c.values()):8d} {sum(c[s] for s in detected):7d} {c['survived']:9d} "
+          f"{c['no tests']:9d} {other:6d} {score(c):7.1%}")
+print(f"{'all':45s} {sum(total.values()):8d} {sum(total[s] for s in detected):7d} {total['survived']:9d} "
+      f"{total['no tests']:9d} {sum(v for s, v in total.items() if s not in detected | {'survived', 'no tests'}):6d} "
+      f"{score(total):7.1%}")
+left = sorted(k for k, s in rows if s not in detected)
+print(f"\nnot killed ({len(left)}): mutmut show NAME (in {path.rsplit('/', 1)[0]}) prints each diff")
+for k in left:
+    print("  ", k, dict(rows)[k])
+PY
+}
+
+rust_mutants() {
+  command -v cargo-mutants > /dev/null || { echo "cargo-mutants is missing: cargo install cargo-mutants --locked" >&2; exit 2; }
+  # a copy of the crate, mutated in place there (the checkout is never touched); its target/
+  # persists between runs, so only the first run builds the optimised dependencies
+  mkdir -p "$WORK/rust"
+  (cd "$ROOT" && tar -cf - Cargo.toml Cargo.lock rust_core benches) | tar -xf - -C "$WORK/rust"
+  cd "$WORK/rust"
+  rm -rf mutants.out mutants.out.old
+  local start=$SECONDS status=0
+  # python.rs is the pyo3 binding, compiled only with the "python" feature and tested through
+  # the Python suite, so the Rust unit tests cannot see it (docs/mutation.md)
+  cargo mutants --in-place --profile mutants --timeout "${MUTATION_RUST_TIMEOUT:-300}" \
+    --exclude rust_core/python.rs --cargo-test-arg=--lib || status=$?
+  echo "cargo mutants: exit $status after $((SECONDS - start)) s (2 = some mutants missed, 3 = timeouts)"
+  for f in caught missed timeout unviable; do
+    printf '%-9s %5d\n' "$f" "$(wc -l < mutants.out/$f.txt)"
+  done
+  echo "missed: $WORK/rust/mutants.out/missed.txt"
+}
+
+survivors() {
+  cd "$ROOT"
+  python3 scripts/mutation_survivors.py
+}
+
+case "$WHAT" in
+  python) python_mutants ;;
+  rust) rust_mutants ;;
+  survivors) survivors ;;
+  all) (survivors); (python_mutants); (rust_mutants) ;;
+  *) echo "usage: $0 [python|rust|survivors|all]" >&2; exit 2 ;;
+esac

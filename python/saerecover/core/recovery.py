@@ -145,7 +145,9 @@ def recover_batch(
         if cfg.lambda_decode > 0:
             loss_vec = loss_vec + cfg.lambda_decode * _decode_drift(clamp, phi - phi_ref, phi_sites, phi_mask)
         if cfg.lambda_delta > 0:
-            loss_vec = loss_vec + cfg.lambda_delta * torch.sqrt(sum(d.pow(2).flatten(1).sum(1) for d in deltas.values()))
+            # vector_norm: its gradient at delta = 0 (every run's start) is 0; sqrt(sum of squares) has NaN there
+            flat = torch.cat([d.flatten(1) for d in deltas.values()], dim=1)
+            loss_vec = loss_vec + cfg.lambda_delta * torch.linalg.vector_norm(flat, dim=1)
         loss = (loss_vec * active).sum()
         finite = torch.isfinite(loss_vec.detach()) & torch.isfinite(score.detach())
         if not bool((finite | ~active).all()):

@@ -14,6 +14,7 @@ from saerecover.report.sweeps import budget_report, feature_report, sweep_table
 from saerecover.report.tpp import tpp_report, tpp_table
 from saerecover.runs.collection import REPORT_FILE, read_summary, write
 from saerecover.runs.errors import RunDirectoryError
+from saerecover.runs.files import check_no_link
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ def _report_of(root: Path, summary: Mapping[str, Any]) -> CollectionReport:
 def write_collection_report(root: str | Path, summary: Mapping[str, Any]) -> Path:
     """(Re)write a collection's summary.json, report.md and plots; the report path."""
     root = Path(root)
+    check_no_link(root)  # before the plots: nothing is written through a link
     write(root, summary, _report_of(root, summary).render(root, summary))
     return root / REPORT_FILE
 

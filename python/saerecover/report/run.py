@@ -466,5 +466,5 @@ def write_report(run_dir: str | Path) -> Path:
             notes.append(f"plot `{make.__name__.removeprefix('_plot_')}` skipped: {res}")
     text = _render(run, config, summary, records, plots, notes)
     path = run.path / REPORT_FILE
-    atomic_write_text(path, text)
+    atomic_write_text(path, text, root=run.path)
     return path

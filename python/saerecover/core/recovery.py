@@ -113,7 +113,6 @@ def recover_batch(
     rectified = [clamp.at(s).site.architecture in RECTIFIED_ARCHITECTURES for s in phi_sites]
     projection = PROJECTIONS[mode](StepContext(clamp=clamp, cfg=cfg, sites=sites, phi_sites=phi_sites, mask=mask,
                                                phi_mask=phi_mask, rectified=rectified, example_ids=list(ex.ids)))
-    torch.manual_seed(cfg.seed)
 
     with torch.no_grad():
         ref_states = defended.forward(ex, track=tuple(phi_sites)).sites

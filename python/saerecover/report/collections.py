@@ -45,8 +45,21 @@ def write_collection_report(root: str | Path, summary: Mapping[str, Any]) -> Pat
     """(Re)write a collection's summary.json, report.md and plots; the report path."""
     root = Path(root)
     check_no_link(root)  # before the plots: nothing is written through a link
-    write(root, summary, _report_of(root, summary).render(root, summary))
+    report = _report_of(root, summary)
+    write(root, summary, _checked(root, summary, lambda: report.render(root, summary)))
     return root / REPORT_FILE
+
+
+def _checked(root: Path, summary: Mapping[str, Any], make: Callable[[], str]) -> str:
+    """``make()``; a summary.json that lacks what its kind's report reads (a hand-edited or
+    truncated one) is a RunDirectoryError naming the file and what is missing."""
+    try:
+        return make()
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as err:
+        what = f"it has no {err.args[0]!r}" if isinstance(err, KeyError) and err.args else \
+            f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        raise RunDirectoryError(f"{Path(root) / 'summary.json'} is not a readable {summary.get('collection')} "
+                                f"summary: {what}; rerun the command that wrote it (it resumes)") from err
 
 
 def collection_table(summary: Mapping[str, Any]) -> str:
@@ -61,4 +74,4 @@ def rewrite_report(root: str | Path) -> tuple[Path, str]:
     if summary is None:
         raise RunDirectoryError(f"{root} holds no collection summary.json")
     path = write_collection_report(root, summary)
-    return path, _report_of(Path(root), summary).table(summary)
+    return path, _checked(Path(root), summary, lambda: _report_of(Path(root), summary).table(summary))

@@ -56,6 +56,8 @@ __all__ = [
     "VOLATILE_KEYS",
     "RunDirectory",
     "RunDirectoryError",
+    "check_resumable",
+    "config_diff",
     "config_hash",
     "open_run",
     "validate_name",
@@ -195,6 +197,57 @@ def config_mismatch(path: Path, diff: list[tuple[str, Any, Any]]) -> RunDirector
         + describe_diff(diff, "run", "new config")
         + "\nchoose a new --out, or pass --overwrite to discard the old run"
     )
+
+
+def expected_diff(stored: Any, expected: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """:func:`config_diff` limited to what ``expected`` names: dict keys of ``expected`` only
+    (a value :data:`ABSENT` there means "must not be in the run's config")."""
+    if isinstance(expected, Mapping) and isinstance(stored, Mapping):
+        out = []
+        for k, v in expected.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            out += expected_diff(stored.get(k, ABSENT), v, key)
+        return out
+    return [] if stored == expected else [(prefix, stored, expected)]
+
+
+def check_resumable(path: str | os.PathLike[str], expected: Mapping[str, Any]) -> None:
+    """Refuse, before any long work, to resume the run at ``path`` with a config that differs
+    from its config.json at a key of ``expected`` (the options known before the model loads);
+    the same RunDirectoryError as opening it would give. Nothing to check (no run there, or a
+    config.json that opening explains better) passes."""
+    cfg_path = Path(path) / CONFIG_FILE
+    try:
+        stored = json.loads(_read_regular(cfg_path, Path(path)))
+    except (OSError, RunDirectoryError, UnicodeDecodeError, json.JSONDecodeError):
+        return
+    if not isinstance(stored, dict):
+        return
+    diff = expected_diff({k: v for k, v in stored.items() if k not in VOLATILE_KEYS}, expected)
+    if diff:
+        raise config_mismatch(Path(path), diff)
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), f"the number {value!r}" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def check_summary(summary: Any, path: Path) -> dict[str, Any]:
+    """``summary`` if it has the shape of a run's summary.json (an object whose ``modes``, when
+    present, maps each mode to an object); else a RunDirectoryError saying what is wrong."""
+    hint = "; rerun the run (it resumes and rewrites the summary) or restore the file"
+    if not isinstance(summary, dict):
+        raise RunDirectoryError(f"{path} is not a run summary: it holds {_json_type(summary)}, not an object{hint}")
+    modes = summary.get("modes")
+    if modes is not None and not isinstance(modes, dict):
+        raise RunDirectoryError(f"{path} is not a run summary: \"modes\" is {_json_type(modes)}, not an object "
+                                f"of modes{hint}")
+    for name, m in (modes or {}).items():
+        if m is not None and not isinstance(m, dict):
+            raise RunDirectoryError(f"{path} is not a run summary: mode {name!r} is {_json_type(m)}, not an "
+                                    f"object{hint}")
+    return summary
 
 
 def _damaged(path: Path, err: Exception) -> RunDirectoryError:
@@ -600,9 +653,10 @@ class RunDirectory:
         if not path.exists():
             raise RunDirectoryError(f"{path} does not exist yet (the run has not been summarized)")
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            summary = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise RunDirectoryError(f"cannot read {path}: {e}") from e
+        return check_summary(summary, path)
 
     # ---- lifetime
 

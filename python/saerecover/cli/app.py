@@ -5,6 +5,7 @@ into one ``saerecover: error: ...`` line with exit status 2."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from saerecover import __version__
@@ -18,6 +19,7 @@ from saerecover.cli.sweep import add_sweep_parser
 from saerecover.cli.tpp import add_tpp_parser
 from saerecover.cli.unlearning import add_unlearning_parser
 from saerecover.runs.errors import RunDirectoryError
+from saerecover.runs.interrupt import interrupt_message, terminate_as_interrupt
 
 __all__ = ["USER_ERRORS", "build_parser", "main"]
 
@@ -43,13 +45,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``saerecover ARGV``; the exit status (argparse errors exit 2 themselves)."""
+    """Run ``saerecover ARGV``; the exit status (argparse errors exit 2 themselves). SIGINT and
+    SIGTERM end a command with one line and status 130 / 143; a run stops once the batch in
+    flight is written and the line says how to resume it (saerecover.runs.interrupt)."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    previous = terminate_as_interrupt()
     try:
         return int(args.handler(args) or 0)
     except USER_ERRORS as err:
         print(f"saerecover: error: {one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:
+        print(f"saerecover: {interrupt_message(err)}", file=sys.stderr)
+        return 128 + int(getattr(err, "signum", signal.SIGINT))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

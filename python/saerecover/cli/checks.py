@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +17,17 @@ from saerecover.cli.options import CHOICES
 from saerecover.cli.parsing import CLIError, OptionError
 from saerecover.core.config import RecoveryConfig
 
-__all__ = ["LIST_OPTIONS", "POSITIVE_INTS", "check_options", "check_out", "coerce", "parse_features",
-           "parse_numbers", "parse_shard", "split_list"]
+__all__ = ["LIST_OPTIONS", "MAX_EXAMPLES", "POSITIVE_INTS", "check_options", "check_out", "check_out_path",
+           "coerce", "parse_features", "parse_numbers", "parse_shard", "split_list"]
 
 #: Integer options that must be >= 1.
 POSITIVE_INTS = ("n", "top_k", "batch_size")
+#: The most examples a count option may ask for. Every example is built in memory (tokens, targets)
+#: before the first forward pass and becomes a records.jsonl line per mode; 10**6 prompts already
+#: take minutes to build and gigabytes to hold, and no setting of the method needs more.
+MAX_EXAMPLES = 1_000_000
+#: Count options bounded by MAX_EXAMPLES.
+COUNT_OPTIONS = ("n", "n_train", "n_test", "n_contrast")
 #: Number options whose default None means "off".
 OPTIONAL_FLOATS = ("max_drift", "suffix_lr", "suffix_budget")
 #: Comma-separated options a config file may also give as a list.
@@ -82,9 +90,13 @@ def parse_features(value: Any) -> list[int] | None:
         return None
     items = value if isinstance(value, (list, tuple)) else [x for x in str(value).split(",") if x.strip()]
     try:
-        return [int(str(x).strip()) for x in items]
+        out = [int(str(x).strip()) for x in items]
     except ValueError as err:
         raise OptionError(f"--features must be comma-separated integers, got {value!r}") from err
+    negative = [i for i in out if i < 0]
+    if negative:
+        raise OptionError(f"--features: feature indices are >= 0, got {negative[0]} in {value!r}")
+    return out
 
 
 def parse_numbers(text: Any, key: str, *, integer: bool) -> list[Any]:
@@ -112,12 +124,38 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return i, n
 
 
-def check_out(out: Any, task: str | None = None) -> None:
-    """Refuse an --out that can never hold this run: a file, a non-empty directory that is not a
-    run, or (``task`` given) a run of another task."""
-    path = Path(str(out)).expanduser()
+def check_out_path(out: Any, flag: str = "--out") -> Path:
+    """Refuse an output path that can never be written, before anything loads: a name that is
+    not UTF-8 (a run records its paths as UTF-8 text), a file, or a path below a file."""
+    text = str(out)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise OptionError(f"{flag} {ascii(text)} is not valid UTF-8 (bytes {os.fsencode(text)!r}); the run records "
+                          "its paths as UTF-8 text: choose a UTF-8 name") from None
+    path = Path(text).expanduser()
     if path.exists() and not path.is_dir():
-        raise OptionError(f"--out {out} is a file; give a new or existing run directory")
+        raise OptionError(f"{flag} {out} is a file; give a new or existing run directory")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OptionError(f"{flag} {out} is inside {parent}, which is a file; choose a path inside a directory")
+            break
+    return path
+
+
+def check_out(out: Any, task: str | None = None, *, expect: Mapping[str, Any] | None = None) -> None:
+    """Refuse an --out that can never hold this run, before anything loads (see
+    :func:`check_out_path`): a non-empty directory that is not a run, a run another process is
+    writing, (``task`` given) a run of another task, or (``expect``: the options of the run's
+    config.json known before loading, nested) a run whose config differs at one of them."""
+    from saerecover.runs.directory import check_resumable, run_in_use
+
+    path = check_out_path(out)
+    pid = run_in_use(path) if path.is_dir() else None
+    if pid is not None:
+        raise OptionError(f"--out {out} is in use by another process (pid {pid}); wait for it to finish, "
+                          "or choose another --out")
     config = path / "config.json"
     if path.is_dir() and not config.exists() and any(p.name != ".lock" for p in path.iterdir()):
         raise OptionError(f"--out {out} is a non-empty directory that is not a saerecover run directory "
@@ -130,6 +168,8 @@ def check_out(out: Any, task: str | None = None) -> None:
         if stored is not None and stored != task:
             raise OptionError(f"--out {out} holds a run of task {stored!r}, not {task!r}; choose a new --out "
                               "(or --overwrite to discard it)")
+    if expect is not None:
+        check_resumable(path, expect)
 
 
 def check_options(opts: dict[str, Any], defaults: dict[str, Any], *, local: bool = True,
@@ -153,6 +193,9 @@ def check_options(opts: dict[str, Any], defaults: dict[str, Any], *, local: bool
     for key in POSITIVE_INTS + tuple(positive):
         if key in out and out[key] is not None and out[key] < 1:
             raise OptionError(f"option {key} must be >= 1, got {out[key]}")
+    for key in COUNT_OPTIONS:
+        if isinstance(out.get(key), int) and out[key] > MAX_EXAMPLES:
+            raise OptionError(f"option {key} must be at most {MAX_EXAMPLES:,} examples, got {out[key]:,}")
     if "modes" in out:
         modes = split_list(out["modes"])
         if not modes or any(m not in PROJECTIONS for m in modes) or len(set(modes)) != len(modes):
@@ -171,6 +214,8 @@ def check_options(opts: dict[str, Any], defaults: dict[str, Any], *, local: bool
     RecoveryConfig(**{k: v for k, v in out.items() if k in fields}).validate()
     if out.get("device") is not None:
         resolve_device(out["device"])
+    if out.get("out") is not None:
+        check_out_path(out["out"])
     if local:
         if out.get("model") is not None:
             check_model_source(out["model"])

@@ -89,10 +89,21 @@ def run_ioi(opts: dict[str, Any], *, quiet: bool = False, world: Any = None, sha
 
     if opts["out"] is None:
         raise CLIError("--out DIR is required (the run directory to write)")
-    check_out(opts["out"], task=None if overwrite else ("toy-ioi" if world is not None else "ioi"))
+    task_name = "toy-ioi" if world is not None else "ioi"
+    check_out(opts["out"], task=None if overwrite else task_name)
     opts = check_options(opts, options.IOI, local=world is None)  # before anything loads
     features = parse_features(opts["features"])
     patterns = opts["patterns"].split(",")
+    recovery = {"steps": int(opts["steps"]), "lr": float(opts["lr"]), "budget": float(opts["budget"]),
+                "optimizer": opts["optimizer"], "positions": opts["positions"], "reclamp": bool(opts["reclamp"]),
+                "early_stop": bool(opts["early_stop"]), "lambda_act": float(opts["lambda_act"]),
+                "lambda_decode": float(opts["lambda_decode"]), "lambda_delta": float(opts["lambda_delta"]),
+                "max_drift": opts["max_drift"], "seed": int(opts["seed"])}
+    modes = split_list(opts["modes"])
+    source = {"model": opts["model"], "sae": opts["sae"], "top_k": opts["top_k"]}
+    if not overwrite:  # what config.json will hold, as far as it is known before anything loads
+        check_out(opts["out"], task_name, expect=_expected_config(opts, task_name, patterns, recovery, modes,
+                                                                  source, shard))
     if world is not None:
         model, site = world.model, world.site(opts["hook"])
         task = world.ioi_task(n=opts["n"], seed=opts["seed"], patterns=patterns)
@@ -106,12 +117,17 @@ def run_ioi(opts: dict[str, Any], *, quiet: bool = False, world: Any = None, sha
     if features is None:
         features = select_by_attribution(model, site, task, task.examples(), top_k=int(opts["top_k"]))
     clamp = Clamp({site: features}, value=opts["clamp_value"], mode=opts["clamp_mode"], where=opts["clamp_where"])
-    return recover(
-        model, clamp, task, projection=split_list(opts["modes"]), out=opts["out"], batch_size=int(opts["batch_size"]),
-        progress=not quiet, steps=int(opts["steps"]), lr=float(opts["lr"]), budget=float(opts["budget"]),
-        optimizer=opts["optimizer"], positions=opts["positions"], reclamp=bool(opts["reclamp"]),
-        early_stop=bool(opts["early_stop"]), lambda_act=float(opts["lambda_act"]),
-        lambda_decode=float(opts["lambda_decode"]), lambda_delta=float(opts["lambda_delta"]),
-        max_drift=opts["max_drift"], seed=int(opts["seed"]), shard=shard, overwrite=overwrite,
-        extra_config={"source": {"model": opts["model"], "sae": opts["sae"], "top_k": opts["top_k"]}},
-    )
+    return recover(model, clamp, task, projection=modes, out=opts["out"], batch_size=int(opts["batch_size"]),
+                   progress=not quiet, shard=shard, overwrite=overwrite, extra_config={"source": source}, **recovery)
+
+
+def _expected_config(opts: dict[str, Any], task_name: str, patterns: list[str], recovery: dict[str, Any],
+                     modes: list[str], source: dict[str, Any], shard: tuple[int, int] | None) -> dict[str, Any]:
+    """The keys of an IOI run's config.json that the options decide alone (the model's and the
+    clamp's descriptions need them loaded), for :func:`check_out` to compare with an existing run."""
+    from saerecover.core.config import RecoveryConfig
+    from saerecover.runs.directory import ABSENT
+
+    return {"task": {"name": task_name, "n": int(opts["n"]), "seed": int(opts["seed"]), "patterns": patterns},
+            "recovery": RecoveryConfig(**recovery).to_dict(), "modes": modes, "source": source,
+            "shard": {"index": shard[0], "count": shard[1]} if shard is not None else ABSENT}

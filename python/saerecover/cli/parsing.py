@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["CLIError", "OneLineParser", "OptionError", "one_line"]
 
@@ -23,9 +25,18 @@ def one_line(err: object) -> str:
     return "; ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
 
 
+_NEGATIVE_VALUE = re.compile(r"^-\.?\d[\d.,eE+-]*$")
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse with usage errors as one line, ``saerecover: error: ...``, and exit status 2
     (subparsers made by ``add_subparsers`` inherit the class)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # A value that starts with a minus and a digit is a value (``--features -1,2``,
+        # ``--budgets -1,2``), not an unknown option: argparse alone takes only "-1" or "-.5".
+        self._negative_number_matcher = _NEGATIVE_VALUE
 
     #: Report unknown arguments here (``saerecover: error: bench: unrecognized arguments: ...``)
     #: rather than leave them to the top-level parser: for a sub-command whose flags are another

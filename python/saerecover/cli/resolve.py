@@ -45,7 +45,37 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise CLIError(f"config file {path} is not valid {kind}: {one_line(err)}") from err
     if not isinstance(data, dict):
         raise CLIError(f"config file {path} must hold a mapping of option names to values")
+    for key, value in data.items():
+        if expanded_size(value, MAX_CONFIG_ITEMS) > MAX_CONFIG_ITEMS:
+            raise CLIError(f"config file {path}: the value of {key!r} expands to more than {MAX_CONFIG_ITEMS:,} "
+                           "items (YAML anchors and aliases repeat what they name); give the values themselves")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+#: The most items (list and dict entries, nested, each alias counted every time it appears) one
+#: config value may expand to. The longest legitimate value is a list of feature indices; a YAML
+#: file of a few hundred bytes whose aliases nest can otherwise expand to billions of items.
+MAX_CONFIG_ITEMS = 100_000
+
+
+def expanded_size(value: Any, limit: int) -> int:
+    """The number of items ``value`` holds once every alias is expanded (a list or dict counts
+    its entries, nested ones included), counted without expanding anything and stopping past
+    ``limit``, so that an alias bomb or a recursive alias costs at most ``limit`` steps."""
+    count, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            children = [*item.keys(), *item.values()]
+        elif isinstance(item, (list, tuple)):
+            children = list(item)
+        else:
+            continue
+        count += len(children)
+        if count > limit:
+            return count
+        stack.extend(children)
+    return count
 
 
 def resolve_options(defaults: dict[str, Any], file_opts: dict[str, Any], flag_opts: dict[str, Any]) -> dict[str, Any]:

@@ -54,6 +54,8 @@ class RecoveryConfig:
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if not -(2**63) <= self.seed < 2**63:  # torch generators take 64-bit seeds
+            raise ValueError(f"seed must be a 64-bit integer (-2**63 <= seed < 2**63), got {self.seed}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if not self.budget > 0:

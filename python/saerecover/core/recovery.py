@@ -113,7 +113,6 @@ def recover_batch(
     rectified = [clamp.at(s).site.architecture in RECTIFIED_ARCHITECTURES for s in phi_sites]
     projection = PROJECTIONS[mode](StepContext(clamp=clamp, cfg=cfg, sites=sites, phi_sites=phi_sites, mask=mask,
                                                phi_mask=phi_mask, rectified=rectified, example_ids=list(ex.ids)))
-    torch.manual_seed(cfg.seed)
 
     with torch.no_grad():
         ref_states = defended.forward(ex, track=tuple(phi_sites)).sites
@@ -168,9 +167,14 @@ def recover_batch(
         old = {s: d.detach().clone() for s, d in deltas.items()}
         for s, d in deltas.items():
             d.grad = grads[s]  # the paper's projected gradient
-        opt.step()
+        try:
+            opt.step()
+        except RuntimeError as err:  # e.g. Adam's lr / (1 - beta1^t) past float32's range
+            raise FloatingPointError(f"the {cfg.optimizer} step overflowed at step {step} (lr={cfg.lr:g}): "
+                                     f"{str(err).strip().splitlines()[0] if str(err).strip() else err!r}") from err
         with torch.no_grad():
             new = {s: d.detach() * mask.unsqueeze(-1) for s, d in deltas.items()}
+            _check_finite_step(new, active, ex.ids, step, cfg)
             final = projection.take_step(old, new, budgets, active)  # C1 on what is applied, and C4
             for s, d in deltas.items():
                 d.copy_(final[s])
@@ -203,6 +207,20 @@ def recover_batch(
             oc.metrics["checkpoint_step"] = int(st)
     return outcomes
 
+
+
+def _check_finite_step(new: dict[str, torch.Tensor], active: torch.Tensor, ids: list[str], step: int,
+                       cfg: RecoveryConfig) -> None:
+    """FloatingPointError naming the examples whose delta after the optimizer step is not finite
+    (an lr so large that lr x step overflows float32), before any projection sees it."""
+    bad = torch.zeros_like(active)
+    for d in new.values():
+        bad |= ~torch.isfinite(d.flatten(1)).all(dim=1)
+    bad &= active
+    if bool(bad.any()):
+        names = [ids[i] for i in bad.nonzero().flatten().tolist()]
+        raise FloatingPointError(f"non-finite delta after the {cfg.optimizer} step at step {step} for examples "
+                                 f"{names} (lr={cfg.lr:g} is too large for float32)")
 
 
 def _decode_drift(clamp, dphi: torch.Tensor, phi_sites: list[str], phi_mask: torch.Tensor) -> torch.Tensor:

@@ -186,14 +186,16 @@ class AnalysisResult:
         being written): pass another ``path``.
         """
         target = Path(path) if path is not None else self.run_dir / ANALYSIS_FILE
-        if target.resolve().parent == self.run_dir.resolve():
+        inside = target.resolve().parent == self.run_dir.resolve()
+        if inside:
             pid = run_in_use(self.run_dir)
             if pid is not None:
                 raise AnalysisError(
                     f"{self.run_dir} is being written by a running process (pid {pid}); not writing "
                     f"{target.name} into it: write the analysis elsewhere (--json PATH)"
                 )
-        return atomic_write_json(target, self.to_dict())
+            target = self.run_dir / target.name  # never through a link inside the run
+        return atomic_write_json(target, self.to_dict(), root=self.run_dir if inside else None)
 
     def table(self) -> str:
         """Per mode: the largest differences per metric, then the mean decomposition."""

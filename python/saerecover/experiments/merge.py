@@ -8,10 +8,9 @@ exactly as if the run had not been split.
 
 from __future__ import annotations
 
-import json
 import os
+import secrets
 import shutil
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,7 +31,7 @@ from saerecover.runs import (
     atomic_write_bytes,
     open_run,
 )
-from saerecover.runs.directory import run_in_use
+from saerecover.runs.directory import MAX_LISTED_DIFFERENCES, config_diff, describe_diff, run_in_use
 from saerecover.runs.stats import summarize
 
 __all__ = ["MergeError", "merge_runs", "run_in_use"]
@@ -59,11 +58,6 @@ def _shard_of(run: RunDirectory) -> tuple[int, int]:
     if not (isinstance(index, int) and isinstance(count, int) and count >= 1 and 0 <= index < count):
         raise MergeError(f"{run.path}: invalid shard {dict(shard)} (need 0 <= index < count)")
     return index, count
-
-
-def _short(value: Any, limit: int = 100) -> str:
-    text = json.dumps(value, sort_keys=True, ensure_ascii=False)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_finished(run: RunDirectory, records: list[dict]) -> dict[str, Any]:
@@ -97,6 +91,18 @@ def _prepare_out(out: Path) -> None:
             raise MergeError(f"{out} exists and is not a directory")
         if any(out.iterdir()):
             raise MergeError(f"{out} exists and is not empty; merge into a new directory")
+
+
+def _new_dir(parent: Path, prefix: str) -> Path:
+    """A new directory ``parent/prefix<random>`` with ordinary permissions (0o777 less the
+    umask, where ``tempfile.mkdtemp`` would make it private)."""
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:  # pragma: no cover - 2**32 names
+            continue
 
 
 def _merged_summary(records: list[dict], shards: list[tuple[int, RunDirectory, dict]],
@@ -146,6 +152,10 @@ def merge_runs(out: str | os.PathLike[str], run_dirs: Sequence[str | os.PathLike
         raise MergeError(f"the same run directory is given twice: {', '.join(dup)}")
     if out.resolve() in resolved:
         raise MergeError(f"OUT {out} is one of the inputs")
+    inside = [p for p, r in zip(paths, resolved) if out.resolve().is_relative_to(r)]
+    if inside:
+        raise MergeError(f"OUT {out} is inside the input {inside[0]}; merging would write into a shard: "
+                         "choose an OUT outside every input")
     _prepare_out(out)
 
     shards: list[tuple[int, RunDirectory, dict]] = []
@@ -163,13 +173,11 @@ def merge_runs(out: str | os.PathLike[str], run_dirs: Sequence[str | os.PathLike
         else:
             if n != count:
                 raise MergeError(f"{run.path} is shard {index}/{n} but {base_path} is one of {count} shards")
-            if config != base_config:
-                keys = sorted(k for k in set(config) | set(base_config) if config.get(k) != base_config.get(k))
-                lines = [f"  {k}: {base_path} has {_short(base_config.get(k, '(absent)'))}, "
-                         f"{run.path} has {_short(config.get(k, '(absent)'))}" for k in keys]
+            diff = config_diff(base_config, config)
+            if diff:
                 raise MergeError(
                     f"{run.path} and {base_path} are not shards of one run; differing config key(s): "
-                    f"{', '.join(keys)}\n" + "\n".join(lines)
+                    f"{', '.join(k for k, _, _ in diff[:MAX_LISTED_DIFFERENCES])}\n" + describe_diff(diff, str(base_path), str(run.path))
                 )
         if index in by_index:
             raise MergeError(f"shard {index}/{n} is given twice: {by_index[index]} and {run.path}")
@@ -215,13 +223,13 @@ def merge_runs(out: str | os.PathLike[str], run_dirs: Sequence[str | os.PathLike
         for index, run, _ in shards
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.merging-", dir=out.parent))
+    tmp = _new_dir(out.parent, f".{out.name}.merging-")
     try:
         with RunDirectory(tmp, config=config) as dst:
             for rec, src in merged:
                 if src.tensor_path(rec["mode"], rec["example_id"]).is_file():
                     data = src.tensor_path(rec["mode"], rec["example_id"]).read_bytes()
-                    atomic_write_bytes(dst.tensor_path(rec["mode"], rec["example_id"]), data)
+                    atomic_write_bytes(dst.tensor_path(rec["mode"], rec["example_id"]), data, root=dst.path)
                 dst.append_record(rec)
             dst.write_summary(_merged_summary([r for r, _ in merged], shards, config))
         (tmp / LOCK_FILE).unlink(missing_ok=True)

@@ -27,6 +27,7 @@ from saerecover.experiments.baselines import Baseline
 from saerecover.models.base import ModelAdapter
 from saerecover.report.run import summary_table, write_report
 from saerecover.runs import RunDirectory, validate_name
+from saerecover.runs.interrupt import Interrupted, StopOnSignal
 from saerecover.runs.records import make_record
 from saerecover.runs.stats import summarize
 
@@ -144,20 +145,26 @@ def _recover_residual(defended: DefendedModel, task: Task, part: Examples, *, mo
     return recover_batch(defended, task, part, mode=mode, cfg=cfg, delta_site=delta_site)
 
 
+def _numerical_error(err: FloatingPointError) -> str:
+    """An example's ``error``: what was not finite, where (recover_batch's messages say it)."""
+    text = str(err).strip() or type(err).__name__
+    return text if text.startswith(("non-finite", "the ")) else f"non-finite value: {text}"
+
+
 def _recover_chunk(run: Callable[[Examples], list[ExampleOutcome]], part: Examples) -> list:
-    """``run(part)`` as (outcome, error) pairs; if it hits a non-finite value, retry one by one
-    and mark the culprits."""
+    """``run(part)`` as (outcome, error) pairs; if it hits a non-finite value (loss, gradient,
+    score, or a step that overflows float32), retry one by one and mark the culprits."""
     try:
         return [(oc, None) for oc in run(part)]
     except FloatingPointError as err:
         if len(part) == 1:
-            return [(None, f"non-finite loss or gradient: {err}")]
+            return [(None, _numerical_error(err))]
     results = []
     for j in range(len(part)):
         try:
             results.append((run(part.select([j]))[0], None))
         except FloatingPointError as err:
-            results.append((None, f"non-finite loss or gradient: {err}"))
+            results.append((None, _numerical_error(err)))
     return results
 
 
@@ -326,8 +333,11 @@ def recover(
     run_dir = None
     if out is not None:
         run_dir = RunDirectory(out, config=resolved, overwrite=overwrite)
+    stop = StopOnSignal()
     try:
+        stop.__enter__()  # SIGINT / SIGTERM: stop once the batch in flight is written
         flips = find_flips(defended, task, ex, batch_size=batch_size)
+        stop.check()
         done = run_dir.done() if run_dir is not None else set()
         records: list[dict[str, Any]] = []
         outcomes: dict[str, list[ExampleOutcome]] = {m: [] for m in all_modes}
@@ -371,6 +381,7 @@ def recover(
                 chunk = _next_chunk(todo, start, oom["batch"], lengths, tokens)
                 _recover_fitting(run_chunk, chunk, emit_result, oom)
                 start += len(chunk)
+                stop.check()
             bar.close()
 
         if run_dir is not None:
@@ -384,7 +395,12 @@ def recover(
         if run_dir is not None:
             run_dir.write_summary(summary)
         path = run_dir.path if run_dir is not None else None
+    except Interrupted as err:
+        if run_dir is None:
+            raise
+        raise Interrupted(err.signum, run_dir.path, len(run_dir.done())) from None
     finally:
+        stop.__exit__(None, None, None)
         if run_dir is not None:
             run_dir.close()
     if path is not None and report:

@@ -103,7 +103,6 @@ def recover_suffix(
     phi_sites = sorted((sc.site.hook_name for sc in clamp.site_clamps), key=order.__getitem__)
     lr = float(lr if lr is not None else cfg.lr)
     bud = float(budget if budget is not None else cfg.budget)
-    torch.manual_seed(cfg.seed)
 
     with torch.no_grad():
         ref = defended.forward(sx, track=(*phi_sites, SUFFIX_SITE))

@@ -174,6 +174,9 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"unknown device {device!r}; use e.g. 'cpu', 'cuda' or 'cuda:0'") from err
+    if dev.type == "meta":
+        raise ValueError(f"device {device!r} holds shapes but no values: nothing can be computed on it; "
+                         "use e.g. 'cpu' or 'cuda'")
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:

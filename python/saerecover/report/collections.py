@@ -14,6 +14,7 @@ from saerecover.report.sweeps import budget_report, feature_report, sweep_table
 from saerecover.report.tpp import tpp_report, tpp_table
 from saerecover.runs.collection import REPORT_FILE, read_summary, write
 from saerecover.runs.errors import RunDirectoryError
+from saerecover.runs.files import check_no_link
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,22 @@ def _report_of(root: Path, summary: Mapping[str, Any]) -> CollectionReport:
 def write_collection_report(root: str | Path, summary: Mapping[str, Any]) -> Path:
     """(Re)write a collection's summary.json, report.md and plots; the report path."""
     root = Path(root)
-    write(root, summary, _report_of(root, summary).render(root, summary))
+    check_no_link(root)  # before the plots: nothing is written through a link
+    report = _report_of(root, summary)
+    write(root, summary, _checked(root, summary, lambda: report.render(root, summary)))
     return root / REPORT_FILE
+
+
+def _checked(root: Path, summary: Mapping[str, Any], make: Callable[[], str]) -> str:
+    """``make()``; a summary.json that lacks what its kind's report reads (a hand-edited or
+    truncated one) is a RunDirectoryError naming the file and what is missing."""
+    try:
+        return make()
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as err:
+        what = f"it has no {err.args[0]!r}" if isinstance(err, KeyError) and err.args else \
+            f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        raise RunDirectoryError(f"{Path(root) / 'summary.json'} is not a readable {summary.get('collection')} "
+                                f"summary: {what}; rerun the command that wrote it (it resumes)") from err
 
 
 def collection_table(summary: Mapping[str, Any]) -> str:
@@ -59,4 +74,4 @@ def rewrite_report(root: str | Path) -> tuple[Path, str]:
     if summary is None:
         raise RunDirectoryError(f"{root} holds no collection summary.json")
     path = write_collection_report(root, summary)
-    return path, _report_of(Path(root), summary).table(summary)
+    return path, _checked(Path(root), summary, lambda: _report_of(Path(root), summary).table(summary))

@@ -15,7 +15,7 @@ from typing import Any
 from saerecover.report.figures import colors, error_bar, figure, finite, save_figure
 from saerecover.report.format import NA, interval, markdown_table, num, rate_with_ci
 from saerecover.report.refusal import refusal_section
-from saerecover.runs import RunDirectoryError, atomic_write_text, open_run
+from saerecover.runs import SUMMARY_FILE, RunDirectoryError, atomic_write_text, open_run
 from saerecover.runs.stats import CONTINUOUS_METRICS, summarize
 
 __all__ = ["summary_table", "write_report"]
@@ -433,6 +433,14 @@ def _render(run, config, summary, records, plots, notes) -> str:
     return "\n".join(out)
 
 
+def _what(err: Exception) -> str:
+    """A data error in words: a missing key, or the error's first line."""
+    if isinstance(err, KeyError):
+        return f"it has no {err.args[0]!r}" if err.args else "a key is missing"
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``report.md`` and ``plots/*.png`` for a run directory; return the report's path.
 
@@ -442,10 +450,10 @@ def write_report(run_dir: str | Path) -> Path:
     run = open_run(run_dir)
     config = run.config
     records = run.records()
-    try:
-        summary = run.read_summary()
+    if (run.path / SUMMARY_FILE).exists():
+        summary = run.read_summary()  # a damaged summary is an error naming it, not a silent fallback
         notes: list[str] = []
-    except RunDirectoryError:
+    else:
         modes = config.get("modes")
         summary = summarize(records, task=_task_name(config),
                             modes=modes if isinstance(modes, list) else None)
@@ -464,7 +472,11 @@ def write_report(run_dir: str | Path) -> Path:
             plots.append(res)
         elif isinstance(res, str):
             notes.append(f"plot `{make.__name__.removeprefix('_plot_')}` skipped: {res}")
-    text = _render(run, config, summary, records, plots, notes)
+    try:
+        text = _render(run, config, summary, records, plots, notes)
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as err:  # a hand-edited summary
+        raise RunDirectoryError(f"{run.path / SUMMARY_FILE} cannot be reported: {_what(err)}; rerun the run (it "
+                                "resumes and rewrites the summary) or restore the file") from err
     path = run.path / REPORT_FILE
-    atomic_write_text(path, text)
+    atomic_write_text(path, text, root=run.path)
     return path

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from saerecover.runs.errors import RunDirectoryError
-from saerecover.runs.files import atomic_write_json, atomic_write_text
+from saerecover.runs.files import atomic_write_json, atomic_write_text, check_no_link
 
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
@@ -49,12 +49,15 @@ def prepare(out: str | Path) -> Path:
         raise RunDirectoryError(f"{path} is a single run directory (it has config.json); "
                                 "a collection (one run per class / budget / K) needs its own --out")
     path.mkdir(parents=True, exist_ok=True)
+    check_no_link(path)
     return path
 
 
 def write(out: Path, summary: Mapping[str, Any], report: str) -> None:
-    atomic_write_json(out / SUMMARY_FILE, dict(summary))
-    atomic_write_text(out / REPORT_FILE, report)
+    """The collection's summary.json and report.md (atomic; never through a link inside OUT)."""
+    check_no_link(out)
+    atomic_write_json(out / SUMMARY_FILE, dict(summary), root=out)
+    atomic_write_text(out / REPORT_FILE, report, root=out)
 
 
 def read_summary(root: str | Path) -> dict[str, Any] | None:

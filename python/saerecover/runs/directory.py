@@ -30,7 +30,17 @@ from typing import TYPE_CHECKING, Any
 
 from saerecover import __version__
 from saerecover.runs.errors import RunDirectoryError
-from saerecover.runs.files import atomic_write_bytes, atomic_write_json, canonical_json, fsync_dir, to_jsonable
+from saerecover.runs.files import (
+    atomic_write_bytes,
+    atomic_write_json,
+    canonical_json,
+    check_no_link,
+    fsync_dir,
+    fsync_fd,
+    open_regular,
+    to_jsonable,
+    write_all,
+)
 from saerecover.runs.records import parse_records
 
 try:  # POSIX only; elsewhere the directory is not locked (a warning says so)
@@ -46,6 +56,8 @@ __all__ = [
     "VOLATILE_KEYS",
     "RunDirectory",
     "RunDirectoryError",
+    "check_resumable",
+    "config_diff",
     "config_hash",
     "open_run",
     "validate_name",
@@ -138,11 +150,121 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Top-level keys whose values differ (including keys present on one side only)."""
-    keys = sorted(set(old) | set(new))
-    return [k for k in keys if k not in old or k not in new or old[k] != new[k]]
+#: Marks a key present on one side of a :func:`config_diff` only.
+ABSENT = object()
 
+
+def config_diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """Where two configs differ, down to the leaves: ``(dotted key, old value, new value)``, with
+    :data:`ABSENT` for a key on one side only. Dicts are compared key by key, lists of equal
+    length item by item (``clamp[0].features``), anything else as a whole."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            key = f"{prefix}.{k}" if prefix else str(k)
+            out += config_diff(old.get(k, ABSENT), new.get(k, ABSENT), key)
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in config_diff(a, b, f"{prefix}[{i}]")]
+    return [] if old == new else [(prefix, old, new)]
+
+
+#: Differences a refusal lists one by one (the rest are counted).
+MAX_LISTED_DIFFERENCES = 12
+
+
+def describe_diff(diff: list[tuple[str, Any, Any]], old_name: str, new_name: str) -> str:
+    """One line per difference, ``  recovery.steps: run has 20, new config has 22``."""
+    def show(v: Any) -> str:
+        return "(absent)" if v is ABSENT else _short(v)
+
+    lines = [f"  {key}: {old_name} has {show(a)}, {new_name} has {show(b)}"
+             for key, a, b in diff[:MAX_LISTED_DIFFERENCES]]
+    if len(diff) > MAX_LISTED_DIFFERENCES:
+        lines.append(f"  ... and {len(diff) - MAX_LISTED_DIFFERENCES} more")
+    return "\n".join(lines)
+
+
+
+def config_mismatch(path: Path, diff: list[tuple[str, Any, Any]]) -> RunDirectoryError:
+    """The refusal to resume ``path`` with another config: every differing key with both values."""
+    keys = [k for k, _, _ in diff]
+    what = "a run of another task" if any(k == "task" or k.startswith("task.") for k in keys) \
+        else "a run with another config"
+    shown = ", ".join(keys[:MAX_LISTED_DIFFERENCES]) + (", ..." if len(keys) > MAX_LISTED_DIFFERENCES else "")
+    return RunDirectoryError(
+        f"{path} holds {what}; differing key(s): {shown}\n"
+        + describe_diff(diff, "run", "new config")
+        + "\nchoose a new --out, or pass --overwrite to discard the old run"
+    )
+
+
+def expected_diff(stored: Any, expected: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """:func:`config_diff` limited to what ``expected`` names: dict keys of ``expected`` only
+    (a value :data:`ABSENT` there means "must not be in the run's config")."""
+    if isinstance(expected, Mapping) and isinstance(stored, Mapping):
+        out = []
+        for k, v in expected.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            out += expected_diff(stored.get(k, ABSENT), v, key)
+        return out
+    return [] if stored == expected else [(prefix, stored, expected)]
+
+
+def check_resumable(path: str | os.PathLike[str], expected: Mapping[str, Any]) -> None:
+    """Refuse, before any long work, to resume the run at ``path`` with a config that differs
+    from its config.json at a key of ``expected`` (the options known before the model loads);
+    the same RunDirectoryError as opening it would give. Nothing to check (no run there, or a
+    config.json that opening explains better) passes."""
+    cfg_path = Path(path) / CONFIG_FILE
+    try:
+        stored = json.loads(_read_regular(cfg_path, Path(path)))
+    except (OSError, RunDirectoryError, UnicodeDecodeError, json.JSONDecodeError):
+        return
+    if not isinstance(stored, dict):
+        return
+    diff = expected_diff({k: v for k, v in stored.items() if k not in VOLATILE_KEYS}, expected)
+    if diff:
+        raise config_mismatch(Path(path), diff)
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), f"the number {value!r}" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def check_summary(summary: Any, path: Path) -> dict[str, Any]:
+    """``summary`` if it has the shape of a run's summary.json (an object whose ``modes``, when
+    present, maps each mode to an object); else a RunDirectoryError saying what is wrong."""
+    hint = "; rerun the run (it resumes and rewrites the summary) or restore the file"
+    if not isinstance(summary, dict):
+        raise RunDirectoryError(f"{path} is not a run summary: it holds {_json_type(summary)}, not an object{hint}")
+    modes = summary.get("modes")
+    if modes is not None and not isinstance(modes, dict):
+        raise RunDirectoryError(f"{path} is not a run summary: \"modes\" is {_json_type(modes)}, not an object "
+                                f"of modes{hint}")
+    for name, m in (modes or {}).items():
+        if m is not None and not isinstance(m, dict):
+            raise RunDirectoryError(f"{path} is not a run summary: mode {name!r} is {_json_type(m)}, not an "
+                                    f"object{hint}")
+    return summary
+
+
+def _damaged(path: Path, err: Exception) -> RunDirectoryError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return RunDirectoryError(f"cannot read {path}: {reason} (a damaged or cut-short safetensors file)")
+
+
+def _read_regular(path: Path, root: Path) -> bytes:
+    """The bytes of a file of the run, opened without following a link."""
+    fd = open_regular(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0), root)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,7 +295,7 @@ class RunDirectory:
     ) -> None:
         self.path = Path(path)
         self._lock_fd: int | None = None
-        self._records_fh = None
+        self._records_fd: int | None = None
         self._readonly = _readonly
         self._done: set[tuple[str, str]] = set()
         self.resumed = False
@@ -194,6 +316,7 @@ class RunDirectory:
             raise RunDirectoryError(f"{self.path} exists and is not a directory") from None
         if not self.path.is_dir():
             raise RunDirectoryError(f"{self.path} exists and is not a directory")
+        check_no_link(self.path)  # before anything is written: nothing may go through a link
         self._acquire_lock()
         try:
             self._open_for_writing(new_config, resume=resume, overwrite=overwrite)
@@ -205,7 +328,7 @@ class RunDirectory:
 
     def _acquire_lock(self) -> None:
         lock_path = self.path / LOCK_FILE
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_regular(lock_path, os.O_RDWR | os.O_CREAT, self.path)
         if fcntl is None:  # pragma: no cover - Windows
             warnings.warn("file locking is unavailable on this platform; run directory not locked")
             self._lock_fd = fd
@@ -222,9 +345,13 @@ class RunDirectory:
                 f"run directory {self.path} is in use by another process (pid {holder}); "
                 "wait for it to finish, or choose another --out"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            write_all(fd, f"{os.getpid()}\n".encode("ascii"), lock_path)
+            fsync_fd(fd, lock_path)
+        except BaseException:
+            os.close(fd)
+            raise
         self._lock_fd = fd
 
     def _content_names(self) -> list[str]:
@@ -297,16 +424,17 @@ class RunDirectory:
                 "config_hash": h,
             }
         self.config = new_config
-        atomic_write_json(cfg_path, {**new_config, **self.meta})
+        atomic_write_json(cfg_path, {**new_config, **self.meta}, root=self.path)
         rec_path = self.path / RECORDS_FILE
-        existed = rec_path.exists()
-        self._records_fh = open(rec_path, "ab")  # noqa: SIM115 - kept open for appends
+        existed = os.path.lexists(rec_path)
+        self._records_fd = open_regular(rec_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, self.path)
         if not existed:
             fsync_dir(self.path)
 
     def _open_readonly(self) -> None:
         if not self.path.is_dir():
             raise RunDirectoryError(f"{self.path} is not a directory")
+        check_no_link(self.path)
         if not (self.path / CONFIG_FILE).exists():
             members = sorted(p.name for p in self.path.iterdir() if (p / CONFIG_FILE).is_file())
             hint = (f"; it holds run directories ({', '.join(members[:6])}{', ...' if len(members) > 6 else ''}): "
@@ -343,19 +471,9 @@ class RunDirectory:
                 "does not match its contents); refusing to resume: choose a new --out or "
                 "pass --overwrite"
             )
-        diff = _config_diff(old_config, new_config)
+        diff = config_diff(old_config, new_config)
         if diff:
-            lines = []
-            for k in diff:
-                old = _short(old_config[k]) if k in old_config else "(absent)"
-                new = _short(new_config[k]) if k in new_config else "(absent)"
-                lines.append(f"  {k}: run has {old}, new config has {new}")
-            what = "a run of another task" if "task" in diff else "a run with another config"
-            raise RunDirectoryError(
-                f"{self.path} holds {what}; differing key(s): {', '.join(diff)}\n"
-                + "\n".join(lines)
-                + "\nchoose a new --out, or pass --overwrite to discard the old run"
-            )
+            raise config_mismatch(self.path, diff)
         if not resume:
             raise RunDirectoryError(
                 f"{self.path} already holds a run of this config and resume is off; "
@@ -364,20 +482,22 @@ class RunDirectory:
 
     def _load_records(self, *, repair: bool) -> list[dict]:
         rec_path = self.path / RECORDS_FILE
-        if not rec_path.exists():
+        if not os.path.lexists(rec_path):
             self._done = set()
             return []
-        data = rec_path.read_bytes()
+        data = _read_regular(rec_path, self.path)
         records, good_end, dropped = parse_records(data, rec_path)
         missing_newline = good_end > 0 and data[good_end - 1 : good_end] != b"\n"
         if repair and (good_end < len(data) or missing_newline):
-            with open(rec_path, "r+b") as f:  # keep the good prefix, drop the damaged tail
-                f.truncate(good_end)
+            fd = open_regular(rec_path, os.O_RDWR, self.path)  # keep the good prefix, drop the damaged tail
+            try:
+                os.ftruncate(fd, good_end)
                 if missing_newline:
-                    f.seek(good_end)
-                    f.write(b"\n")
-                f.flush()
-                os.fsync(f.fileno())
+                    os.lseek(fd, good_end, os.SEEK_SET)
+                    write_all(fd, b"\n", rec_path)
+                fsync_fd(fd, rec_path)
+            finally:
+                os.close(fd)
             if dropped is not None:
                 warnings.warn(
                     f"{rec_path}: dropped a truncated/corrupt last {dropped}; that example will "
@@ -422,10 +542,10 @@ class RunDirectory:
         if nonfinite:
             plain["nonfinite"] = sorted(set(plain.get("nonfinite") or []) | set(nonfinite))
         line = json.dumps(plain, ensure_ascii=False, allow_nan=False) + "\n"
-        assert self._records_fh is not None
-        self._records_fh.write(line.encode("utf-8"))
-        self._records_fh.flush()
-        os.fsync(self._records_fh.fileno())
+        assert self._records_fd is not None
+        rec_path = self.path / RECORDS_FILE
+        write_all(self._records_fd, line.encode("utf-8"), rec_path)
+        fsync_fd(self._records_fd, rec_path)
         self._done.add((eid, mode))
 
     # ---- tensors
@@ -489,7 +609,7 @@ class RunDirectory:
             raise RunDirectoryError(
                 f"cannot serialize tensors for ({example_id!r}, {mode!r}): {e}"
             ) from e
-        return atomic_write_bytes(path, data)
+        return atomic_write_bytes(path, data, root=self.path)
 
     def _existing_tensor_path(self, mode: str, example_id: str) -> Path:
         path = self.tensor_path(mode, example_id)
@@ -503,14 +623,22 @@ class RunDirectory:
         """Load one example's tensors on CPU (safetensors: no pickle, no code execution)."""
         from safetensors.torch import load_file
 
-        return load_file(self._existing_tensor_path(mode, example_id))
+        path = self._existing_tensor_path(mode, example_id)
+        try:
+            return load_file(path)
+        except Exception as e:  # safetensors' own error type: a cut-short or damaged file
+            raise _damaged(path, e) from e
 
     def tensor_metadata(self, mode: str, example_id: str) -> dict[str, str]:
         """The string metadata stored with one example's tensors."""
         from safetensors import safe_open
 
-        with safe_open(self._existing_tensor_path(mode, example_id), framework="pt") as f:
-            return dict(f.metadata() or {})
+        path = self._existing_tensor_path(mode, example_id)
+        try:
+            with safe_open(path, framework="pt") as f:
+                return dict(f.metadata() or {})
+        except Exception as e:
+            raise _damaged(path, e) from e
 
     # ---- summary
 
@@ -518,16 +646,17 @@ class RunDirectory:
         """Write summary.json atomically (no NaN allowed)."""
         self._check_writable()
         plain = to_jsonable(dict(summary), "summary", nonfinite=None)
-        atomic_write_json(self.path / SUMMARY_FILE, plain)
+        atomic_write_json(self.path / SUMMARY_FILE, plain, root=self.path)
 
     def read_summary(self) -> dict[str, Any]:
         path = self.path / SUMMARY_FILE
         if not path.exists():
             raise RunDirectoryError(f"{path} does not exist yet (the run has not been summarized)")
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            summary = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise RunDirectoryError(f"cannot read {path}: {e}") from e
+        return check_summary(summary, path)
 
     # ---- lifetime
 
@@ -543,9 +672,9 @@ class RunDirectory:
 
     def close(self) -> None:
         """Close the records file and release the lock. Safe to call twice."""
-        fh, self._records_fh = self._records_fh, None
-        if fh is not None:
-            fh.close()
+        rfd, self._records_fd = self._records_fd, None
+        if rfd is not None:
+            os.close(rfd)
         fd, self._lock_fd = self._lock_fd, None
         if fd is not None:
             if fcntl is not None:

@@ -10,6 +10,7 @@ the loss is a sum over examples, so a batch gives the same result as one example
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,7 @@ from saerecover.core.config import RecoveryConfig
 from saerecover.core.defended import DefendedModel
 from saerecover.core.drift import correct_drift, drift_penalty
 from saerecover.core.examples import Examples, Task
-from saerecover.core.metrics import c1_residual, clamped_features, example_metrics
+from saerecover.core.metrics import EPS, UNDEFINED_BELOW, c1_residual, clamped_features, example_metrics
 from saerecover.core.projection import (
     PROJECTIONS,
     StepContext,
@@ -186,7 +187,9 @@ def recover_batch(
     for i, oc in enumerate(outcomes):
         main_norm = float(torch.sqrt(sum(last.deltas[s][i].float().pow(2).sum() for s in sites)))
         # the reference's relative delta norm: the (last stage's) delta against Phi_def, not h_def
-        oc.metrics["relative_delta_norm_phi"] = main_norm / (float(phi_ref[i].norm()) + 1e-8)
+        # (undefined, NaN, where the clamp leaves Phi_def at 0, as the other relative metrics)
+        ref_norm = float(phi_ref[i].norm())
+        oc.metrics["relative_delta_norm_phi"] = main_norm / (ref_norm + EPS) if ref_norm > UNDEFINED_BELOW else math.nan
         if len(done) > 1:
             oc.metrics["anchor_delta_norm"] = float(torch.sqrt(sum(done[0].deltas[s][i].float().pow(2).sum()
                                                                    for s in sites)))

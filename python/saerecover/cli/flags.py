@@ -47,6 +47,28 @@ FLAGS: dict[str, dict[str, Any]] = {
     "lambda_delta": {"type": float},
     "max_drift": {"type": float,
                   "help": "keep each example's best step whose defended-feature drift is <= this (e.g. 0.03)"},
+    "drift_penalty": {"choices": list(CHOICES["drift_penalty"]),
+                      "help": "lambda_act's penalty: relative_l2 = ||Phi - Phi_def|| / ||Phi_def|| (ours), "
+                              "relative_mse = squared, per site, mean over sites (the reference)"},
+    "penalty_after_projection": {"action": "store_true", "default": None,
+                                 "help": "jacobian / sketch: add the penalty's gradient after the projection "
+                                         "(the reference; before it, the projection removes it)"},
+    "drift_correction_steps": {"type": int, "help": "jacobian / sketch: plain gradient steps on the drift penalty "
+                                                    "after each step (the reference: 5)"},
+    "drift_correction_lr": {"type": float, "help": "their step size (the reference: 0.05)"},
+    "checkpoint_every": {"type": int, "help": "best-checkpoint candidates every N steps, plus the first and last "
+                                              "(the reference: 10)"},
+    "checkpoint_after_update": {"action": "store_true", "default": None,
+                                "help": "take candidates after their step's update, never delta = 0 (the reference)"},
+    "checkpoint_fallback_weight": {"type": float, "help": "no candidate under --max-drift: keep the best score - W x "
+                                                          "drift (the reference: 80; default: delta = 0)"},
+    "anchor_steps": {"type": int, "help": "a first stage on the answer row alone (the reference's refusal stage "
+                                          "1: 30); its delta stays fixed during the main stage"},
+    "anchor_lr": {"type": float, "help": "the first stage's lr (the reference: 0.1)"},
+    "anchor_budget": {"type": float, "help": "the first stage's budget (default: --budget; the reference: 40)"},
+    "response_rows": {"type": int, "help": "at most this many rows for --positions response (the reference: 48)"},
+    "phi_positions": {"choices": list(CHOICES["phi_positions"]),
+                      "help": "rows Phi covers: from the first delta row on (ours), or the response (the reference)"},
     "batch_size": {"type": int},
     "seed": {"type": int},
     # the run directory

@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from saerecover.core.config import RecoveryConfig
+from saerecover.core.config import DRIFT_PENALTIES, PHI_POSITIONS, RecoveryConfig
 
 __all__ = [
     "ANALYZE", "ATTRIBUTE", "CHOICES", "DEMO_OUT", "IOI", "MODEL", "MODES", "POSITIVE_TASK_INTS", "REFUSAL",
@@ -53,6 +53,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss": ("logit", "bce", "margin", "ce"),
     "reduce": ("max", "mean"),
     "forget_relation": ("capital", "color", "inventor"),
+    "drift_penalty": DRIFT_PENALTIES,
+    "phi_positions": PHI_POSITIONS,
+    # run refusal (tasks.refusal: features.CLAMPS, judge.MATCH_RULES, task.JUDGES, task.GENERATION_DELTAS)
+    "clamp": ("mean", "multiply"),
+    "match": ("opening", "substring", "case_sensitive"),
+    "judge": ("ours", "reference"),
+    "generation_deltas": ("prompt", "all"),
 }
 
 # ------------------------------------------------------------------------- where tasks differ
@@ -96,11 +103,16 @@ SWEEP_UNLEARNING: dict[str, Any] = {**UNLEARNING, **SWEEP_GRIDS}
 REFUSAL: dict[str, Any] = {
     "model": None, "saes": None, "hooks": None, **{k: MODEL[k] for k in ("backend", "device", "dtype")},
     "requests": None, "column": None, "limit": None, "contrast": None, "contrast_column": None,
-    "n": 24, "n_contrast": 48, "top_k": 16, "features": None, "clamp_scale": 1.0, "contrast_positions": None,
-    "template": None, "max_new_tokens": None, "lists": "gcg", "strict": True, "prefix_weight": 2.0,
+    "n": 24, "n_contrast": 48, "top_k": 16, "features": None, "clamp": "mean", "clamp_scale": 1.0,
+    "clamp_multiplier": 3.0, "contrast_positions": None,
+    "template": None, "max_new_tokens": None, "lists": "gcg", "match": "opening", "strict": True, "judge": "ours",
+    "generation_deltas": "prompt", "prefix_weight": 2.0,
     "prefix_tokens": 4, "discourage_refusal": 0.0, "store_generations": False,
     "modes": "none,encoder,jacobian,sketch,suffix", "delta_site": None,
-    **recovery(f"{STEP} reclamp lambda_act lambda_delta max_drift sketch_probes", **REFUSAL_RECOVERY),
+    **recovery(f"{STEP} reclamp lambda_act drift_penalty penalty_after_projection drift_correction_steps "
+               "drift_correction_lr lambda_delta max_drift checkpoint_every checkpoint_after_update "
+               "checkpoint_fallback_weight sketch_probes anchor_steps anchor_lr anchor_budget response_rows "
+               "phi_positions", **REFUSAL_RECOVERY),
     "suffix_tokens": 8, "suffix_lr": None, "suffix_budget": None,
     "batch_size": 16, **recovery("seed"), "attribute": False, "top_k_attribution": 10, "out": None,
 }

@@ -25,7 +25,14 @@ from saerecover.cli.parsing import CLIError
 from saerecover.cli.resolve import resolve
 from saerecover.core.config import RecoveryConfig
 
-__all__ = ["add_refusal_parser", "cmd_run_refusal", "run_refusal_from_options"]
+__all__ = ["DRIFT_AND_STAGE_OPTIONS", "add_refusal_parser", "cmd_run_refusal", "run_refusal_from_options"]
+
+#: RecoveryConfig fields ``run refusal`` passes as they are (the drift penalty, the drift
+#: corrections, the checkpoints and the two stages, where the reference chose otherwise).
+DRIFT_AND_STAGE_OPTIONS = ("drift_penalty", "penalty_after_projection", "drift_correction_steps",
+                           "drift_correction_lr", "checkpoint_every", "checkpoint_after_update",
+                           "checkpoint_fallback_weight", "anchor_steps", "anchor_lr", "anchor_budget", "response_rows",
+                           "phi_positions")
 
 
 def add_refusal_parser(tasks: Any) -> argparse.ArgumentParser:
@@ -34,16 +41,20 @@ def add_refusal_parser(tasks: Any) -> argparse.ArgumentParser:
         "refusal",
         help="refusal: a multi-layer mean-activation clamp makes the model refuse; recover the answer",
         description="Refusal recovery: features by refused-minus-answered contrast at every --saes site, each "
-                    "set to its mean activation on refused requests at every position; valid flips are "
+                    "set to its mean activation on refused requests at every position (or, --clamp multiply, "
+                    "multiplied by 3 as the paper); valid flips are "
                     "requests the base model answers and the clamped model refuses; recovery in the residual "
                     "modes and the soft-suffix baseline. Default: the shipped toy world.",
     )
     add_flags(
         p, "config model saes hooks backend device dtype requests column limit contrast contrast_column n n_contrast "
-           "top_k features clamp_scale contrast_positions template max_new_tokens lists lenient prefix_weight "
-           "prefix_tokens discourage_refusal store_generations modes delta_site steps lr budget optimizer positions "
-           "reclamp lambda_act lambda_delta max_drift sketch_probes suffix_tokens suffix_lr suffix_budget batch_size "
-           "seed attribute top_k_attribution out overwrite quiet",
+           "top_k features clamp clamp_scale clamp_multiplier contrast_positions template max_new_tokens lists match "
+           "lenient judge generation_deltas prefix_weight prefix_tokens discourage_refusal store_generations modes "
+           "delta_site steps lr budget optimizer positions reclamp lambda_act drift_penalty penalty_after_projection "
+           "drift_correction_steps drift_correction_lr lambda_delta max_drift checkpoint_every "
+           "checkpoint_after_update checkpoint_fallback_weight sketch_probes anchor_steps anchor_lr anchor_budget "
+           "response_rows phi_positions suffix_tokens suffix_lr suffix_budget batch_size seed attribute "
+           "top_k_attribution out overwrite quiet",
         model={"help": "HF hub name or local directory (default: the shipped toy world)"},
         saes={"help": "comma-separated SAEs, one per clamped site: local directories or RELEASE/ID "
                       "(default with the toy world: its SAEs at --hooks)"},
@@ -60,13 +71,29 @@ def add_refusal_parser(tasks: Any) -> argparse.ArgumentParser:
         n_contrast={"type": int, "help": "toy: harmful and harmless requests drawn for the contrast"},
         top_k={"help": "features per site by refused-minus-answered contrast"},
         features={"help": "explicit features: 'HOOK:i,j,k;HOOK2:...' (skips selection there)"},
-        clamp_scale={"type": float, "help": "clamp value = scale x mean activation on refused requests"},
+        clamp={"choices": list(options.CHOICES["clamp"]),
+               "help": "mean: each feature set to its mean on refused requests (ours); multiply: multiplied by "
+                       "--clamp-multiplier (the paper's), at every position"},
+        clamp_scale={"type": float, "help": "--clamp mean: value = scale x mean activation on refused requests"},
+        clamp_multiplier={"type": float, "help": "--clamp multiply: the factor (the paper's: 3)"},
         contrast_positions={"choices": ["prompt", "last"],
                             "help": "where contrast and clamp values are measured: every prompt token, or the "
                                     "last one (default: prompt; toy: last)"},
         template={"help": "plain prompt template with {request} (default: chat template if any; 'chat' forces it)"},
         max_new_tokens={"type": int},
-        lists={"help": "refusal phrase lists: gcg, jailbreakbench (comma-separated)"},
+        lists={"help": "refusal phrase lists (comma-separated): gcg, arditi, refusal_sae (the reference's), "
+                       "jbb_classifier (jailbreakbench 1.0.0's); jailbreakbench = arditi"},
+        match={"choices": list(options.CHOICES["match"]),
+               "help": "phrase matching: the opening (ours), a case-insensitive substring anywhere, or a "
+                       "case-sensitive one (jailbreakbench's rule, with --lists jbb_classifier)"},
+        judge={"choices": list(options.CHOICES["judge"]),
+               "help": "who decides answered vs refused: ours (--lists, --match, --lenient) or the reference's "
+                       "(refusal_sae substrings; the clamped response also refused on a safety cue or a negative "
+                       "opening); both are recorded either way"},
+        generation_deltas={"choices": list(options.CHOICES["generation_deltas"]),
+                           "help": "delta rows acting while the judge generates: prompt rows (the reference's "
+                                   "generation) or all rows at their positions; with response rows both are "
+                                   "recorded"},
         lenient={"dest": "strict", "action": "store_false", "default": None,
                  "help": "a response with a safety cue still counts as answered"},
         prefix_weight={"type": float},
@@ -75,10 +102,13 @@ def add_refusal_parser(tasks: Any) -> argparse.ArgumentParser:
         store_generations={"action": "store_true", "default": None,
                            "help": "keep full generated texts in the records (off: categories and hashes only)"},
         modes={"help": f"comma-separated: {options.REFUSAL['modes']}"},
-        delta_site={"help": "site of the residual delta (default: the first clamped site)"},
-        positions={"choices": ["prompt", "all"]},
+        delta_site={"help": "site of the residual delta (default: the first clamped site; all: every clamped "
+                            "site, as the reference)"},
+        positions={"choices": ["prompt", "all", "response"],
+                   "help": "rows of delta: the prompt, every row, or the teacher-forced response (the reference's "
+                           "stage 2, with --anchor-steps)"},
         reclamp={"help": None},
-        sketch_probes={"type": int},
+        sketch_probes={"type": int, "help": "random probes of the sketch, beside its drift probe (the reference: 8)"},
         suffix_tokens={"type": int, "help": "soft-suffix baseline: placeholder tokens"},
         suffix_lr={"type": float},
         suffix_budget={"type": float},
@@ -142,7 +172,7 @@ def _check(opts: dict[str, Any]) -> None:
         v = opts.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"option {key} must be an integer >= 1, got {v!r}")
-    for key in ("clamp_scale", "prefix_weight", "discourage_refusal"):
+    for key in ("clamp_scale", "clamp_multiplier", "prefix_weight", "discourage_refusal"):
         v = opts.get(key)
         if v is not None and (not isinstance(v, (int, float)) or not math.isfinite(float(v))):
             raise ValueError(f"option {key} must be a finite number, got {v!r}")
@@ -178,6 +208,7 @@ def run_refusal_from_options(opts: dict[str, Any], *, quiet: bool = False, overw
     features = _parse_feature_map(opts["features"])
     lists = split_list(opts["lists"]) or ["gcg"]
     task_kw = {"template": opts["template"], "lists": tuple(lists), "strict": bool(opts["strict"]),
+               "match": opts["match"], "judge": opts["judge"], "generation_deltas": opts["generation_deltas"],
                "prefix_weight": float(opts["prefix_weight"]), "prefix_tokens": int(opts["prefix_tokens"]),
                "discourage_refusal": float(opts["discourage_refusal"]),
                "store_generations": bool(opts["store_generations"])}
@@ -222,7 +253,8 @@ def run_refusal_from_options(opts: dict[str, Any], *, quiet: bool = False, overw
     task_kw["max_new_tokens"] = int(max_new)
     task_kw["source"] = source
     setting = build_setting(model, sites, requests, contrast, top_k=int(opts["top_k"]), features=features,
-                            scale=float(opts["clamp_scale"]), positions=positions, **task_kw)
+                            scale=float(opts["clamp_scale"]), clamp=opts["clamp"],
+                            multiplier=float(opts["clamp_multiplier"]), positions=positions, **task_kw)
     modes = split_list(opts["modes"])
     suffix = SuffixSettings(n_suffix=int(opts["suffix_tokens"]), lr=opts["suffix_lr"], budget=opts["suffix_budget"])
     result = run_refusal(
@@ -232,6 +264,7 @@ def run_refusal_from_options(opts: dict[str, Any], *, quiet: bool = False, overw
         positions=opts["positions"], reclamp=bool(opts["reclamp"]), lambda_act=float(opts["lambda_act"]),
         lambda_delta=float(opts["lambda_delta"]), max_drift=opts["max_drift"],
         sketch_probes=int(opts["sketch_probes"]), seed=int(opts["seed"]),
+        **{k: opts[k] for k in DRIFT_AND_STAGE_OPTIONS},
         extra_config={"source": {"model": source_model, "backend": opts["backend"],
                                  "saes": [s.source for s in sites], "requests": opts["requests"],
                                  "contrast": opts["contrast"]},

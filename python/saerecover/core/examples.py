@@ -89,8 +89,15 @@ class Examples:
             targets={k: v.to(device) for k, v in self.targets.items()},
         )
 
-    def position_mask(self, positions: str = "answer") -> torch.Tensor:
-        """(n, seq) bool mask of the rows where delta may act: "answer" or "all" real tokens."""
+    def position_mask(self, positions: str = "answer", response_rows: int | None = None) -> torch.Tensor:
+        """(n, seq) bool mask of the rows where delta may act: "answer", "all" real tokens,
+        "prompt" (before ``targets["prompt_len"]``) or "response" (the real tokens after the
+        answer position, at most ``response_rows`` of them)."""
+        if positions == "response":
+            cols = torch.arange(self.attention_mask.shape[1], device=self.attention_mask.device).unsqueeze(0)
+            after = cols - self.answer_pos.to(cols.device).unsqueeze(1)
+            mask = self.attention_mask.bool() & (after >= 1)
+            return mask & (after <= response_rows) if response_rows is not None else mask
         if positions == "answer":
             mask = torch.zeros_like(self.attention_mask, dtype=torch.bool)
             mask[torch.arange(len(self), device=mask.device), self.answer_pos] = True
@@ -102,7 +109,7 @@ class Examples:
                 raise ValueError("positions='prompt' needs examples with a 'prompt_len' target")
             cols = torch.arange(self.attention_mask.shape[1], device=self.attention_mask.device)
             return self.attention_mask.bool() & (cols < self.targets["prompt_len"].unsqueeze(1))
-        raise ValueError(f"unknown positions {positions!r}; valid: 'answer', 'all', 'prompt'")
+        raise ValueError(f"unknown positions {positions!r}; valid: 'answer', 'all', 'prompt', 'response'")
 
 
 def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

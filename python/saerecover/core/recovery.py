@@ -10,16 +10,19 @@ the loss is a sum over examples, so a batch gives the same result as one example
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from saerecover.core.checkpoints import Checkpoints
 from saerecover.core.config import RecoveryConfig
 from saerecover.core.defended import DefendedModel
+from saerecover.core.drift import correct_drift, drift_penalty
 from saerecover.core.examples import Examples, Task
-from saerecover.core.metrics import c1_residual, clamped_features, example_metrics
+from saerecover.core.metrics import EPS, UNDEFINED_BELOW, c1_residual, clamped_features, example_metrics
 from saerecover.core.projection import (
     PROJECTIONS,
     StepContext,
@@ -46,14 +49,43 @@ class ExampleOutcome:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def _optimizer(cfg: RecoveryConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+def _optimizer(cfg: RecoveryConfig, params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr)
-    return torch.optim.SGD(params, lr=cfg.lr)
+        return torch.optim.Adam(params, lr=lr)
+    return torch.optim.SGD(params, lr=lr)
 
 
 def _site_order(model) -> dict[str, int]:
     return {name: i for i, name in enumerate(model.site_names())}
+
+
+@dataclass
+class _Stage:
+    """One optimisation stage: its rows (n, seq), steps, lr and per-example budgets (n,)."""
+
+    name: str
+    mask: torch.Tensor
+    steps: int
+    lr: float
+    budgets: torch.Tensor
+
+
+@dataclass
+class _Searched:
+    """What one stage leaves: its deltas (detached), steps per example, histories, checkpoints."""
+
+    deltas: dict[str, torch.Tensor]
+    steps_taken: torch.Tensor
+    histories: list[list[dict[str, float]]]
+    projection: Any
+    checkpoint_steps: list[int] | None = None
+    checkpoint_feasible: list[bool] | None = None
+
+
+def _is_candidate(step: int, steps: int, every: int) -> bool:
+    """Whether step ``step`` (0-based, of ``steps``) offers a checkpoint candidate: the first, every
+    ``every``-th ((step + 1) % every == 0) and the last."""
+    return step == 0 or step == steps - 1 or (step + 1) % every == 0
 
 
 def recover_batch(
@@ -71,7 +103,9 @@ def recover_batch(
 
     delta_site: the site(s) where delta is added (default: the first clamped site).
     budget: optional per-example budgets (n,); defaults to ``cfg.budget`` for all.
-    on_step: called after every step with (step, {site: delta (n, seq, d)} as applied next, row mask).
+    on_step: called after every step with (step, {site: delta (n, seq, d)} as applied next, the
+    stage's row mask). With ``cfg.anchor_steps`` a first stage optimises the answer row alone;
+    its delta then stays fixed (added to the main stage's) and the main stage runs.
     """
     cfg.validate()
     if mode not in PROJECTIONS:
@@ -104,32 +138,110 @@ def recover_batch(
     ex = ex.to(model.device)
     n, seq = ex.input_ids.shape
     dev = model.device
-    mask = ex.position_mask(cfg.positions)
-    pos = torch.arange(seq, device=dev).expand(n, seq)
-    first_row = torch.where(mask, pos, seq).min(dim=1).values
-    phi_mask = ex.attention_mask.bool() & (pos >= first_row.unsqueeze(1))
     budgets = (budget if budget is not None else torch.full((n,), cfg.budget)).to(dev, torch.float32)
+    stages = []
+    if cfg.anchor_steps > 0:
+        anchor_budgets = budgets if cfg.anchor_budget is None else torch.full((n,), float(cfg.anchor_budget), device=dev)
+        stages.append(_Stage("anchor", ex.position_mask("answer"), cfg.anchor_steps, cfg.anchor_lr, anchor_budgets))
+    stages.append(_Stage("main", ex.position_mask(cfg.positions, cfg.response_rows), cfg.steps, cfg.lr, budgets))
+    for st in stages:
+        empty = ~st.mask.any(dim=1)
+        if bool(empty.any()):
+            bad = [ex.ids[i] for i in empty.nonzero().flatten().tolist()[:5]]
+            raise ValueError(f"examples {bad} have no rows for positions={cfg.positions!r} (nothing after the "
+                             "answer position)" if st.name == "main" else f"examples {bad} have no answer row")
+    mask = torch.stack([st.mask for st in stages]).any(dim=0)
+    pos = torch.arange(seq, device=dev).expand(n, seq)
+    if cfg.phi_positions == "response":
+        phi_mask = ex.position_mask("response", cfg.response_rows)
+    else:
+        first_row = torch.where(mask, pos, seq).min(dim=1).values
+        phi_mask = ex.attention_mask.bool() & (pos >= first_row.unsqueeze(1))
     # rows of J for coordinates at 0 are exactly 0 for rectified encoders (zero derivative there)
     rectified = [clamp.at(s).site.architecture in RECTIFIED_ARCHITECTURES for s in phi_sites]
-    projection = PROJECTIONS[mode](StepContext(clamp=clamp, cfg=cfg, sites=sites, phi_sites=phi_sites, mask=mask,
-                                               phi_mask=phi_mask, rectified=rectified, example_ids=list(ex.ids)))
 
     with torch.no_grad():
         ref_states = defended.forward(ex, track=tuple(phi_sites)).sites
-        phi_ref = defended_features(clamp, ref_states, phi_sites, phi_mask)
-    phi_ref_norm = phi_ref.norm(dim=1)
+        ref_parts = defended_feature_parts(clamp, ref_states, phi_sites, phi_mask)
+    phi_ref = torch.cat(ref_parts, dim=1) if ref_parts else phi_mask.new_zeros((n, 0), dtype=torch.float32)
 
+    fixed: dict[str, torch.Tensor] = {s: torch.zeros(n, seq, model.d_model, device=dev) for s in sites}
+    done: list[_Searched] = []
+    offset = 0
+    for st in stages:
+        ctx = StepContext(clamp=clamp, cfg=cfg, sites=sites, phi_sites=phi_sites, mask=st.mask, phi_mask=phi_mask,
+                          rectified=rectified, example_ids=list(ex.ids))
+        result = _search(defended, task, ex, mode=mode, cfg=cfg, ctx=ctx, stage=st, fixed=fixed, ref_parts=ref_parts,
+                         phi_ref=phi_ref, on_step=on_step, step_offset=offset)
+        done.append(result)
+        offset += st.steps
+        fixed = {s: fixed[s] + result.deltas[s] for s in sites}
+
+    last = done[-1]
+    steps_taken = sum(r.steps_taken for r in done)
+    histories = [[{**h, "stage": st.name} if len(done) > 1 else h for st, r in zip(stages, done) for h in r.histories[i]]
+                 for i in range(n)]
+    outcomes = _evaluate(defended, task, ex, fixed, mask, phi_mask, phi_sites, phi_ref, sites,
+                         [r.projection for r in done], cfg, steps_taken, histories)
+    for i, oc in enumerate(outcomes):
+        main_norm = float(torch.sqrt(sum(last.deltas[s][i].float().pow(2).sum() for s in sites)))
+        # the reference's relative delta norm: the (last stage's) delta against Phi_def, not h_def
+        # (undefined, NaN, where the clamp leaves Phi_def at 0, as the other relative metrics)
+        ref_norm = float(phi_ref[i].norm())
+        oc.metrics["relative_delta_norm_phi"] = main_norm / (ref_norm + EPS) if ref_norm > UNDEFINED_BELOW else math.nan
+        if len(done) > 1:
+            oc.metrics["anchor_delta_norm"] = float(torch.sqrt(sum(done[0].deltas[s][i].float().pow(2).sum()
+                                                                   for s in sites)))
+            oc.metrics["main_delta_norm"] = main_norm
+            if done[0].checkpoint_steps is not None:
+                oc.metrics["anchor_checkpoint_step"] = int(done[0].checkpoint_steps[i])
+        if last.checkpoint_steps is not None:
+            oc.metrics["checkpoint_step"] = int(last.checkpoint_steps[i])
+            oc.metrics["checkpoint_feasible"] = bool(last.checkpoint_feasible[i])
+    return outcomes
+
+
+def _search(defended: DefendedModel, task: Task, ex: Examples, *, mode: str, cfg: RecoveryConfig, ctx: StepContext,
+            stage: _Stage, fixed: dict[str, torch.Tensor], ref_parts: list[torch.Tensor], phi_ref: torch.Tensor,
+            on_step, step_offset: int) -> _Searched:
+    """One stage of projected optimisation: delta at ``stage.mask``'s rows of every delta site,
+    added to the ``fixed`` deltas of earlier stages, ``stage.steps`` steps."""
+    model, clamp = defended.model, defended.clamp
+    sites, phi_sites, phi_mask, mask = ctx.sites, ctx.phi_sites, ctx.phi_mask, stage.mask
+    n, seq = ex.input_ids.shape
+    dev = model.device
+    projection = PROJECTIONS[mode](ctx)
+    budgets = stage.budgets
+    phi_ref_norm = phi_ref.norm(dim=1)
     deltas = {s: torch.zeros(n, seq, model.d_model, device=dev, dtype=torch.float32, requires_grad=True)
               for s in sites}
-    opt = _optimizer(cfg, list(deltas.values()))
+    opt = _optimizer(cfg, list(deltas.values()), stage.lr)
     active = torch.ones(n, dtype=torch.bool, device=dev)
     steps_taken = torch.zeros(n, dtype=torch.long)
     histories: list[list[dict[str, float]]] = [[] for _ in range(n)]
     needs_phi = projection.needs_phi or cfg.lambda_act > 0 or cfg.lambda_decode > 0 or cfg.max_drift is not None
-    best = Checkpoints(deltas, cfg.max_drift) if cfg.max_drift is not None else None
+    best = Checkpoints(deltas, cfg.max_drift, cfg.checkpoint_fallback_weight) if cfg.max_drift is not None else None
+    # the reference adds the penalty's gradient after the row-space projection (jacobian / sketch)
+    split = cfg.lambda_act > 0 and cfg.penalty_after_projection and projection.row_space
+    corrections = cfg.drift_correction_steps if projection.row_space else 0
 
-    for step in range(cfg.steps):
-        out = defended.forward(ex, deltas, reclamp=cfg.reclamp, track=tuple(phi_sites))
+    def applied(ds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {s: ds[s] + fixed[s] for s in sites}
+
+    def measure(ds: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Behavior score and Phi relative drift (n,) at ``ds`` (no gradients)."""
+        with torch.no_grad():
+            out = defended.forward(ex, applied(ds), reclamp=cfg.reclamp, track=tuple(phi_sites))
+            phi = defended_features(clamp, out.sites, phi_sites, phi_mask)
+            return task.score(out.logits, ex).detach().cpu(), ((phi - phi_ref).norm(dim=1) / (phi_ref_norm + 1e-8)).cpu()
+
+    def penalty_at(ds: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = defended.forward(ex, applied(ds), reclamp=cfg.reclamp, track=tuple(phi_sites))
+        return drift_penalty(defended_feature_parts(clamp, out.sites, phi_sites, phi_mask), ref_parts, phi_mask,
+                             cfg.drift_penalty)
+
+    for step in range(stage.steps):
+        out = defended.forward(ex, applied(deltas), reclamp=cfg.reclamp, track=tuple(phi_sites))
         score = task.score(out.logits, ex)
         if cfg.early_stop:
             active = active & ~(score.detach() > cfg.stop_margin)
@@ -139,8 +251,10 @@ def recover_batch(
         phi_parts = defended_feature_parts(clamp, out.sites, phi_sites, phi_mask) if needs_phi else []
         phi = (torch.cat(phi_parts, dim=1) if phi_parts else phi_mask.new_zeros((n, 0), dtype=torch.float32)) \
             if needs_phi else None
-        if cfg.lambda_act > 0:
-            loss_vec = loss_vec + cfg.lambda_act * (phi - phi_ref).norm(dim=1) / (phi_ref_norm + 1e-8)
+        penalty = (cfg.lambda_act * drift_penalty(phi_parts, ref_parts, phi_mask, cfg.drift_penalty)
+                   if cfg.lambda_act > 0 else None)
+        if penalty is not None and not split:
+            loss_vec = loss_vec + penalty
         if cfg.lambda_decode > 0:
             loss_vec = loss_vec + cfg.lambda_decode * _decode_drift(clamp, phi - phi_ref, phi_sites, phi_mask)
         if cfg.lambda_delta > 0:
@@ -148,22 +262,30 @@ def recover_batch(
             flat = torch.cat([d.flatten(1) for d in deltas.values()], dim=1)
             loss_vec = loss_vec + cfg.lambda_delta * torch.linalg.vector_norm(flat, dim=1)
         loss = (loss_vec * active).sum()
-        finite = torch.isfinite(loss_vec.detach()) & torch.isfinite(score.detach())
+        total = loss_vec.detach() + (penalty.detach() if split else 0.0)
+        finite = torch.isfinite(total) & torch.isfinite(score.detach())
         if not bool((finite | ~active).all()):
             bad = (~finite & active).nonzero().flatten().tolist()
             raise FloatingPointError(f"non-finite loss or score at step {step} for examples {[ex.ids[i] for i in bad]}")
         drift = ((phi.detach() - phi_ref).norm(dim=1) / (phi_ref_norm + 1e-8)).cpu() if needs_phi else None
-        if best is not None:
-            best.offer(step, score.detach().cpu(), drift, active.cpu())
-        grads = dict(zip(sites, torch.autograd.grad(loss, list(deltas.values()), retain_graph=projection.needs_phi)))
-        if any(not torch.isfinite(g).all() for g in grads.values()):
-            bad = torch.zeros(n, dtype=torch.bool, device=dev)
-            for g in grads.values():
-                bad |= ~torch.isfinite(g.flatten(1)).all(dim=1)
-            raise FloatingPointError(f"non-finite gradient for examples {[ex.ids[i] for i in bad.nonzero().flatten().tolist()]}")
+        if best is not None and not cfg.checkpoint_after_update and _is_candidate(step, stage.steps, cfg.checkpoint_every):
+            best.offer(steps_taken, score.detach().cpu(), drift, active.cpu())
+        params = list(deltas.values())
+        pen_grads = (dict(zip(sites, torch.autograd.grad((penalty * active).sum(), params, retain_graph=True)))
+                     if split else None)
+        grads = dict(zip(sites, torch.autograd.grad(loss, params, retain_graph=projection.needs_phi)))
+        for g in [*grads.values(), *(pen_grads or {}).values()]:
+            if not torch.isfinite(g).all():
+                bad = torch.zeros(n, dtype=torch.bool, device=dev)
+                for h in [*grads.values(), *(pen_grads or {}).values()]:
+                    bad |= ~torch.isfinite(h.flatten(1)).all(dim=1)
+                raise FloatingPointError(f"non-finite gradient for examples "
+                                         f"{[ex.ids[i] for i in bad.nonzero().flatten().tolist()]}")
         grads = {s: g * mask.unsqueeze(-1) for s, g in grads.items()}
         grads = projection.project_gradient(grads, StepState(step=step, deltas=deltas, phi_parts=phi_parts,
                                                              phi=phi, phi_ref=phi_ref, active=active))
+        if pen_grads is not None:  # the penalty's gradient, unprojected
+            grads = {s: grads[s] + pen_grads[s] * mask.unsqueeze(-1) for s in sites}
         old = {s: d.detach().clone() for s, d in deltas.items()}
         for s, d in deltas.items():
             d.grad = grads[s]  # the paper's projected gradient
@@ -178,12 +300,17 @@ def recover_batch(
             final = projection.take_step(old, new, budgets, active)  # C1 on what is applied, and C4
             for s, d in deltas.items():
                 d.copy_(final[s])
-            if on_step is not None:
-                on_step(step, {s: d.detach() for s, d in deltas.items()}, mask)
+        if corrections:
+            correct_drift(deltas, penalty_at, steps=corrections, lr=cfg.drift_correction_lr, mask=mask,
+                          budgets=budgets, active=active)
         steps_taken += active.cpu().long()
+        if best is not None and cfg.checkpoint_after_update and _is_candidate(step, stage.steps, cfg.checkpoint_every):
+            best.offer(steps_taken, *measure(deltas), active.cpu())
+        if on_step is not None:
+            on_step(step_offset + step, {s: d.detach() for s, d in applied(deltas).items()}, mask)
         if cfg.history:
             sc_ = score.detach().cpu()
-            lv = loss_vec.detach().cpu()
+            lv = total.cpu()
             dn = torch.sqrt(sum(d.detach().pow(2).flatten(1).sum(1) for d in deltas.values())).cpu()
             for i in torch.nonzero(active.cpu()).flatten().tolist():
                 entry = {"step": step, "score": float(sc_[i]), "loss": float(lv[i]), "delta_norm": float(dn[i])}
@@ -192,21 +319,14 @@ def recover_batch(
                 entry.update(projection.history_fields(i))
                 histories[i].append(entry)
 
-    checkpoint_steps = None
+    result = _Searched(deltas={s: d.detach() for s, d in deltas.items()}, steps_taken=steps_taken,
+                       histories=histories, projection=projection)
     if best is not None:  # the last delta is a candidate too, then each example keeps its best
-        with torch.no_grad():
-            out = defended.forward(ex, deltas, reclamp=cfg.reclamp, track=tuple(phi_sites))
-            phi = defended_features(clamp, out.sites, phi_sites, phi_mask)
-            drift = ((phi - phi_ref).norm(dim=1) / (phi_ref_norm + 1e-8)).cpu()
-            best.offer(steps_taken, task.score(out.logits, ex).detach().cpu(), drift, torch.ones(n, dtype=torch.bool))
-            checkpoint_steps = best.restore(deltas)
-    outcomes = _evaluate(defended, task, ex, deltas, mask, phi_mask, phi_sites, phi_ref, sites, projection, cfg,
-                         steps_taken, histories)
-    if checkpoint_steps is not None:
-        for oc, st in zip(outcomes, checkpoint_steps):
-            oc.metrics["checkpoint_step"] = int(st)
-    return outcomes
-
+        best.offer(steps_taken, *measure(deltas), torch.ones(n, dtype=torch.bool))
+        result.checkpoint_steps = best.restore(deltas)
+        result.checkpoint_feasible = best.feasible.tolist()
+        result.deltas = {s: d.detach() for s, d in deltas.items()}
+    return result
 
 
 def _check_finite_step(new: dict[str, torch.Tensor], active: torch.Tensor, ids: list[str], step: int,
@@ -237,7 +357,16 @@ def _decode_drift(clamp, dphi: torch.Tensor, phi_sites: list[str], phi_mask: tor
     return total
 
 
-def _evaluate(defended, task, ex, deltas, mask, phi_mask, phi_sites, phi_ref, sites, projection, cfg,
+def _mode_metrics(projections: list, i: int) -> dict[str, Any]:
+    """Example ``i``'s mode metrics over the stages (a number: the largest, as each is a maximum)."""
+    out: dict[str, Any] = {}
+    for p in projections:
+        for k, v in p.metrics(i).items():
+            out[k] = max(out[k], v) if isinstance(v, (int, float)) and isinstance(out.get(k), (int, float)) else v
+    return out
+
+
+def _evaluate(defended, task, ex, deltas, mask, phi_mask, phi_sites, phi_ref, sites, projections, cfg,
               steps_taken, histories) -> list[ExampleOutcome]:
     """Final pass with the clamp active: behavior, then every metric on what was applied."""
     clamp = defended.clamp
@@ -276,7 +405,7 @@ def _evaluate(defended, task, ex, deltas, mask, phi_mask, phi_sites, phi_ref, si
         ref_norm = float(phi_ref[i].norm())
         metrics["phi_relative_drift"] = float(dphi.norm()) / (ref_norm + 1e-8)
         metrics["phi_floor_violation"] = float(torch.clamp(-dphi, min=0).norm()) / (ref_norm + 1e-8)
-        metrics.update(projection.metrics(i))
+        metrics.update(_mode_metrics(projections, i))
         tensors = {
             "delta": d_rows.cpu().contiguous(),
             "rows": rows.cpu().contiguous(),

@@ -140,7 +140,7 @@ def describe_model(model: ModelAdapter) -> dict[str, Any]:
 
 
 def _recover_residual(defended: DefendedModel, task: Task, part: Examples, *, mode: str, cfg: RecoveryConfig,
-                      delta_site: str | None) -> list[ExampleOutcome]:
+                      delta_site: str | list[str] | None) -> list[ExampleOutcome]:
     """A projection mode's recovery of a batch: a residual delta at the delta site."""
     return recover_batch(defended, task, part, mode=mode, cfg=cfg, delta_site=delta_site)
 
@@ -242,7 +242,7 @@ def recover(
     projection: str | Sequence[str] = ("none", "encoder"),
     out: str | Path | None = None,
     batch_size: int = 32,
-    delta_site: str | None = None,
+    delta_site: str | Sequence[str] | None = None,
     config: RecoveryConfig | None = None,
     progress: bool = True,
     extra_config: dict[str, Any] | None = None,
@@ -269,6 +269,8 @@ def recover(
     baselines: other ways to recover the same valid flips (e.g. ``{"suffix": SuffixSettings()}``),
     each a mode of the run after the projection modes, written and summarised the same way.
     summarize_extra: ``(summary, records)``, adds a task's own summary fields before it is written.
+    delta_site: the clamped site of delta (default: the first), or several (a delta at each; the
+    config records the first as ``delta_site`` and all as ``delta_sites``).
     """
     t0 = time.perf_counter()
     modes = [projection] if isinstance(projection, str) else list(projection)
@@ -303,8 +305,11 @@ def recover(
             raise ValueError(f"the clamp at {sc.site.hook_name!r} has an empty feature set: nothing is defended "
                              f"there; give at least one feature index (valid: 0..{sc.site.d_sae - 1})")
     defended = DefendedModel(model, clamp)
-    if delta_site is not None and clamp.at(delta_site) is None:
-        raise ValueError(f"delta site {delta_site!r} is not clamped; clamped sites: "
+    if delta_site is not None and not isinstance(delta_site, str):  # several delta sites
+        delta_site = list(delta_site)
+    unclamped = [s for s in ([delta_site] if isinstance(delta_site, str) else delta_site or []) if clamp.at(s) is None]
+    if unclamped:
+        raise ValueError(f"delta site {unclamped[0]!r} is not clamped; clamped sites: "
                          f"{[sc.site.hook_name for sc in clamp.site_clamps]}")
     ex = task.examples()
     ex.validate()
@@ -325,7 +330,9 @@ def recover(
         "clamp": clamp.describe(),
         "recovery": cfg.to_dict(),
         "modes": modes,
-        "delta_site": delta_site or clamp.site_clamps[0].site.hook_name,
+        "delta_site": (delta_site if isinstance(delta_site, str) else (delta_site or [None])[0])
+        or clamp.site_clamps[0].site.hook_name,
+        **({"delta_sites": delta_site} if isinstance(delta_site, list) and len(delta_site) > 1 else {}),
         **(extra_config or {}),
     }
     if shard is not None:

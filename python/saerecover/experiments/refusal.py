@@ -38,8 +38,10 @@ from saerecover.experiments.pipeline import RunResult, recover
 from saerecover.experiments.suffix import SUFFIX, SuffixSettings
 from saerecover.runs.stats import bootstrap_ci, wilson_interval
 from saerecover.tasks.refusal.features import (
+    CLAMPS,
     contrast_table,
     mean_activation_clamp,
+    multiply_clamp,
     refusal_contrast,
     select_refusal_features,
 )
@@ -63,13 +65,27 @@ def _wilson(k: int, n: int) -> list[float] | None:
     return None if ci is None else [ci[0], ci[1]]
 
 
+#: Per-example flags counted by :func:`refusal_summary`: ours, the reference's judge beside them,
+#: and, when a recovered delta had rows after the prompt, the two generations (prompt rows only,
+#: all rows).
+REFUSAL_COUNTS = ("non_refusal", "base_like", "base_like_strict", "reference_non_refusal", "reference_base_like",
+                  "reference_base_like_strict", "non_refusal_prompt_rows", "non_refusal_all_rows",
+                  "reference_non_refusal_prompt_rows", "reference_non_refusal_all_rows")
+#: Per-example numbers averaged (with bootstrap intervals) by :func:`refusal_summary`.
+REFUSAL_MEANS = ("phi_relative_drift", "phi_floor_violation", "relative_drift", "relative_delta_norm",
+                 "relative_delta_norm_phi", "anchor_delta_norm", "main_delta_norm")
+
+
 def refusal_summary(records: Sequence[Mapping[str, Any]], modes: Sequence[str] | None = None) -> dict[str, dict]:
     """Per mode, over valid flips: ``non_refusal`` (the recovered response is answered, by the
-    task's judge), ``base_like`` and ``base_like_strict`` (close to the base response), each
-    with count, rate and Wilson 95% interval (a failed example counts as neither); and the mean
-    and bootstrap 95% interval of ``phi_relative_drift``, ``phi_floor_violation``,
-    ``relative_drift`` (delta site only) and ``relative_delta_norm``, plus the largest
-    ``jacobian_step_residual`` and ``c1_residual``."""
+    task's judge), ``base_like`` and ``base_like_strict`` (close to the base response), the
+    reference's ``reference_non_refusal`` / ``reference_base_like(_strict)`` beside them (and the
+    other :data:`REFUSAL_COUNTS` where records carry them), each with count, rate and Wilson 95%
+    interval (a failed example counts as neither); and the mean and bootstrap 95% interval of
+    ``phi_relative_drift``, ``phi_floor_violation``, ``relative_drift`` (delta site only),
+    ``relative_delta_norm`` (||delta|| / ||h_def||), ``relative_delta_norm_phi`` (the
+    reference's: ||delta|| / ||Phi_def||), plus the largest ``jacobian_step_residual`` and
+    ``c1_residual``."""
     by_mode: dict[str, list[Mapping[str, Any]]] = {}
     for r in records:
         by_mode.setdefault(str(r["mode"]), []).append(r)
@@ -78,12 +94,16 @@ def refusal_summary(records: Sequence[Mapping[str, Any]], modes: Sequence[str] |
         valid = [r for r in by_mode.get(mode, []) if r.get("valid") is True]
         n = len(valid)
         row: dict[str, Any] = {"n_valid": n}
-        for key in ("non_refusal", "base_like", "base_like_strict"):
+        for key in REFUSAL_COUNTS:
+            if key not in ("non_refusal", "base_like", "base_like_strict") and not any(key in r for r in valid):
+                continue
             k = sum(1 for r in valid if r.get(key) is True)
             row[key] = k
             row[f"{key}_rate"] = k / n if n else None
             row[f"{key}_rate_ci95"] = _wilson(k, n)
-        for key in ("phi_relative_drift", "phi_floor_violation", "relative_drift", "relative_delta_norm"):
+        for key in REFUSAL_MEANS:
+            if key in ("anchor_delta_norm", "main_delta_norm") and not any(key in r for r in valid):
+                continue
             vals = [float(r[key]) for r in valid if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
             row[f"{key}_n"] = len(vals)
             row[f"{key}_mean"] = sum(vals) / len(vals) if vals else None
@@ -104,14 +124,24 @@ def add_refusal_summary(summary: dict[str, Any], records: Sequence[Mapping[str, 
     for mode, row in extra.items():
         target = summary["modes"].setdefault(mode, {})
         for k, v in row.items():  # summarize()'s own metrics (relative_drift, c1_residual, ...) stay as they are
-            if k != "n_valid" and (k not in target or k.startswith(("non_refusal", "base_like", "phi_"))):
+            if k != "n_valid" and (k not in target or k.startswith(("non_refusal", "base_like", "phi_", "reference_"))):
                 target[k] = v
     summary["refusal_metrics"] = {
         "non_refusal": "the recovered response is answered by the task's judge (strict: no refusal, "
                        "safety cue or degenerate opening)",
         "base_like": "refusal_text.base_like(recovered, base) (lenient); base_like_strict: strict thresholds",
+        "reference_non_refusal": "the paper's count: no refusal_sae phrase anywhere in the response "
+                                 "(case-insensitive); safety cues do not count against it",
+        "reference_base_like": "the reference's base-like rule (judge.reference_quality); _strict: its strict variant",
         "phi_relative_drift": "||Phi_rec - Phi_def|| / ||Phi_def|| over every clamped (layer, feature, row)",
+        "relative_delta_norm_phi": "the reference's relative delta norm: ||delta|| (the last stage's) / ||Phi_def||",
     }
+    rows = [r for r in records if any(k in r for k in ("non_refusal_prompt_rows", "non_refusal_all_rows"))]
+    if rows:
+        summary["refusal_metrics"]["generation_rows"] = (
+            "the recovered delta has rows after the prompt: the response was generated with the prompt rows "
+            "only (non_refusal_prompt_rows; the reference's generation, whose KV cache never applies the "
+            "others) and with every row at its position (non_refusal_all_rows)")
     return summary
 
 
@@ -127,7 +157,7 @@ def run_refusal(
     *,
     modes: Sequence[str] = REFUSAL_MODES,
     out: str | Path | None = None,
-    delta_site: str | None = None,
+    delta_site: str | Sequence[str] | None = None,
     suffix: SuffixSettings | None = None,
     batch_size: int = 16,
     progress: bool = True,
@@ -141,7 +171,8 @@ def run_refusal(
     (any of none / encoder / jacobian / sketch / suffix), in one run directory ``out``.
 
     overrides: RecoveryConfig fields (default ``positions="prompt"``: delta on every prompt
-    row). The summary's modes carry the refusal metrics (:func:`refusal_summary`) and the
+    row). delta_site: a clamped site, several, or "all" (a delta at every clamped site, as the
+    reference). The summary's modes carry the refusal metrics (:func:`refusal_summary`) and the
     report gets a refusal table.
     """
     modes = list(modes)
@@ -156,6 +187,9 @@ def run_refusal(
             raise TypeError(f"unknown recovery option {key!r}; valid: {', '.join(cfg.to_dict())}")
         setattr(cfg, key, value)
     cfg.validate()
+    if delta_site == "all":
+        order = {name: i for i, name in enumerate(model.site_names())}
+        delta_site = sorted((sc.site.hook_name for sc in clamp.site_clamps), key=order.__getitem__)
     suffix = suffix or SuffixSettings()
     residual = [m for m in modes if m not in BASELINES]
     extra = {"refusal": {"modes": modes, "suffix": suffix.to_dict() if SUFFIX in modes else None},
@@ -187,13 +221,18 @@ class RefusalSetting:
 
 def build_setting(model: Any, sites: Sequence[Any], requests: Sequence[str], contrast_requests: Sequence[str], *,
                   top_k: int = 16, features: Mapping[str, Sequence[int]] | None = None, scale: float = 1.0,
-                  only_answered: bool = True, positions: str = "prompt", **task_kw: Any) -> RefusalSetting:
-    """Refusal features by contrast and the mean-activation clamp, and the task.
+                  clamp: str = "mean", multiplier: float = 3.0, only_answered: bool = True,
+                  positions: str = "prompt", **task_kw: Any) -> RefusalSetting:
+    """Refusal features by contrast, the clamp, and the task.
 
     contrast_requests: requests whose base responses split them into refused / answered (the
     contrast classes). requests: the task's requests; with ``only_answered`` only those the
-    base model answers are kept (the others could never be valid flips).
+    base model answers are kept (the others could never be valid flips). clamp: "mean" (each
+    feature set to ``scale`` x its mean on refused requests, at every position) or "multiply"
+    (the paper's: each feature multiplied by ``multiplier`` at every position).
     """
+    if clamp not in CLAMPS:
+        raise ValueError(f"unknown refusal clamp {clamp!r}; valid: {', '.join(CLAMPS)}")
     ctask = Refusal(model, list(contrast_requests), **{**task_kw, "ids": None, "name": "refusal-contrast",
                                                        "source": None})
     refused = torch.nonzero(ctask.base_refused()).flatten().tolist()
@@ -204,7 +243,8 @@ def build_setting(model: Any, sites: Sequence[Any], requests: Sequence[str], con
     contrast = refusal_contrast(model, list(sites), ctask.prompt_examples(refused), ctask.prompt_examples(answered),
                                 positions=positions)
     feats = select_refusal_features(contrast, top_k, features=features)
-    clamp = mean_activation_clamp(contrast, feats, scale=scale)
+    defense = (mean_activation_clamp(contrast, feats, scale=scale) if clamp == "mean"
+               else multiply_clamp({s.hook_name: s for s in sites}, feats, multiplier=multiplier))
     task = Refusal(model, list(requests), **task_kw)
     n_requests = len(task.requests)
     if only_answered:
@@ -213,9 +253,10 @@ def build_setting(model: Any, sites: Sequence[Any], requests: Sequence[str], con
             raise ValueError("the base model answers none of the requests: no valid flip is possible")
         task = task.subset(keep)
     selection = {"n_contrast": len(contrast_requests), "n_refused": len(refused), "n_answered": len(answered),
-                 "positions": positions, "top_k": top_k, "scale": scale, "n_requests": n_requests,
+                 "positions": positions, "top_k": top_k, "scale": scale, "clamp": clamp,
+                 **({"multiplier": multiplier} if clamp == "multiply" else {}), "n_requests": n_requests,
                  "n_kept": len(task.requests), "sites": contrast_table(contrast, feats)}
-    return RefusalSetting(task=task, clamp=clamp, features=feats, selection=selection)
+    return RefusalSetting(task=task, clamp=defense, features=feats, selection=selection)
 
 
 def toy_setting(world: Any, *, n: int = 24, n_contrast: int = 48, sites: Sequence[str] = DEFAULT_TOY_SITES,

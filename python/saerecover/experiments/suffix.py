@@ -16,7 +16,8 @@ import torch
 from saerecover.core.config import RecoveryConfig
 from saerecover.core.defended import DefendedModel
 from saerecover.core.examples import Examples, pad_right
-from saerecover.core.projection import defended_features
+from saerecover.core.drift import drift_penalty
+from saerecover.core.projection import defended_feature_parts, defended_features
 from saerecover.core.recovery import ExampleOutcome
 from saerecover.tasks.refusal.task import Refusal
 
@@ -82,8 +83,8 @@ def recover_suffix(
     """The soft-suffix baseline on ``ex`` (examples of ``task``), batched.
 
     Optimizes delta (n, seq, d_model) at ``blocks.0.hook_resid_pre``, non-zero only at the
-    suffix rows, with Adam on ``task.loss`` (+ ``cfg.lambda_act`` x relative Phi drift, as the
-    residual modes), the clamp active, for ``cfg.steps`` steps; C4 by rescaling to ``budget``
+    suffix rows, with Adam on ``task.loss`` (+ ``cfg.lambda_act`` x the drift penalty
+    ``cfg.drift_penalty``, as the residual modes), the clamp active, for ``cfg.steps`` steps; C4 by rescaling to ``budget``
     (default ``cfg.budget``). Then judges with the clamp and the suffix delta active and
     measures ``phi_relative_drift`` / ``phi_floor_violation`` over every clamped site.
     """
@@ -106,10 +107,10 @@ def recover_suffix(
 
     with torch.no_grad():
         ref = defended.forward(sx, track=(*phi_sites, SUFFIX_SITE))
-        phi_ref = defended_features(clamp, ref.sites, phi_sites, phi_mask)
+        ref_parts = defended_feature_parts(clamp, ref.sites, phi_sites, phi_mask)
+        phi_ref = torch.cat(ref_parts, dim=1) if ref_parts else phi_mask.new_zeros((n, 0), dtype=torch.float32)
         embed = ref.sites[SUFFIX_SITE].h_def.float()
         init_scores = task.judge(defended, sx, with_clamp=True, stage="suffix_init")
-    phi_ref_norm = phi_ref.norm(dim=1)
     delta = torch.zeros(n, seq, model.d_model, device=dev, dtype=torch.float32, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=lr) if cfg.optimizer == "adam" else torch.optim.SGD([delta], lr=lr)
     histories: list[list[dict[str, float]]] = [[] for _ in range(n)]
@@ -117,8 +118,8 @@ def recover_suffix(
         out = defended.forward(sx, {SUFFIX_SITE: delta}, reclamp=cfg.reclamp, track=tuple(phi_sites))
         loss_vec = task.loss(out.logits, sx)
         if cfg.lambda_act > 0:
-            phi = defended_features(clamp, out.sites, phi_sites, phi_mask)
-            loss_vec = loss_vec + cfg.lambda_act * (phi - phi_ref).norm(dim=1) / (phi_ref_norm + 1e-8)
+            parts = defended_feature_parts(clamp, out.sites, phi_sites, phi_mask)
+            loss_vec = loss_vec + cfg.lambda_act * drift_penalty(parts, ref_parts, phi_mask, cfg.drift_penalty)
         if cfg.lambda_delta > 0:
             # ||delta|| by vector_norm: its gradient at delta = 0 (the start) is 0; sqrt(sum of squares) gives NaN
             loss_vec = loss_vec + cfg.lambda_delta * torch.linalg.vector_norm(delta.flatten(1), dim=1)

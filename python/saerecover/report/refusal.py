@@ -18,13 +18,16 @@ def refusal_table(summary: Mapping[str, Any]) -> str:
         rows.append([
             str(mode), f"{m.get('non_refusal', NA)}/{m.get('n_valid', NA)}",
             rate_with_ci(m, "non_refusal_rate"), rate_with_ci(m, "base_like_rate"),
-            rate_with_ci(m, "base_like_strict_rate"), mean_ci(m, "phi_relative_drift"),
+            rate_with_ci(m, "base_like_strict_rate"), rate_with_ci(m, "reference_non_refusal_rate"),
+            rate_with_ci(m, "reference_base_like_rate"), mean_ci(m, "phi_relative_drift"),
             num(m.get("phi_floor_violation_mean")), num(m.get("relative_delta_norm_mean")),
-            num(m.get("c1_residual_max")), num(m.get("jacobian_step_residual_max")),
+            num(m.get("relative_delta_norm_phi_mean")), num(m.get("c1_residual_max")),
+            num(m.get("jacobian_step_residual_max")),
         ])
     return markdown_table(["mode", "non-refusal / valid", "non-refusal rate [95% CI]", "base-like rate [95% CI]",
-                           "strict base-like rate [95% CI]", "phi relative drift [95% CI]", "phi floor violation",
-                           "relative delta norm", "C1 max", "J step ratio max"], rows)
+                           "strict base-like rate [95% CI]", "reference non-refusal [95% CI]",
+                           "reference base-like [95% CI]", "phi relative drift [95% CI]", "phi floor violation",
+                           "delta / h_def", "delta / Phi_def", "C1 max", "J step ratio max"], rows)
 
 
 def refusal_section(summary: Mapping[str, Any]) -> list[str] | None:
@@ -35,5 +38,8 @@ def refusal_section(summary: Mapping[str, Any]) -> list[str] | None:
             "Over valid flips (base answered without refusal or safety cue, clamped model refuses). "
             "Non-refusal: the response generated with the clamp and delta active is answered by the "
             "task's judge. Base-like: close to the unclamped base response (lenient / strict). "
-            "Phi drift: relative change of every clamped feature at every clamped site.", "",
+            "Reference non-refusal / base-like: the paper's code's judge (no refusal_sae phrase anywhere; its "
+            "base-like rule). Phi drift: relative change of every clamped feature at every clamped site. "
+            "delta / h_def and delta / Phi_def: the delta's norm against the defended residual and against the "
+            "defended features (the paper's relative delta norm).", "",
             refusal_table(summary), ""]

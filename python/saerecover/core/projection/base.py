@@ -66,6 +66,10 @@ class ProjectionMode:
     name: ClassVar[str] = ""
     #: Phi (and its graph) is needed at every step
     needs_phi: ClassVar[bool] = False
+    #: the gradient is projected off the row space of J = dPhi/d delta (exactly or by a sketch):
+    #: where the reference's options act (the drift penalty added after the projection, the
+    #: drift-correction steps; RecoveryConfig.penalty_after_projection, drift_correction_steps)
+    row_space: ClassVar[bool] = False
 
     def __init__(self, ctx: StepContext) -> None:
         self.ctx = ctx

@@ -164,6 +164,7 @@ class ExactJacobian(ProjectionMode):
 
     name = "jacobian"
     needs_phi = True
+    row_space = True
 
     def __init__(self, ctx: StepContext) -> None:
         super().__init__(ctx)

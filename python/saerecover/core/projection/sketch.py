@@ -122,6 +122,7 @@ class Sketch(ProjectionMode):
 
     name = "sketch"
     needs_phi = True
+    row_space = True
 
     def __init__(self, ctx: StepContext) -> None:
         super().__init__(ctx)

@@ -9,7 +9,9 @@ to its mean activation on refused requests, at every position and layer, did. So
   positions of refused requests and of answered requests, and their difference;
 - :func:`select_refusal_features`: the top-k features by contrast per site (or a given list);
 - :func:`mean_activation_clamp`: each selected feature set to its refused-request mean at every
-  position of every chosen site (``Clamp.per_feature`` + ``Clamp.combine``).
+  position of every chosen site (``Clamp.per_feature`` + ``Clamp.combine``);
+- :func:`multiply_clamp`: the paper's clamp, each selected feature multiplied by a factor (3.0)
+  at every position of every chosen site (:data:`CLAMPS` names both).
 """
 
 from __future__ import annotations
@@ -122,6 +124,28 @@ def mean_activation_clamp(contrast: Mapping[str, SiteContrast], features: Mappin
     return Clamp.combine(*parts)
 
 
+def multiply_clamp(sites: Mapping[str, Site], features: Mapping[str, torch.Tensor], *, multiplier: float = 3.0,
+                   where: str = "all") -> Clamp:
+    """Each selected feature multiplied by ``multiplier`` at every position ("all") of every site
+    in ``features``: the reference code's refusal clamp (``z[..., S] *= 3`` at every prompt,
+    answer and generated position, the SAE error kept). sites: hook name -> Site."""
+    parts = []
+    for name, feats in features.items():
+        if name not in sites:
+            raise ValueError(f"no site for {name!r}; sites: {sorted(sites)}")
+        site = sites[name]
+        parts.append(Clamp({site: site.check_features(torch.as_tensor(feats, dtype=torch.long))},
+                           value=float(multiplier), mode="multiply", where=where))
+    if not parts:
+        raise ValueError("no sites to clamp")
+    return Clamp.combine(*parts)
+
+
+#: The refusal clamps by name (``build_setting(clamp=...)``, ``--clamp``): "mean" (ours: each
+#: feature set to its mean on refused requests) and "multiply" (the paper's: multiplied by 3).
+CLAMPS = ("mean", "multiply")
+
+
 def contrast_table(contrast: Mapping[str, SiteContrast], features: Mapping[str, torch.Tensor]) -> dict:
     """Plain-JSON description of the selection (for a run's config)."""
     out = {}
@@ -139,5 +163,5 @@ def contrast_table(contrast: Mapping[str, SiteContrast], features: Mapping[str, 
     return out
 
 
-__all__ = ["SiteContrast", "contrast_table", "mean_activation_clamp", "mean_activations", "refusal_contrast",
-           "select_refusal_features"]
+__all__ = ["CLAMPS", "SiteContrast", "contrast_table", "mean_activation_clamp", "mean_activations",
+           "multiply_clamp", "refusal_contrast", "select_refusal_features"]

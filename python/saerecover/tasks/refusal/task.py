@@ -33,6 +33,15 @@ DEFAULT_TEMPLATE = "User : {request} Assistant :"
 
 #: Stages whose notes the judge keeps per example (see :meth:`Refusal.notes`).
 STAGES = ("base", "defended", "recovered")
+#: Who decides the behavior B (``judge=``): "ours" (:meth:`Refusal.answered`'s opening categories,
+#: the same rule at every stage) or "reference" (the paper's code: base and recovered answered
+#: unless refusal_sae's substring judge fires, the clamped response refused also on a safety cue or
+#: a negative / degenerate opening; ``judge.reference_refusal`` / ``reference_effective_refusal``).
+JUDGES = ("ours", "reference")
+#: Which rows of a delta act while the judge generates (``generation_deltas=``): "prompt" (the
+#: prompt rows; the reference's generation, with a KV cache, applies no other row) or "all"
+#: (every row, a response row at the generated token of the same position).
+GENERATION_DELTAS = ("prompt", "all")
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,6 +70,11 @@ class Refusal:
     of every custom phrase, or of ``refusal_prefixes``; the base response's own first token is
     never discouraged).
     store_generations: keep the full generated texts in the notes (off by default).
+    match: how the judge matches ``lists`` (``judge.MATCH_RULES``: "opening", ours, by default;
+    "substring"; "case_sensitive", with ``lists="jbb_classifier"`` JailbreakBench's classifier).
+    judge: who decides B (:data:`JUDGES`). generation_deltas: which delta rows act during the
+    judge's generation (:data:`GENERATION_DELTAS`); when a recovered delta has rows after the
+    prompt, the recovered response is generated both ways and both are noted.
     ids: example ids (default ``req-00000``, ...). source: where the requests came from
     (plain JSON, e.g. ``{"kind": "file", "path": ..., "column": ..., "limit": ...}`` or
     ``{"kind": "toy", "n": ..., "seed": ...}``), so that a finished run can find them again:
@@ -87,6 +101,9 @@ class Refusal:
         ids: Sequence[str] | None = None,
         name: str = "refusal",
         source: Mapping[str, Any] | None = None,
+        match: str = "opening",
+        judge: str = "ours",
+        generation_deltas: str = "prompt",
     ) -> None:
         if isinstance(requests, str) or not isinstance(requests, Sequence):
             raise TypeError(f"requests must be a list of strings, got {type(requests).__name__}")
@@ -104,6 +121,13 @@ class Refusal:
             raise ValueError(f"{len(ids)} ids for {len(requests)} requests")
         rt.phrases(lists)  # unknown list names fail here
         rt.phrases(cues)
+        for key, value, valid in (("match", match, rt.MATCH_RULES), ("judge", judge, JUDGES),
+                                  ("generation_deltas", generation_deltas, GENERATION_DELTAS)):
+            if value not in valid:
+                raise ValueError(f"unknown {key} {value!r}; valid: {', '.join(valid)}")
+        self.match = match
+        self.judge_rule = judge
+        self.generation_deltas = generation_deltas
         self.model = model
         self.tokenizer = model.tokenizer
         self.requests = requests
@@ -236,13 +260,13 @@ class Refusal:
     def base_answered(self) -> torch.Tensor:
         """(n,) bool: the base response is answered (:meth:`answered`); generates it if needed."""
         self.examples()
-        return torch.tensor([self.answered(self.base_texts[eid]) for eid in self.ids], dtype=torch.bool)
+        return torch.tensor([self.answered(self.base_texts[eid], "base") for eid in self.ids], dtype=torch.bool)
 
     def base_refused(self) -> torch.Tensor:
         """(n,) bool: the base response opens with a refusal phrase."""
         self.examples()
-        return torch.tensor([rt.is_refusal(self.base_texts[eid], self.lists, self.window) for eid in self.ids],
-                            dtype=torch.bool)
+        return torch.tensor([rt.is_refusal(self.base_texts[eid], self.lists, self.window, self.match)
+                             for eid in self.ids], dtype=torch.bool)
 
     # -- score and loss -----------------------------------------------------------------
     def token_logprobs(self, logits: torch.Tensor, ex: Examples) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,11 +311,16 @@ class Refusal:
         return [ex.input_ids[i, : int(n)].tolist() for i, n in enumerate(lens)]
 
     def edits(self, defended: Any, ex: Examples, *, with_clamp: bool, deltas: Mapping[str, torch.Tensor] | None,
-              reclamp: bool) -> dict[str, Any]:
+              reclamp: bool, rows: str | None = None) -> dict[str, Any]:
         """Generation edits: the clamp (``SiteClamp.defend``) at every clamped site, then each
-        delta (added at its prompt positions only), then the clamp again with ``reclamp``."""
+        delta (added at its prompt positions only, or with ``rows="all"`` at every position it
+        has, response rows at the generated tokens of those positions; default
+        ``generation_deltas``), then the clamp again with ``reclamp``."""
         n, width = ex.input_ids.shape
+        rows = rows or self.generation_deltas
         prompt_mask = torch.arange(width).unsqueeze(0) < ex.targets["prompt_len"].cpu().unsqueeze(1)
+        if rows == "all":
+            prompt_mask = torch.ones_like(prompt_mask)
         clamp = defended.clamp
         names = list(dict.fromkeys([*(sc.site.hook_name for sc in clamp.site_clamps if with_clamp),
                                     *(deltas or {})]))
@@ -313,17 +342,36 @@ class Refusal:
         return edits
 
     def generate_texts(self, defended: Any, ex: Examples, *, with_clamp: bool,
-                       deltas: Mapping[str, torch.Tensor] | None = None, reclamp: bool = False) -> list[str]:
-        """Greedy responses to the prompts of ``ex`` with the clamp / deltas active (KV cache)."""
-        edits = self.edits(defended, ex, with_clamp=with_clamp, deltas=deltas, reclamp=reclamp)
+                       deltas: Mapping[str, torch.Tensor] | None = None, reclamp: bool = False,
+                       rows: str | None = None) -> list[str]:
+        """Greedy responses to the prompts of ``ex`` with the clamp / deltas active (KV cache);
+        rows: which delta rows act (:meth:`edits`)."""
+        edits = self.edits(defended, ex, with_clamp=with_clamp, deltas=deltas, reclamp=reclamp, rows=rows)
         out = generate(self.model, self.prompts_of(ex), edits=edits, max_new_tokens=self.max_new_tokens,
                        pad_token_id=self._pad())
         return out.decode(self.tokenizer)
 
-    def answered(self, text: str) -> bool:
-        """The behavior B: a non-refusal opening (strict: no safety cue either)."""
-        category = rt.categorize_opening(text, self.lists, self.cues, self.window)
+    def answered(self, text: str, stage: str = "recovered") -> bool:
+        """The behavior B of a response at ``stage``. judge "ours": a non-refusal opening (strict:
+        no safety cue either), at every stage. judge "reference": no refusal_sae substring, and
+        for the clamped ("defended") response also no safety cue and no negative or degenerate
+        opening (the reference's asymmetric rule)."""
+        if self.judge_rule == "reference":
+            return not (rt.reference_effective_refusal(text) if stage == "defended" else rt.reference_refusal(text))
+        category = rt.categorize_opening(text, self.lists, self.cues, self.window, self.match)
         return category == "non_refusal" if self.strict else category != "refusal_or_degenerate"
+
+    def _response_rows(self, ex: Examples, deltas: Mapping[str, torch.Tensor] | None) -> bool:
+        """Whether some delta has a non-zero row after an example's prompt."""
+        if not deltas:
+            return False
+        width = ex.input_ids.shape[1]
+        after = torch.arange(width).unsqueeze(0) >= ex.targets["prompt_len"].cpu().unsqueeze(1)
+        for d in deltas.values():
+            cols = min(d.shape[1], width)
+            if bool((d.detach()[:, :cols].abs().sum(-1).cpu() * after[:, :cols]).any()):
+                return True
+        return False
 
     def judge(self, defended: Any, ex: Examples, *, with_clamp: bool, deltas: Mapping[str, torch.Tensor] | None = None,
               reclamp: bool = False, stage: str | None = None) -> torch.Tensor:
@@ -339,15 +387,24 @@ class Refusal:
             texts = [self.base_texts[eid] for eid in ex.ids]
         else:
             texts = self.generate_texts(defended, ex, with_clamp=with_clamp, deltas=deltas, reclamp=reclamp)
+        variants: dict[str, list[str]] = {}
+        if stage == "recovered" and self._response_rows(ex, deltas):  # both generations, noted
+            other = "all" if self.generation_deltas == "prompt" else "prompt"
+            variants = {self.generation_deltas: texts,
+                        other: self.generate_texts(defended, ex, with_clamp=with_clamp, deltas=deltas,
+                                                   reclamp=reclamp, rows=other)}
         out = torch.empty(len(texts))
         for i, (eid, text) in enumerate(zip(ex.ids, texts)):
             note = self._note(eid, stage, text)
+            for rows, vtexts in variants.items():
+                note[f"answered_{rows}_rows"] = self.answered(vtexts[i], stage)
+                note[f"reference_non_refusal_{rows}_rows"] = not rt.reference_refusal(vtexts[i])
             out[i] = 1.0 if note["answered"] else -1.0
         return out
 
     # -- notes --------------------------------------------------------------------------
     def _note(self, example_id: str, stage: str, text: str) -> dict[str, Any]:
-        rec = rt.opening_record(text, self.lists, self.cues, self.window)
+        rec = rt.opening_record(text, self.lists, self.cues, self.window, match=self.match)
         note: dict[str, Any] = {
             "category": rec["category"],
             "refusal": rec["refusal"],
@@ -355,13 +412,22 @@ class Refusal:
             "degenerate": rec["degenerate"],
             "opening_sha256": rec["opening_sha256"],
             "n_words": rec["n_words"],
-            "answered": self.answered(text),
+            "answered": self.answered(text, stage),
+            # the reference's judges, beside ours whichever decides B
+            "reference_refusal": rt.reference_refusal(text),
+            "reference_safety_cue": rt.reference_safety_cue(text),
         }
+        if stage == "defended":
+            note["reference_effective_refusal"] = rt.reference_effective_refusal(text)
         base = self.base_texts.get(example_id)
         if base is not None and stage != "base":
-            note["base_like"] = rt.base_like(text, base, lists=self.lists, cues=self.cues, window=self.window)
+            note["base_like"] = rt.base_like(text, base, lists=self.lists, cues=self.cues, window=self.window,
+                                             match=self.match)
             note["base_like_strict"] = rt.base_like(text, base, strict=True, lists=self.lists, cues=self.cues,
-                                                    window=self.window)
+                                                    window=self.window, match=self.match)
+            quality = rt.reference_quality(text, base)
+            note["reference_base_like"] = quality["base_like"]
+            note["reference_base_like_strict"] = quality["base_like_strict"]
             note["same_opening_as_base"] = rec["opening_sha256"] == rt.opening_hash(base)
         if self.store_generations:
             note["text"] = text
@@ -384,6 +450,13 @@ class Refusal:
             out["non_refusal"] = bool(rec["answered"])
             out["base_like"] = bool(rec.get("base_like", False))
             out["base_like_strict"] = bool(rec.get("base_like_strict", False))
+            out["reference_non_refusal"] = not bool(rec["reference_refusal"])
+            out["reference_base_like"] = bool(rec.get("reference_base_like", False))
+            out["reference_base_like_strict"] = bool(rec.get("reference_base_like_strict", False))
+            for rows in GENERATION_DELTAS:
+                if f"answered_{rows}_rows" in rec:
+                    out[f"non_refusal_{rows}_rows"] = bool(rec[f"answered_{rows}_rows"])
+                    out[f"reference_non_refusal_{rows}_rows"] = bool(rec[f"reference_non_refusal_{rows}_rows"])
         return out
 
     @staticmethod
@@ -408,7 +481,8 @@ class Refusal:
             raise ValueError(f"{len(missing)} of the run's {len(hashes)} requests are not among the {len(pool)} "
                              "requests given (sha256 mismatch): the request source changed since the run")
         keys = ("template", "max_new_tokens", "lists", "cues", "strict", "prefix_weight", "prefix_tokens",
-                "discourage_refusal", "store_generations", "window", "ids", "name", "refusal_prefixes", "source")
+                "discourage_refusal", "store_generations", "window", "ids", "name", "refusal_prefixes", "source",
+                "match", "judge", "generation_deltas")
         kw = {k: desc[k] for k in keys if k in desc}
         if kw.get("template") is None and desc.get("chat_template") is False:
             kw.pop("template", None)
@@ -438,6 +512,9 @@ class Refusal:
             "refusal_prefix_ids": self.refusal_prefix_ids.tolist(),
             "store_generations": self.store_generations,
             "window": self.window,
+            "match": self.match,
+            "judge": self.judge_rule,
+            "generation_deltas": self.generation_deltas,
         }
 
     def settings(self) -> dict[str, Any]:
@@ -447,7 +524,8 @@ class Refusal:
                 "prefix_tokens": self.prefix_tokens, "discourage_refusal": self.discourage_refusal,
                 "store_generations": self.store_generations, "window": self.window,
                 "refusal_prefixes": self.refusal_prefixes, "batch_size": self.batch_size, "ids": list(self.ids),
-                "name": self.name, "source": self.source}
+                "name": self.name, "source": self.source, "match": self.match, "judge": self.judge_rule,
+                "generation_deltas": self.generation_deltas}
 
     def subset(self, indices: Sequence[int]) -> "Refusal":
         """The task restricted to ``indices`` (same ids and settings), reusing the base responses."""

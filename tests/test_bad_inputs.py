@@ -372,7 +372,7 @@ cases("RecoveryConfig.validate", ValueError, [
     ("cfg-budget-neg", "budget=-5", r"budget must be > 0", lambda e, t: _cfg(budget=-5.0)),
     ("cfg-budget-nan", "budget=NaN", r"budget must be > 0", lambda e, t: _cfg(budget=math.nan)),
     ("cfg-optimizer", "optimizer='adamw'", r"unknown optimizer 'adamw'; valid: adam, sgd", lambda e, t: _cfg(optimizer="adamw")),
-    ("cfg-positions", "positions='last'", r"unknown positions 'last'; valid: 'answer', 'all'", lambda e, t: _cfg(positions="last")),
+    ("cfg-positions", "positions='last'", r"unknown positions 'last'; valid: answer, all, prompt, response", lambda e, t: _cfg(positions="last")),
     ("cfg-lambda-neg", "lambda_act=-1", r"lambda_act must be a finite number >= 0", lambda e, t: _cfg(lambda_act=-1.0)),
     ("cfg-lambda-nan", "lambda_delta=NaN", r"lambda_delta must be a finite number >= 0, got nan", lambda e, t: _cfg(lambda_delta=math.nan)),
     ("cfg-eta-neg", "eta=-0.1", r"eta must be a finite number >= 0", lambda e, t: _cfg(eta=-0.1)),

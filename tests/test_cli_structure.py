@@ -291,7 +291,7 @@ WORK = ("saerecover.core", "saerecover.models", "saerecover.tasks", "saerecover.
         "saerecover.report", "saerecover.runs", "saerecover.toy", "saerecover.bench", "torch")
 #: The torch-free pieces cli modules import at module level, besides the standard library.
 LIGHT = ("saerecover.cli", "saerecover.__version__", "saerecover.core.config", "saerecover.runs.errors",
-         "saerecover.bench.projection")
+         "saerecover.runs.interrupt", "saerecover.bench.projection")
 
 
 def _imports(tree: ast.AST) -> list[tuple[int, str, str | None]]:

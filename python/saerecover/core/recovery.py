@@ -10,7 +10,7 @@ the loss is a sum over examples, so a batch gives the same result as one example
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +19,7 @@ from saerecover.core.checkpoints import Checkpoints
 from saerecover.core.config import RecoveryConfig
 from saerecover.core.defended import DefendedModel
 from saerecover.core.examples import Examples, Task
-from saerecover.core.metrics import c1_residual, clamped_features, example_metrics
+from saerecover.core.metrics import c1_residual, clamped_features, example_metrics, residual_scales
 from saerecover.core.projection import (
     PROJECTIONS,
     StepContext,
@@ -66,12 +66,17 @@ def recover_batch(
     delta_site: str | list[str] | None = None,
     budget: torch.Tensor | None = None,
     on_step: Callable[[int, dict[str, torch.Tensor], torch.Tensor], None] | None = None,
+    init: Mapping[str, torch.Tensor] | None = None,
 ) -> list[ExampleOutcome]:
     """Search a delta for every example of ``ex`` at once, then evaluate with the clamp active.
 
     delta_site: the site(s) where delta is added (default: the first clamped site).
-    budget: optional per-example budgets (n,); defaults to ``cfg.budget`` for all.
+    budget: optional per-example budgets (n,); defaults to ``cfg.budget_rel`` x each example's
+    residual scale (metrics.residual_scales) when that is set, else ``cfg.budget`` for all.
     on_step: called after every step with (step, {site: delta (n, seq, d)} as applied next, row mask).
+    init: the deltas to start from, {site: a tensor broadcastable to (n, seq, d)}, kept at the
+    optimized rows (zeros by default); with ``cfg.steps == 0`` it is evaluated as given (a shared
+    delta, saerecover.core.shared).
     """
     cfg.validate()
     if mode not in PROJECTIONS:
@@ -108,7 +113,6 @@ def recover_batch(
     pos = torch.arange(seq, device=dev).expand(n, seq)
     first_row = torch.where(mask, pos, seq).min(dim=1).values
     phi_mask = ex.attention_mask.bool() & (pos >= first_row.unsqueeze(1))
-    budgets = (budget if budget is not None else torch.full((n,), cfg.budget)).to(dev, torch.float32)
     # rows of J for coordinates at 0 are exactly 0 for rectified encoders (zero derivative there)
     rectified = [clamp.at(s).site.architecture in RECTIFIED_ARCHITECTURES for s in phi_sites]
     projection = PROJECTIONS[mode](StepContext(clamp=clamp, cfg=cfg, sites=sites, phi_sites=phi_sites, mask=mask,
@@ -116,12 +120,20 @@ def recover_batch(
     torch.manual_seed(cfg.seed)
 
     with torch.no_grad():
-        ref_states = defended.forward(ex, track=tuple(phi_sites)).sites
+        ref_states = defended.forward(ex, track=tuple(dict.fromkeys(phi_sites + sites))).sites
         phi_ref = defended_features(clamp, ref_states, phi_sites, phi_mask)
     phi_ref_norm = phi_ref.norm(dim=1)
+    scales = residual_scales([ref_states[s].h_def for s in sites], mask)  # C4 relative to the residual
+    if budget is None:
+        budget = cfg.budget_rel * scales if cfg.budget_rel is not None else torch.full((n,), cfg.budget)
+    budgets = budget.to(dev, torch.float32)
 
     deltas = {s: torch.zeros(n, seq, model.d_model, device=dev, dtype=torch.float32, requires_grad=True)
               for s in sites}
+    if init is not None:
+        with torch.no_grad():
+            for s, d in deltas.items():
+                d.copy_(torch.as_tensor(init[s]).to(dev, torch.float32) * mask.unsqueeze(-1))
     opt = _optimizer(cfg, list(deltas.values()))
     active = torch.ones(n, dtype=torch.bool, device=dev)
     steps_taken = torch.zeros(n, dtype=torch.long)
@@ -196,6 +208,8 @@ def recover_batch(
             checkpoint_steps = best.restore(deltas)
     outcomes = _evaluate(defended, task, ex, deltas, mask, phi_mask, phi_sites, phi_ref, sites, projection, cfg,
                          steps_taken, histories)
+    for oc, b, scale in zip(outcomes, budgets.tolist(), scales.tolist()):  # C4 as enforced, absolute and relative
+        oc.metrics.update(budget=b, relative_budget=b / scale if scale > 0 else float("nan"))
     if checkpoint_steps is not None:
         for oc, st in zip(outcomes, checkpoint_steps):
             oc.metrics["checkpoint_step"] = int(st)

@@ -18,11 +18,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from saerecover.core import protocol as protocols
 from saerecover.core.clamp import Clamp
 from saerecover.core.config import RecoveryConfig
 from saerecover.core.defended import DefendedModel
 from saerecover.core.examples import Examples, Task
 from saerecover.core.recovery import PROJECTIONS, ExampleOutcome, recover_batch
+from saerecover.core.shared import recover_shared
 from saerecover.experiments.baselines import Baseline
 from saerecover.models.base import ModelAdapter
 from saerecover.report.run import summary_table, write_report
@@ -246,6 +248,7 @@ def recover(
     memory_limit_mb: float | None = None,
     baselines: Mapping[str, Baseline] | None = None,
     summarize_extra: Callable[[dict[str, Any], list[dict[str, Any]]], Any] | None = None,
+    protocol: str | Mapping[str, Any] | None = None,
     **overrides: Any,
 ) -> RunResult:
     """Stress-test ``clamp`` on ``task``: recover every valid flip in each projection mode, then
@@ -262,6 +265,10 @@ def recover(
     baselines: other ways to recover the same valid flips (e.g. ``{"suffix": SuffixSettings()}``),
     each a mode of the run after the projection modes, written and summarised the same way.
     summarize_extra: ``(summary, records)``, adds a task's own summary fields before it is written.
+    protocol: "saerecover" (default) or "reference" (saerecover.core.protocol): the protocol's
+    recovery choices of the task's scope (``task.protocol_scope``) are set where neither
+    ``overrides`` nor a non-default field of ``config`` chose them; or an entry ``{"name",
+    "choices"}`` a command or task runner resolved. config.json records the name and every choice.
     """
     t0 = time.perf_counter()
     modes = [projection] if isinstance(projection, str) else list(projection)
@@ -284,7 +291,11 @@ def recover(
         if not hasattr(cfg, key):
             raise TypeError(f"unknown recovery option {key!r}; valid: {', '.join(cfg.to_dict())}")
         setattr(cfg, key, value)
+    chosen = protocols.apply(cfg, protocol, getattr(task, "protocol_scope", None), explicit=overrides)
     cfg.validate()
+    if cfg.shared_delta and (baselines or shard is not None):
+        raise ValueError("shared_delta optimises one delta on all of the task's examples: it runs without "
+                         f"{'baselines' if baselines else 'shards'}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if not isinstance(clamp, Clamp):
@@ -319,6 +330,7 @@ def recover(
         "recovery": cfg.to_dict(),
         "modes": modes,
         "delta_site": delta_site or clamp.site_clamps[0].site.hook_name,
+        "protocol": chosen,
         **(extra_config or {}),
     }
     if shard is not None:
@@ -366,6 +378,14 @@ def recover(
                 return _recover_chunk(partial(_recover_residual, defended, task, mode=mode, cfg=cfg,
                                               delta_site=delta_site), ex.select(chunk))
 
+            if cfg.shared_delta:  # one delta optimised on every example, applied to each valid flip
+                if todo:
+                    _, shared = recover_shared(defended, task, ex, todo, mode=mode, cfg=cfg, delta_site=delta_site,
+                                               batch_size=oom["batch"])
+                    for i, oc in zip(todo, shared):
+                        emit_result(i, oc, None, 0)
+                bar.close()
+                continue
             start = 0
             while start < len(todo):
                 chunk = _next_chunk(todo, start, oom["batch"], lengths, tokens)
@@ -378,7 +398,9 @@ def recover(
         summary = summarize(records, task=getattr(task, "name", "task"), modes=all_modes,
                             extra={"n_examples": len(ex), "clamp": clamp.describe(),
                                    "model": resolved["model"], "seconds": time.perf_counter() - t0,
-                                   "oom_retries": oom["oom_retries"]})
+                                   "oom_retries": oom["oom_retries"], "protocol": chosen["name"],
+                                   "delta": {"shared": cfg.shared_delta,
+                                             "n_optimised": len(ex) if cfg.shared_delta else None}})
         if summarize_extra is not None:
             summarize_extra(summary, records)
         if run_dir is not None:

@@ -26,6 +26,7 @@ DEMO_OPTIONS: dict[str, Any] = {
     "hook": "blocks.1.hook_resid_post",
     "n": 160,
     "patterns": "BABA,ABBA",
+    "ioi_prompts": "toy",
     "top_k": 16,
     "clamp_mode": "set",
     "clamp_value": -5.0,

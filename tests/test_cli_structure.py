@@ -95,7 +95,7 @@ PINNED: dict[tuple[str, bool], dict[str, Any]] = {
         "protocol": "saerecover", "model": DEMO_MODEL, "sae": DEMO_SAE, "hook": "blocks.1.hook_resid_post", "backend": "hf",
         "device": None, "dtype": None, "n": 160, "patterns": "BABA,ABBA", "ioi_prompts": "toy", "top_k": 16, "features": None,
         "clamp_mode": "set", "clamp_value": -5.0, "clamp_where": "active", "modes": "none,encoder",
-        "steps": 100, "lr": 0.1, "budget": 20.0, "budget_rel": None, "optimizer": "adam", "positions": "answer",
+        "steps": 100, "lr": 0.1, "budget": 20.0, "budget_rel": 0.25, "optimizer": "adam", "positions": "answer",
         "shared_delta": False, "reclamp": False,
         "early_stop": False, "lambda_act": 0.0, "lambda_decode": 0.0, "lambda_delta": 0.0, "max_drift": None,
         "batch_size": 64, "seed": 0, "out": "runs/demo",
@@ -151,9 +151,10 @@ PINNED: dict[tuple[str, bool], dict[str, Any]] = {
 #: SAE for IOI), then the grids.
 _GRIDS = {"budgets": "1,2,5,10,20", "ks": "4,8,16,32"}
 _TOY_IOI = {k: v for k, v in PINNED[("demo", False)].items() if k not in ("model", "sae", "out")}
+_TOY_SWEEP_IOI = {k: v for k, v in _TOY_IOI.items() if k != "budget_rel"}  # sweeps set absolute budgets
 PINNED[("run ioi", True)] = {**PINNED[("run ioi", False)], **_TOY_IOI, "model": DEMO_MODEL, "sae": DEMO_SAE}
 PINNED[("sweep ioi", False)] = {**PINNED[("run ioi", False)], **_GRIDS}
-PINNED[("sweep ioi", True)] = {**PINNED[("run ioi", False)], **_TOY_IOI, **_GRIDS}
+PINNED[("sweep ioi", True)] = {**PINNED[("run ioi", False)], **_TOY_SWEEP_IOI, **_GRIDS}
 PINNED[("sweep unlearning", False)] = {**PINNED[("run unlearning", False)], **_GRIDS}
 PINNED[("sweep unlearning", True)] = {**PINNED[("run unlearning", True)], **_GRIDS}
 

@@ -113,3 +113,15 @@ def test_resolve_takes_explicit_then_entry_then_protocol():
     assert (out["reduce"], out["success"], out["retain_rule"], out["prompt_format"]) == \
         ("max", "margin", "below", "reference")
     assert protocols.resolve("tpp", None, {})["top_n"] == 10
+
+
+def test_an_absolute_budget_given_turns_the_presets_relative_one_off():
+    opts = resolve_command(_args(["run", "ioi", "--toy", "--out", "o"]), "run ioi", toy=True)
+    assert (opts["budget"], opts["budget_rel"]) == (20.0, 0.25)  # the toy preset: 0.25 x the residual
+    opts = resolve_command(_args(["run", "ioi", "--toy", "--budget", "20", "--out", "o"]), "run ioi", toy=True)
+    assert (opts["budget"], opts["budget_rel"]) == (20.0, None)
+    opts = resolve_command(_args(["run", "ioi", "--toy", "--budget", "0.5x", "--out", "o"]), "run ioi", toy=True)
+    assert (opts["budget"], opts["budget_rel"]) == ("0.5x", 0.25)  # split by check_options into budget_rel 0.5
+    from saerecover.cli.checks import split_budget
+
+    assert split_budget(opts)["budget_rel"] == 0.5

@@ -89,6 +89,37 @@ def test_shared_delta_refuses_per_example_options():
         RecoveryConfig(shared_delta=True, early_stop=True, max_drift=0.03).validate()
 
 
+def _word_tokenizer(words):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", *dict.fromkeys(words)])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>")
+
+
+def test_reference_ioi_prompts_are_easy_transformers_draws():
+    """IOI.reference draws what Easy-Transformer's gen_prompt_uniform draws after random.seed(0)
+    with its first BABA template (prompts 0 and 63 below, computed with its own code at
+    redwoodresearch/Easy-Transformer@ea15315); the prompt stops before the IO name."""
+    from saerecover.tasks import ioi
+
+    words = ("Then , and went to the . gave a".split() + list(ioi.REFERENCE_NAMES) + list(ioi.REFERENCE_PLACES)
+             + list(ioi.REFERENCE_OBJECTS))
+    task = ioi.IOI.reference(_word_tokenizer(words), n=64, seed=0)
+    meta = task.examples().meta
+    assert meta[0] == {"prompt": "Then, Benjamin and Bradley went to the hospital. Benjamin gave a snack to",
+                       "io": "Bradley", "s": "Benjamin", "pattern": "BABA"}
+    assert (meta[1]["io"], meta[1]["s"], meta[2]["io"]) == ("Kyle", "Patrick", "Jason")
+    assert meta[63]["prompt"] == "Then, Eric and Jeffrey went to the restaurant. Eric gave a drink to"
+    assert task.describe()["sampler"] == "reference" and len(ioi.REFERENCE_NAMES) == 99
+    with pytest.raises(ValueError, match="every name to be one token"):
+        ioi.IOI.reference(_word_tokenizer([w for w in words if w != "Samuel"]), n=4)
+    with pytest.raises(ValueError, match="BABA only"):
+        ioi.IOI(_word_tokenizer(words), sampler="reference", patterns=("ABBA",))
+
+
 # ----------------------------------------------------------------------------------------------
 # relative budgets
 
@@ -246,3 +277,45 @@ def test_saebench_trainer_keeps_the_best_test_epoch():
     decayed = pr.train_probe_saebench(x, y, xt, yt, epochs=3, lr=1e-2, batch_size=8, seed=3, weight_decay=0.0)[0]
     assert not torch.equal(decayed, pr.train_probe_saebench(x, y, xt, yt, epochs=3, lr=1e-2, batch_size=8,
                                                             seed=3)[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# the commands under --protocol reference, end to end on the toy world
+
+
+def test_cli_run_ioi_reference_on_the_toy_world(tmp_path):
+    import json
+
+    from saerecover.cli import main
+
+    out = tmp_path / "ioi"
+    assert main(["run", "ioi", "--toy", "--protocol", "reference", "--n", "24", "--steps", "5", "--quiet",
+                 "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["protocol"] == {"name": "reference", "choices": {"shared_delta": True, "ioi_prompts": "toy"}}
+    assert config["recovery"]["shared_delta"] is True and config["recovery"]["budget_rel"] == 0.25
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["delta"] == {"shared": True, "n_optimised": 24} and summary["protocol"] == "reference"
+    assert "one vector shared by all 24 examples" in (out / "report.md").read_text()
+    assert main(["run", "ioi", "--toy", "--ioi-prompts", "reference", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_cli_run_tpp_reference_on_the_toy_world(tmp_path):
+    import json
+
+    from saerecover.cli import main
+
+    out = tmp_path / "tpp"
+    assert main(["run", "tpp", "--toy", "--protocol", "reference", "--n-train", "12", "--n-test", "8",
+                 "--classes", "sports", "--steps", "5", "--quiet", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["protocol"] == "reference" and summary["top_n"] == 16  # the toy preset's size
+    assert summary["probes"]["trainer"] == "saebench" and set(summary["probes"]["epoch_kept"]) == set(
+        summary["probes"]["classes"])
+    assert summary["class_mean"]["none"]["n_classes"] in (0, 1)
+    metric = summary["tpp_metric"]
+    assert set(metric["per_class"]) == {"sports"} and metric["mean"] == metric["per_class"]["sports"]["total"]
+    assert set(metric["clean_accuracy"]) == set(summary["probes"]["classes"])
+    member = json.loads((out / "class-sports" / "config.json").read_text())
+    assert member["protocol"]["choices"] == {"top_n": 16, "probe_trainer": "saebench"}
+    assert "SAEBench's TPP metric" in (out / "report.md").read_text()

@@ -67,10 +67,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         opts["out"] = args.out
     check_out(opts["out"])
     world = toy.load()
+    budget = (f"{opts['budget_rel']:g} x ||h_def|| at the answer row" if opts["budget_rel"] is not None
+              else f"{opts['budget']:g}")
     print(f"saerecover {__version__} demo: toy IOI at {opts['hook']}, top-{opts['top_k']} features "
-          f"clamped to {opts['clamp_value']} where active; modes none and encoder")
+          f"clamped to {opts['clamp_value']} where active; modes none and encoder; budget {budget}")
     result = run_ioi(opts, quiet=args.quiet, world=world)
     print(result.table())
+    m = next(iter(result.summary["modes"].values()), {})
+    if m.get("budget_mean") is not None:
+        print(f"\nbudget (C4): ||delta|| <= {m['budget_mean']:.3g} on average = {m['relative_budget_mean']:.3g} x the "
+              "defended residual's norm at the answer row")
     print(f"\nrun directory: {result.path} (report: {Path(result.path) / 'report.md'})")
     print(f"wall time: {time.perf_counter() - t0:.1f} s")
     return 0

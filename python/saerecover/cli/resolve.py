@@ -70,13 +70,20 @@ def resolve(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any
 def resolve_command(args: argparse.Namespace, command: str, *, toy: bool = False) -> dict[str, Any]:
     """``command``'s options ("run ioi", "sweep unlearning", ...): its defaults < the preset of the
     protocol (``--protocol``, else the config file's ``protocol``, else saerecover) < its toy preset
-    (``toy``) < the config file < the flags given."""
+    (``toy``) < the config file < the flags given. An absolute ``budget`` given (file or flag)
+    without ``budget_rel`` turns a preset's relative budget off."""
     file_opts = load_config_file(args.config) if getattr(args, "config", None) else {}
     name = getattr(args, "protocol", None) or file_opts.get("protocol") or protocols.DEFAULT
     if name not in protocols.PROTOCOLS:
         raise CLIError(f"option protocol: unknown value {name!r}; valid: {', '.join(protocols.PROTOCOLS)}")
     defaults = options.defaults(command, toy=toy, protocol=name)
-    return resolve_options(defaults, file_opts, {k: v for k, v in vars(args).items() if k in defaults})
+    flags = {k: v for k, v in vars(args).items() if k in defaults}
+    opts = resolve_options(defaults, file_opts, flags)
+    given = set(file_opts) | {k for k, v in flags.items() if v is not None}
+    if "budget" in given and "budget_rel" not in given and "budget_rel" in opts \
+            and not str(opts["budget"]).strip().lower().endswith("x"):
+        opts["budget_rel"] = None  # an absolute budget given wins over a preset's relative one
+    return opts
 
 
 def protocol_record(opts: dict[str, Any], command: str) -> dict[str, Any]:

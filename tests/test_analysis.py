@@ -144,7 +144,7 @@ def test_analyze_reproduces_recorded_metrics_without_loading_the_model(run_dir, 
     assert result.n_examples == 2 * 4  # ex00 invalid, ex01 failed
     assert [s["example_id"] for s in result.skipped] == ["ex01", "ex01"]
     names = {"activation_drift", "decode_drift", "relative_drift", "floor_violation", "reactivated_fraction",
-             "zero_reactivation", "delta_norm", "relative_delta_norm", "c1_residual", "z_def", "z_rec"}
+             "reactivated_fraction_eligible", "zero_reactivation", "delta_norm", "relative_delta_norm", "c1_residual", "z_def", "z_rec"}
     for mode in MODES:
         checks = result.modes[mode]["checks"]
         assert set(checks) == names

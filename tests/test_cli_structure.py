@@ -83,55 +83,58 @@ def test_help_text_is_unchanged(command):
 #: package (python/saerecover/cli/app.py, tasks.py, refusal.py at commit 94386d7).
 PINNED: dict[tuple[str, bool], dict[str, Any]] = {
     ("run ioi", False): {  # run ioi
-        "model": "gpt2", "sae": "gpt2-small-res-jb/blocks.4.hook_resid_pre", "hook": None, "backend": "hf",
-        "device": None, "dtype": None, "n": 64, "patterns": "BABA", "top_k": 64, "features": None,
+        "protocol": "saerecover", "model": "gpt2", "sae": "gpt2-small-res-jb/blocks.4.hook_resid_pre", "hook": None, "backend": "hf",
+        "device": None, "dtype": None, "n": 64, "patterns": "BABA", "ioi_prompts": "saerecover", "top_k": 64, "features": None,
         "clamp_mode": "set", "clamp_value": -5.0, "clamp_where": "active", "modes": "none,encoder",
-        "steps": 100, "lr": 0.1, "budget": 20.0, "optimizer": "adam", "positions": "answer", "reclamp": False,
+        "steps": 100, "lr": 0.1, "budget": 20.0, "budget_rel": None, "optimizer": "adam", "positions": "answer",
+        "shared_delta": False, "reclamp": False,
         "early_stop": False, "lambda_act": 0.0, "lambda_decode": 0.0, "lambda_delta": 0.0, "max_drift": None,
         "batch_size": 32, "seed": 0, "out": None,
     },
     ("demo", False): {  # demo
-        "model": DEMO_MODEL, "sae": DEMO_SAE, "hook": "blocks.1.hook_resid_post", "backend": "hf",
-        "device": None, "dtype": None, "n": 160, "patterns": "BABA,ABBA", "top_k": 16, "features": None,
+        "protocol": "saerecover", "model": DEMO_MODEL, "sae": DEMO_SAE, "hook": "blocks.1.hook_resid_post", "backend": "hf",
+        "device": None, "dtype": None, "n": 160, "patterns": "BABA,ABBA", "ioi_prompts": "toy", "top_k": 16, "features": None,
         "clamp_mode": "set", "clamp_value": -5.0, "clamp_where": "active", "modes": "none,encoder",
-        "steps": 100, "lr": 0.1, "budget": 20.0, "optimizer": "adam", "positions": "answer", "reclamp": False,
+        "steps": 100, "lr": 0.1, "budget": 20.0, "budget_rel": 0.25, "optimizer": "adam", "positions": "answer",
+        "shared_delta": False, "reclamp": False,
         "early_stop": False, "lambda_act": 0.0, "lambda_decode": 0.0, "lambda_delta": 0.0, "max_drift": None,
         "batch_size": 64, "seed": 0, "out": "runs/demo",
     },
     ("run tpp", False): {  # run tpp
-        "model": None, "sae": None, "hook": None, "backend": "hf", "device": None, "dtype": None,
+        "protocol": "saerecover", "model": None, "sae": None, "hook": None, "backend": "hf", "device": None, "dtype": None,
         "dataset": "bias_in_bios", "data": None, "test_data": None, "text_column": None, "label_column": None,
         "data_classes": None, "classes": None, "n_train": 2000, "n_test": 500, "context_length": 128,
-        "top_n": 10, "probe_epochs": 20, "probe_lr": 0.001, "probe_batch_size": 16, "probe_l1": 0.001,
-        "loss": "logit", "modes": "none,encoder", "steps": 100, "lr": 0.1, "budget": 20.0, "optimizer": "adam",
-        "positions": "all", "batch_size": 32, "seed": 0, "out": None,
+        "top_n": 10, "probe_trainer": "saerecover", "probe_epochs": 20, "probe_lr": 0.001, "probe_batch_size": 16, "probe_l1": 0.001,
+        "loss": "logit", "modes": "none,encoder", "steps": 100, "lr": 0.1, "budget": 20.0, "budget_rel": None,
+        "optimizer": "adam", "positions": "all", "batch_size": 32, "seed": 0, "out": None,
     },
     ("run tpp", True): {  # run tpp --toy
-        "model": None, "sae": None, "hook": "blocks.1.hook_resid_post", "backend": "hf", "device": None,
+        "protocol": "saerecover", "model": None, "sae": None, "hook": "blocks.1.hook_resid_post", "backend": "hf", "device": None,
         "dtype": None, "dataset": "toy", "data": None, "test_data": None, "text_column": None,
         "label_column": None, "data_classes": None, "classes": None, "n_train": 40, "n_test": 20,
-        "context_length": 128, "top_n": 16, "probe_epochs": 20, "probe_lr": 0.01, "probe_batch_size": 16,
-        "probe_l1": 0.001, "loss": "logit", "modes": "none,encoder", "steps": 100, "lr": 0.1, "budget": 1.0,
+        "context_length": 128, "top_n": 16, "probe_trainer": "saerecover", "probe_epochs": 20, "probe_lr": 0.01, "probe_batch_size": 16,
+        "probe_l1": 0.001, "loss": "logit", "modes": "none,encoder", "steps": 100, "lr": 0.1, "budget": 1.0, "budget_rel": None,
         "optimizer": "adam", "positions": "all", "batch_size": 32, "seed": 0, "out": None,
     },
     ("run unlearning", False): {  # run unlearning
-        "model": None, "sae": None, "hook": None, "backend": "hf", "device": None, "dtype": None,
-        "questions": None, "forget_corpus": None, "retain_corpus": None, "corpus_column": "text", "limit": 0,
-        "forget_relation": "inventor", "top_n": 20, "retain_threshold": 0.01, "clamp_value": -20.0,
-        "loss": "margin", "reduce": "max", "strict": True, "features": None, "modes": "none,encoder",
-        "steps": 150, "lr": 0.08, "budget": 20.0, "optimizer": "adam", "positions": "all", "batch_size": 32,
+        "protocol": "saerecover", "model": None, "sae": None, "hook": None, "backend": "hf", "device": None,
+        "dtype": None, "questions": None, "forget_corpus": None, "retain_corpus": None, "corpus_column": "text",
+        "limit": 0, "forget_relation": "inventor", "prompt_format": "wmdp", "top_n": 20, "retain_threshold": 0.01,
+        "retain_rule": "at_most", "clamp_value": -20.0, "loss": "margin", "reduce": "max", "success": "margin",
+        "strict": True, "features": None, "modes": "none,encoder",
+        "steps": 150, "lr": 0.08, "budget": 20.0, "budget_rel": None, "optimizer": "adam", "positions": "all", "batch_size": 32,
         "seed": 0, "out": None,
     },
     ("run unlearning", True): {  # run unlearning --toy
-        "model": None, "sae": None, "hook": "blocks.1.hook_resid_post", "backend": "hf", "device": None,
-        "dtype": None, "questions": None, "forget_corpus": None, "retain_corpus": None,
-        "corpus_column": "text", "limit": 0, "forget_relation": "inventor", "top_n": 16,
-        "retain_threshold": 0.01, "clamp_value": -20.0, "loss": "margin", "reduce": "max", "strict": True,
-        "features": None, "modes": "none,encoder", "steps": 150, "lr": 0.08, "budget": 10.0,
-        "optimizer": "adam", "positions": "all", "batch_size": 32, "seed": 0, "out": None,
+        "protocol": "saerecover", "model": None, "sae": None, "hook": "blocks.1.hook_resid_post", "backend": "hf",
+        "device": None, "dtype": None, "questions": None, "forget_corpus": None, "retain_corpus": None,
+        "corpus_column": "text", "limit": 0, "forget_relation": "inventor", "prompt_format": "toy", "top_n": 16,
+        "retain_threshold": 0.01, "retain_rule": "at_most", "clamp_value": -20.0, "loss": "margin",
+        "reduce": "max", "success": "margin", "strict": True, "features": None, "modes": "none,encoder", "steps": 150, "lr": 0.08, "budget": 10.0,
+        "budget_rel": None, "optimizer": "adam", "positions": "all", "batch_size": 32, "seed": 0, "out": None,
     },
     ("run refusal", False): {  # run refusal
-        "model": None, "saes": None, "hooks": None, "backend": "hf", "device": None, "dtype": None,
+        "protocol": "saerecover", "model": None, "saes": None, "hooks": None, "backend": "hf", "device": None, "dtype": None,
         "requests": None, "column": None, "limit": None, "contrast": None, "contrast_column": None, "n": 24,
         "n_contrast": 48, "top_k": 16, "features": None, "clamp": "mean", "clamp_scale": 1.0,
         "clamp_multiplier": 3.0, "contrast_positions": None,
@@ -139,7 +142,8 @@ PINNED: dict[tuple[str, bool], dict[str, Any]] = {
         "judge": "ours", "generation_deltas": "prompt", "prefix_weight": 2.0,
         "prefix_tokens": 4, "discourage_refusal": 0.0, "store_generations": False,
         "modes": "none,encoder,jacobian,sketch,suffix", "delta_site": None, "steps": 100, "lr": 0.2,
-        "budget": 40.0, "optimizer": "adam", "positions": "prompt", "reclamp": False, "lambda_act": 0.0,
+        "budget": 40.0, "budget_rel": None, "optimizer": "adam", "positions": "prompt", "reclamp": False,
+        "lambda_act": 0.0,
         "drift_penalty": "relative_l2", "penalty_after_projection": False, "drift_correction_steps": 0,
         "drift_correction_lr": 0.05, "lambda_delta": 0.0, "max_drift": None, "checkpoint_every": 1,
         "checkpoint_after_update": False, "checkpoint_fallback_weight": None, "sketch_probes": 4,
@@ -154,8 +158,10 @@ PINNED: dict[tuple[str, bool], dict[str, Any]] = {
 #: SAE for IOI), then the grids.
 _GRIDS = {"budgets": "1,2,5,10,20", "ks": "4,8,16,32"}
 _TOY_IOI = {k: v for k, v in PINNED[("demo", False)].items() if k not in ("model", "sae", "out")}
+_TOY_SWEEP_IOI = {k: v for k, v in _TOY_IOI.items() if k != "budget_rel"}  # sweeps set absolute budgets
+PINNED[("run ioi", True)] = {**PINNED[("run ioi", False)], **_TOY_IOI, "model": DEMO_MODEL, "sae": DEMO_SAE}
 PINNED[("sweep ioi", False)] = {**PINNED[("run ioi", False)], **_GRIDS}
-PINNED[("sweep ioi", True)] = {**PINNED[("run ioi", False)], **_TOY_IOI, **_GRIDS}
+PINNED[("sweep ioi", True)] = {**PINNED[("run ioi", False)], **_TOY_SWEEP_IOI, **_GRIDS}
 PINNED[("sweep unlearning", False)] = {**PINNED[("run unlearning", False)], **_GRIDS}
 PINNED[("sweep unlearning", True)] = {**PINNED[("run unlearning", True)], **_GRIDS}
 
@@ -290,8 +296,8 @@ def test_no_cli_module_imports_torch_and_argparse_errors_stay_light():
 WORK = ("saerecover.core", "saerecover.models", "saerecover.tasks", "saerecover.data", "saerecover.experiments",
         "saerecover.report", "saerecover.runs", "saerecover.toy", "saerecover.bench", "torch")
 #: The torch-free pieces cli modules import at module level, besides the standard library.
-LIGHT = ("saerecover.cli", "saerecover.__version__", "saerecover.core.config", "saerecover.runs.errors",
-         "saerecover.runs.interrupt", "saerecover.bench.projection")
+LIGHT = ("saerecover.cli", "saerecover.__version__", "saerecover.core.config", "saerecover.core.protocol",
+         "saerecover.runs.errors", "saerecover.runs.interrupt", "saerecover.bench.projection")
 
 
 def _imports(tree: ast.AST) -> list[tuple[int, str, str | None]]:

@@ -54,6 +54,34 @@ def test_every_order_with_the_right_letter(model):
     assert bool((ce > 0).all())
 
 
+def test_mean_of_others_loss_with_argmax_success(model):
+    """The reference's combination: loss = -(correct - mean of the other three), B = argmax letter.
+    Letter logits (correct first) 3, 4, 0, 0: the mean margin is 3 - 4/3 = 5/3 > 0 but the correct
+    letter is not the argmax (score 3 - 4 = -1)."""
+    qs = [ul.MCQuestion("q1", "the tree is", ("red", "blue", "green", "big"), 0)]
+    ex_task = ul.MultipleChoice(model.tokenizer, qs, TINY_FORMAT, permutations=[(0, 1, 2, 3)])
+    ex = ex_task.examples()
+    logits = torch.zeros(1, ex.input_ids.shape[1], len(model.tokenizer))
+    logits[0, ex.answer_pos[0], ex.targets["letters"][0]] = torch.tensor([3.0, 4.0, 0.0, 0.0])
+    ref = ul.MultipleChoice(model.tokenizer, qs, TINY_FORMAT, permutations=[(0, 1, 2, 3)], reduce="mean",
+                            success="argmax")
+    assert torch.allclose(ref.score(logits, ex), torch.tensor([-1.0]))
+    assert torch.allclose(ref.loss(logits, ex), torch.tensor([-5 / 3]))
+    ours_mean = ul.MultipleChoice(model.tokenizer, qs, TINY_FORMAT, permutations=[(0, 1, 2, 3)], reduce="mean")
+    assert torch.allclose(ours_mean.score(logits, ex), torch.tensor([5 / 3]))  # --reduce mean alone: above the mean
+    assert ref.describe()["success"] == "argmax" and ref.with_questions(qs).success == "argmax"
+    with pytest.raises(ValueError, match="unknown success test 'best'; valid: margin, argmax"):
+        ul.MultipleChoice(model.tokenizer, qs, TINY_FORMAT, success="best")
+
+
+def test_reference_prompt_format():
+    assert ul.reference_prompt(" What is X? ", ["a", "b", "c", "d"]) == \
+        "What is X?\n\nA. a\nB. b\nC. c\nD. d\n\nAnswer:"
+    assert ul.wmdp_prompt("What is X?", ["a", "b", "c", "d"]).startswith(
+        "The following are multiple choice questions (with answers) about biology.\n\nWhat is X?\nA. a")
+    assert set(ul.FORMATS) == {"wmdp", "reference", "toy"}
+
+
 class Offset:
     """The tiny model with a chosen offset added to the correct letter's logit of each
     (question, order): +1000 makes that order right whatever the random weights say, -1000 wrong."""
@@ -105,6 +133,11 @@ def test_selection_by_forget_and_retain_frequency():
     assert ul.select_by_frequency(forget, retain, top_n=9, retain_threshold=0.01).tolist() == [1, 2, 5]
     with pytest.raises(ValueError, match="no feature"):
         ul.select_by_frequency(forget, torch.ones(6), top_n=2)
+    # SAEBench keeps retain frequencies strictly below the threshold: feature 2 (exactly 0.005) drops
+    assert ul.select_by_frequency(forget, retain, top_n=9, retain_threshold=0.005).tolist() == [1, 2, 5]
+    assert ul.select_by_frequency(forget, retain, top_n=9, retain_threshold=0.005, rule="below").tolist() == [1, 5]
+    with pytest.raises(ValueError, match="retain frequency < 0.0"):
+        ul.select_by_frequency(forget, retain, retain_threshold=0.0, rule="below")
 
 
 def test_question_and_corpus_loaders(tmp_path):
@@ -173,3 +206,27 @@ def test_cli_run_unlearning_on_the_toy_world(tmp_path, capsys):
     info = json.loads((tmp_path / "u" / "unlearning.json").read_text())
     assert info["n_examples"] == 24 and len(info["selection"]["features"]) == 16
     assert main(["run", "unlearning", "--toy", "--clamp-value", "3", "--out", str(tmp_path / "w")]) == 2
+    assert main(["run", "unlearning", "--toy", "--prompt-format", "wmdp", "--out", str(tmp_path / "w")]) == 2
+    assert "does not fit the toy world" in capsys.readouterr().err
+
+
+def test_cli_reference_protocol_on_the_toy_world(tmp_path):
+    """--protocol reference: delta on the answer (last) token only, margin over the mean of the other
+    letters, success by argmax, retain frequencies below the threshold; all recorded."""
+    from safetensors.torch import load_file
+    from saerecover.cli import main
+
+    out = tmp_path / "ref"
+    assert main(["run", "unlearning", "--toy", "--protocol", "reference", "--limit", "1", "--steps", "10",
+                 "--quiet", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["protocol"] == {"name": "reference", "choices": {
+        "positions": "answer", "reduce": "mean", "success": "argmax", "prompt_format": "toy", "retain_rule": "below"}}
+    assert config["recovery"]["positions"] == "answer"
+    assert (config["task"]["reduce"], config["task"]["success"]) == ("mean", "argmax")
+    assert config["unlearning"]["retain_rule"] == "below"
+    assert json.loads((out / "summary.json").read_text())["protocol"] == "reference"
+    records = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
+    rec = next(r for r in records if r.get("recovered") is not None)
+    t = load_file(str(out / "tensors" / rec["mode"] / f"{rec['example_id']}.safetensors"))
+    assert t["delta"].shape[0] == 1 and t["rows"].numel() == 1  # one row: the answer (last) token

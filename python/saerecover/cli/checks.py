@@ -5,6 +5,7 @@ what would be valid (one line, exit status 2)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -17,8 +18,8 @@ from saerecover.cli.options import CHOICES
 from saerecover.cli.parsing import CLIError, OptionError
 from saerecover.core.config import RecoveryConfig
 
-__all__ = ["LIST_OPTIONS", "MAX_EXAMPLES", "POSITIVE_INTS", "check_options", "check_out", "check_out_path",
-           "coerce", "parse_features", "parse_numbers", "parse_shard", "split_list"]
+__all__ = ["LIST_OPTIONS", "MAX_EXAMPLES", "POSITIVE_INTS", "budget_arg", "check_options", "check_out",
+           "check_out_path", "coerce", "parse_features", "parse_numbers", "parse_shard", "split_budget", "split_list"]
 
 #: Integer options that must be >= 1.
 POSITIVE_INTS = ("n", "top_k", "batch_size")
@@ -29,7 +30,7 @@ MAX_EXAMPLES = 1_000_000
 #: Count options bounded by MAX_EXAMPLES.
 COUNT_OPTIONS = ("n", "n_train", "n_test", "n_contrast")
 #: Number options whose default None means "off".
-OPTIONAL_FLOATS = ("max_drift", "suffix_lr", "suffix_budget")
+OPTIONAL_FLOATS = ("max_drift", "suffix_lr", "suffix_budget", "budget_rel")
 #: Comma-separated options a config file may also give as a list.
 LIST_OPTIONS = ("modes", "patterns", "classes", "data_classes", "budgets", "ks")
 _HOOK_RE = re.compile(r"^blocks\.\d+\.hook_resid_(pre|post)$")
@@ -72,6 +73,33 @@ def coerce(key: str, value: Any, default: Any) -> Any:
     if not isinstance(value, str):
         raise OptionError(f"option {key} must be a string, got {value!r}")
     return value
+
+
+def budget_arg(text: str) -> float | str:
+    """``--budget``: a number (absolute) or a number followed by ``x`` (relative: ``0.25x``, kept as
+    text for :func:`split_budget`)."""
+    t = str(text).strip()
+    try:
+        value = float(t[:-1] if t.lower().endswith("x") else t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, or a number followed by x (relative to the "
+                                         f"residual, e.g. 0.25x), got {text!r}") from None
+    return t if t.lower().endswith("x") else value
+
+
+def split_budget(opts: dict[str, Any]) -> dict[str, Any]:
+    """A relative ``budget`` ("0.25x", from a flag or a config file) moved to ``budget_rel``; the
+    absolute budget then keeps its default (unused)."""
+    b = opts.get("budget")
+    if not (isinstance(b, str) and b.strip().lower().endswith("x")):
+        return opts
+    try:
+        rel = float(b.strip()[:-1])
+    except ValueError:
+        raise OptionError(f"option budget must be a number, or a number followed by x (relative), got {b!r}") from None
+    out = {**opts, "budget_rel": rel}
+    del out["budget"]
+    return out
 
 
 def split_list(text: Any) -> list[str]:
@@ -185,7 +213,8 @@ def check_options(opts: dict[str, Any], defaults: dict[str, Any], *, local: bool
     from saerecover.models import check_model_source, resolve_device
     from saerecover.tasks.ioi import PATTERNS
 
-    out = {k: coerce(k, opts.get(k), d) for k, d in defaults.items()}
+    opts = split_budget(opts)
+    out = {k: coerce(k, opts.get(k, d), d) for k, d in defaults.items()}
     out.update({k: v for k, v in opts.items() if k not in defaults})
     for key, valid in CHOICES.items():
         if out.get(key) is not None and out[key] not in valid:

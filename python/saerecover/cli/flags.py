@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from saerecover.cli.checks import budget_arg
 from saerecover.cli.options import CHOICES, MODES, TPP, UNLEARNING
+from saerecover.core.protocol import PROTOCOLS
 
 __all__ = ["FLAGS", "add_flags", "ioi_flags", "task_recovery_flags", "unlearning_flags", "world_flags"]
 
@@ -19,6 +21,9 @@ FLAGS: dict[str, dict[str, Any]] = {
     # what to load
     "config": {"help": "YAML/TOML/JSON file with any of the options below (flags win)"},
     "toy": {"action": "store_true", "help": "use the shipped toy world (no download)"},
+    "protocol": {"choices": list(PROTOCOLS),
+                 "help": "saerecover: our choices; reference: the paper's released code, choice by choice "
+                         "(docs/protocols.md; each choice is also its own option, and options given win)"},
     "model": {"help": "HF hub name or local directory"},
     "sae": {"help": "sae_lens RELEASE/ID or a local SAE directory"},
     "hook": {"help": "site hook name (default: the SAE's own hook_name)"},
@@ -28,6 +33,9 @@ FLAGS: dict[str, dict[str, Any]] = {
     # the task and the clamp
     "n": {"type": int, "help": "number of prompts"},
     "patterns": {"help": "IOI name orders: BABA, ABBA or BABA,ABBA"},
+    "ioi_prompts": {"choices": list(CHOICES["ioi_prompts"]),
+                    "help": "saerecover: our templates and names; reference: the paper's code's (Easy-Transformer's "
+                            "BABA template, names and draws; GPT-2's tokenizer); toy: the toy world's own"},
     "top_k": {"type": int, "help": "features selected by attribution"},
     "features": {"help": "explicit comma-separated feature indices (skips selection)"},
     "clamp_mode": {"choices": list(CHOICES["clamp_mode"])},
@@ -37,7 +45,12 @@ FLAGS: dict[str, dict[str, Any]] = {
     "modes": {},
     "steps": {"type": int},
     "lr": {"type": float},
-    "budget": {"type": float, "help": "C4: ||delta||_F <= budget"},
+    "budget": {"type": budget_arg, "help": "C4: ||delta||_F <= budget; a number with x (0.25x) is relative to the "
+                                           "defended residual (as --budget-rel)"},
+    "budget_rel": {"type": float, "help": "C4 relative: ||delta|| <= this x sqrt(rows) x the median norm of the "
+                                          "defended residual's optimized rows, per example (overrides --budget)"},
+    "shared_delta": {"action": argparse.BooleanOptionalAction, "default": None,
+                     "help": "one delta vector for all prompts, optimised on their mean loss (the reference's IOI)"},
     "optimizer": {"choices": list(CHOICES["optimizer"])},
     "positions": {"choices": ["answer", "all"]},
     "reclamp": {"action": "store_true", "default": None, "help": "re-apply the clamp after delta"},
@@ -89,15 +102,15 @@ def add_flags(parser: argparse.ArgumentParser, names: str, **overrides: dict[str
 
 
 def world_flags(parser: argparse.ArgumentParser) -> None:
-    """``--config``, ``--toy`` and the model flags of the commands that run on the toy world or a
+    """``--config``, ``--protocol``, ``--toy`` and the model flags of the commands that run on the toy world or a
     model and SAE (run tpp, run unlearning, sweep)."""
-    add_flags(parser, "config toy model sae hook backend device dtype")
+    add_flags(parser, "config protocol toy model sae hook backend device dtype")
 
 
 def task_recovery_flags(parser: argparse.ArgumentParser, *, budget: bool = True) -> None:
     """The delta search and output flags of run tpp, run unlearning and sweep (``budget``: with
     --budget; a budget sweep sets it itself)."""
-    add_flags(parser, f"modes steps lr {'budget ' if budget else ''}optimizer positions batch_size seed out "
+    add_flags(parser, f"modes steps lr {'budget budget_rel ' if budget else ''}optimizer positions batch_size seed out "
                       "overwrite quiet",
               modes={"help": f"projection modes, comma-separated (default {MODES})"},
               positions={"help": f"rows where delta acts (default {TPP['positions']})"},
@@ -107,15 +120,15 @@ def task_recovery_flags(parser: argparse.ArgumentParser, *, budget: bool = True)
 
 def ioi_flags(parser: argparse.ArgumentParser) -> None:
     """The IOI task and clamp flags of ``sweep --task ioi`` (``run ioi`` lists its own)."""
-    add_flags(parser, "n patterns top_k clamp_mode clamp_where", n={"help": "IOI prompts"})
+    add_flags(parser, "n patterns ioi_prompts top_k clamp_mode clamp_where", n={"help": "IOI prompts"})
 
 
 def unlearning_flags(parser: argparse.ArgumentParser) -> None:
     """The unlearning task and clamp flags (run unlearning, ``sweep --task unlearning``)."""
     u = UNLEARNING
     add_flags(
-        parser, "questions forget_corpus retain_corpus corpus_column limit forget_relation top_n retain_threshold "
-                "clamp_value loss reduce no_strict features",
+        parser, "questions forget_corpus retain_corpus corpus_column limit forget_relation prompt_format top_n "
+                "retain_threshold retain_rule clamp_value loss reduce success no_strict features",
         questions={"help": "JSON/JSONL/CSV with question, choices, answer (default: cais/wmdp from the hub)"},
         forget_corpus={"help": ".txt (a text a line) or JSONL/CSV/JSON with a text column"},
         retain_corpus={"help": "as --forget-corpus"},
@@ -127,7 +140,18 @@ def unlearning_flags(parser: argparse.ArgumentParser) -> None:
         retain_threshold={"type": float, "help": f"max retain firing frequency (default {u['retain_threshold']})"},
         clamp_value={"help": f"negative value where active (default {u['clamp_value']:g})"},
         loss={"choices": ["margin", "ce"]},
-        reduce={"choices": list(CHOICES["reduce"]), "help": "score against the max or mean other letter"},
+        prompt_format={"choices": list(CHOICES["prompt_format"]),
+                       "help": "wmdp: header line, lm-eval style; reference: the paper's code's (no header, blank "
+                               f"lines); toy: the toy world's own (default {u['prompt_format']}; --toy: toy)"},
+        retain_rule={"choices": list(CHOICES["retain_rule"]),
+                     "help": f"retain frequency at_most (<=) or below (<, SAEBench) the threshold (default "
+                             f"{u['retain_rule']})"},
+        reduce={"choices": list(CHOICES["reduce"]),
+                "help": "the margin loss against the max or mean other letter (and the score's, with --success "
+                        "margin)"},
+        success={"choices": list(CHOICES["success"]),
+                 "help": "B holds iff the loss's margin is > 0 (margin) or the correct letter is the argmax "
+                         f"(default {u['success']})"},
         no_strict={"dest": "strict", "action": "store_false", "default": None,
                    "help": "keep questions not answered correctly under all 24 orders"},
     )

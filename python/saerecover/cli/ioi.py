@@ -19,18 +19,20 @@ from saerecover.cli.checks import (
 )
 from saerecover.cli.flags import add_flags
 from saerecover.cli.parsing import CLIError
-from saerecover.cli.resolve import resolve
+from saerecover.cli.resolve import protocol_record, resolve_command
 
-__all__ = ["add_demo_parser", "add_ioi_parser", "cmd_demo", "cmd_run_ioi", "run_ioi"]
+__all__ = ["add_demo_parser", "add_ioi_parser", "check_ioi_prompts", "cmd_demo", "cmd_run_ioi", "ioi_task", "run_ioi"]
 
 
 def add_ioi_parser(tasks: Any) -> argparse.ArgumentParser:
     """Add ``ioi`` to the ``run`` command's sub-parsers ``tasks``."""
     p = tasks.add_parser("ioi", help="indirect object identification (the paper's IOI setting)")
-    add_flags(p, "config model sae hook backend device dtype n patterns top_k features clamp_mode clamp_value "
-                 "clamp_where modes steps lr budget optimizer positions reclamp early_stop lambda_act "
+    add_flags(p, "config protocol toy model sae hook backend device dtype n patterns ioi_prompts top_k features "
+                 "clamp_mode "
+                 "clamp_value clamp_where modes steps lr budget budget_rel optimizer positions shared_delta reclamp early_stop lambda_act "
                  "lambda_decode lambda_delta max_drift batch_size seed out shard overwrite quiet",
               config={"help": "YAML/TOML file with any of the options below (flags win)"},
+              toy={"help": "the shipped toy world: its model, SAE and IOI prompts (the demo's setting)"},
               model={"help": f"HF hub name or local directory (default: {options.IOI['model']})"},
               modes={"help": f"projection modes, comma-separated: {options.MODES}"})
     p.set_defaults(handler=cmd_run_ioi)
@@ -48,8 +50,8 @@ def add_demo_parser(sub: Any) -> argparse.ArgumentParser:
 
 def cmd_run_ioi(args: argparse.Namespace) -> int:
     """``saerecover run ioi``: print the summary table; exit 0."""
-    opts = resolve(args, options.defaults("run ioi"))
-    result = run_ioi(opts, quiet=args.quiet, shard=parse_shard(args.shard), overwrite=args.overwrite)
+    opts = resolve_command(args, "run ioi", toy=args.toy)
+    result = run_ioi(opts, quiet=args.quiet, toy=args.toy, shard=parse_shard(args.shard), overwrite=args.overwrite)
     print(result.table())
     print(f"\nrun directory: {result.path}  ({result.seconds:.1f} s)")
     return 0
@@ -65,19 +67,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
         opts["out"] = args.out
     check_out(opts["out"])
     world = toy.load()
+    budget = (f"{opts['budget_rel']:g} x ||h_def|| at the answer row" if opts["budget_rel"] is not None
+              else f"{opts['budget']:g}")
     print(f"saerecover {__version__} demo: toy IOI at {opts['hook']}, top-{opts['top_k']} features "
-          f"clamped to {opts['clamp_value']} where active; modes none and encoder")
+          f"clamped to {opts['clamp_value']} where active; modes none and encoder; budget {budget}")
     result = run_ioi(opts, quiet=args.quiet, world=world)
     print(result.table())
+    m = next(iter(result.summary["modes"].values()), {})
+    if m.get("budget_mean") is not None:
+        print(f"\nbudget (C4): ||delta|| <= {m['budget_mean']:.3g} on average = {m['relative_budget_mean']:.3g} x the "
+              "defended residual's norm at the answer row")
     print(f"\nrun directory: {result.path} (report: {Path(result.path) / 'report.md'})")
     print(f"wall time: {time.perf_counter() - t0:.1f} s")
     return 0
 
 
-def run_ioi(opts: dict[str, Any], *, quiet: bool = False, world: Any = None, shard: tuple[int, int] | None = None,
-            overwrite: bool = False) -> Any:
-    """Check resolved options, build model, site, task and clamp from them (``world``: the toy
-    world's) and run the recovery."""
+def check_ioi_prompts(opts: dict[str, Any], toy: bool) -> None:
+    """The toy world takes only its own IOI prompts, a model only the others (before anything loads)."""
+    if (opts["ioi_prompts"] == "toy") != bool(toy):
+        raise CLIError(f"option ioi_prompts: {opts['ioi_prompts']!r} "
+                       + ("is the toy world's own; use saerecover or reference with --model" if not toy else
+                          "does not fit the toy world, whose model knows only its own names and templates (toy)"))
+    if opts["ioi_prompts"] == "reference" and split_list(opts["patterns"]) != ["BABA"]:
+        raise CLIError(f"option ioi_prompts reference: the reference prompts are BABA only, got patterns "
+                       f"{opts['patterns']!r}")
+
+
+def ioi_task(tokenizer: Any, opts: dict[str, Any]) -> Any:
+    """The IOI task of a model (not the toy world) from checked options."""
+    from saerecover.tasks.ioi import IOI
+
+    if opts["ioi_prompts"] == "reference":
+        return IOI.reference(tokenizer, n=opts["n"], seed=opts["seed"])
+    return IOI(tokenizer, n=opts["n"], seed=opts["seed"], patterns=split_list(opts["patterns"]))
+
+
+def run_ioi(opts: dict[str, Any], *, quiet: bool = False, world: Any = None, toy: bool = False,
+            shard: tuple[int, int] | None = None, overwrite: bool = False) -> Any:
+    """Check resolved options, build model, site, task and clamp from them (``world``, or with
+    ``toy`` the shipped toy world loaded after the checks: the toy world's) and run the recovery."""
     import torch
 
     from saerecover.core.clamp import Clamp
@@ -85,16 +113,18 @@ def run_ioi(opts: dict[str, Any], *, quiet: bool = False, world: Any = None, sha
     from saerecover.core.sites import load_site
     from saerecover.experiments.pipeline import recover
     from saerecover.models import load_model
-    from saerecover.tasks.ioi import IOI
 
     if opts["out"] is None:
         raise CLIError("--out DIR is required (the run directory to write)")
-    task_name = "toy-ioi" if world is not None else "ioi"
+    in_toy = toy or world is not None
+    task_name = "toy-ioi" if in_toy else "ioi"
     check_out(opts["out"], task=None if overwrite else task_name)
-    opts = check_options(opts, options.IOI, local=world is None)  # before anything loads
+    opts = check_options(opts, options.IOI, local=not in_toy)  # before anything loads
+    check_ioi_prompts(opts, in_toy)
     features = parse_features(opts["features"])
     patterns = opts["patterns"].split(",")
     recovery = {"steps": int(opts["steps"]), "lr": float(opts["lr"]), "budget": float(opts["budget"]),
+                "budget_rel": opts["budget_rel"], "shared_delta": bool(opts["shared_delta"]),
                 "optimizer": opts["optimizer"], "positions": opts["positions"], "reclamp": bool(opts["reclamp"]),
                 "early_stop": bool(opts["early_stop"]), "lambda_act": float(opts["lambda_act"]),
                 "lambda_decode": float(opts["lambda_decode"]), "lambda_delta": float(opts["lambda_delta"]),
@@ -102,8 +132,12 @@ def run_ioi(opts: dict[str, Any], *, quiet: bool = False, world: Any = None, sha
     modes = split_list(opts["modes"])
     source = {"model": opts["model"], "sae": opts["sae"], "top_k": opts["top_k"]}
     if not overwrite:  # what config.json will hold, as far as it is known before anything loads
-        check_out(opts["out"], task_name, expect=_expected_config(opts, task_name, patterns, recovery, modes,
-                                                                  source, shard))
+        check_out(opts["out"], task_name, expect=_expected_config(opts, task_name, recovery, modes, source, shard))
+    if toy and world is None:
+        from saerecover import toy as toy_world
+
+        world = toy_world.load(backend=opts["backend"], device=opts["device"],
+                               dtype=getattr(torch, opts["dtype"]) if opts["dtype"] else None)
     if world is not None:
         model, site = world.model, world.site(opts["hook"])
         task = world.ioi_task(n=opts["n"], seed=opts["seed"], patterns=patterns)
@@ -113,21 +147,27 @@ def run_ioi(opts: dict[str, Any], *, quiet: bool = False, world: Any = None, sha
         site = load_site(opts["sae"], hook_name=opts["hook"], model=model)
         if features is not None:
             site.check_features(features)  # before the task tokenizes anything
-        task = IOI(model.tokenizer, n=opts["n"], seed=opts["seed"], patterns=patterns)
+        task = ioi_task(model.tokenizer, opts)
     if features is None:
         features = select_by_attribution(model, site, task, task.examples(), top_k=int(opts["top_k"]))
     clamp = Clamp({site: features}, value=opts["clamp_value"], mode=opts["clamp_mode"], where=opts["clamp_where"])
     return recover(model, clamp, task, projection=modes, out=opts["out"], batch_size=int(opts["batch_size"]),
-                   progress=not quiet, shard=shard, overwrite=overwrite, extra_config={"source": source}, **recovery)
+                   progress=not quiet, shard=shard, overwrite=overwrite, extra_config={"source": source},
+                   protocol=protocol_record(opts, "run ioi"), **recovery)
 
 
-def _expected_config(opts: dict[str, Any], task_name: str, patterns: list[str], recovery: dict[str, Any],
-                     modes: list[str], source: dict[str, Any], shard: tuple[int, int] | None) -> dict[str, Any]:
+def _expected_config(opts: dict[str, Any], task_name: str, recovery: dict[str, Any], modes: list[str],
+                     source: dict[str, Any], shard: tuple[int, int] | None) -> dict[str, Any]:
     """The keys of an IOI run's config.json that the options decide alone (the model's and the
-    clamp's descriptions need them loaded), for :func:`check_out` to compare with an existing run."""
+    clamp's descriptions need them loaded), for :func:`check_out` to compare with an existing run.
+    The recovery settings are compared under the default protocol only (another protocol sets some
+    of them when the run starts)."""
+    from saerecover.core import protocol as protocols
     from saerecover.core.config import RecoveryConfig
     from saerecover.runs.directory import ABSENT
 
-    return {"task": {"name": task_name, "n": int(opts["n"]), "seed": int(opts["seed"]), "patterns": patterns},
-            "recovery": RecoveryConfig(**recovery).to_dict(), "modes": modes, "source": source,
-            "shard": {"index": shard[0], "count": shard[1]} if shard is not None else ABSENT}
+    out = {"task": {"name": task_name, "n": int(opts["n"]), "seed": int(opts["seed"])}, "modes": modes,
+           "source": source, "shard": {"index": shard[0], "count": shard[1]} if shard is not None else ABSENT}
+    if protocols.name_of(opts.get("protocol")) == protocols.DEFAULT:
+        out["recovery"] = RecoveryConfig(**recovery).to_dict()
+    return out

@@ -5,7 +5,9 @@ The recovery options (steps, lr, budget, optimizer, positions, penalties, seed, 
 whose recovery really differs says so in a named preset (``*_RECOVERY``); the model options are
 declared once (:data:`MODEL`); the toy world's settings are presets on top (``TOY_*``,
 :func:`toy_ioi`). A command resolves :func:`defaults` < toy preset (``--toy``) < config file <
-flags given (cli.resolve).
+flags given (cli.resolve). ``--protocol reference`` puts the paper's reference-code choices
+(saerecover.core.protocol) between the defaults and the toy preset: defaults < protocol preset <
+toy preset < config file < flags.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from saerecover.core import protocol as protocols
 from saerecover.core.config import DRIFT_PENALTIES, PHI_POSITIONS, RecoveryConfig
 
 __all__ = [
     "ANALYZE", "ATTRIBUTE", "CHOICES", "DEMO_OUT", "IOI", "MODEL", "MODES", "POSITIVE_TASK_INTS", "REFUSAL",
     "REFUSAL_BY_WORLD", "SWEEP_GRIDS", "SWEEP_IOI", "SWEEP_UNLEARNING", "TOY_HOOKS", "TOY_TPP", "TOY_UNLEARNING",
-    "TPP", "UNLEARNING", "defaults", "recovery", "toy_ioi",
+    "PROTOCOL_SCOPES", "TPP", "UNLEARNING", "defaults", "recovery", "toy_ioi",
 ]
 
 _CONFIG: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(RecoveryConfig)}
@@ -36,13 +39,14 @@ def recovery(names: str, **preset: Any) -> dict[str, Any]:
 
 
 #: The options every run command's delta search takes, in flag order.
-STEP = "steps lr budget optimizer positions"
+STEP = "steps lr budget budget_rel optimizer positions"
 #: The model a run command loads: HF hub name or directory, its SAE, the site, where and how.
 MODEL: dict[str, Any] = {"model": None, "sae": None, "hook": None, "backend": "hf", "device": None, "dtype": None}
 #: Default projection modes of the single-site commands.
 MODES = "none,encoder"
 #: Options that take one of a few words (a config file must use them too).
 CHOICES: dict[str, tuple[str, ...]] = {
+    "protocol": protocols.PROTOCOLS,
     "backend": ("hf", "tlens"),
     "dtype": ("float32", "bfloat16", "float16", "float64"),
     "clamp_mode": ("set", "multiply", "zero"),
@@ -52,6 +56,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dataset": ("bias_in_bios", "amazon_reviews", "file", "toy"),
     "loss": ("logit", "bce", "margin", "ce"),
     "reduce": ("max", "mean"),
+    "success": ("margin", "argmax"),
+    "retain_rule": ("at_most", "below"),
+    "prompt_format": ("wmdp", "reference", "toy"),
+    "probe_trainer": ("saerecover", "saebench"),
+    "ioi_prompts": ("saerecover", "reference", "toy"),
     "forget_relation": ("capital", "color", "inventor"),
     "drift_penalty": DRIFT_PENALTIES,
     "phi_positions": PHI_POSITIONS,
@@ -73,25 +82,30 @@ REFUSAL_RECOVERY: dict[str, Any] = {"lr": 0.2, "budget": 40.0, "positions": "pro
 # ------------------------------------------------------------------------- the commands
 #: ``run ioi``: the paper's IOI setting (GPT-2 small, gpt2-small-res-jb).
 IOI: dict[str, Any] = {
+    "protocol": protocols.DEFAULT,
     **MODEL, "model": "gpt2", "sae": "gpt2-small-res-jb/blocks.4.hook_resid_pre",
-    "n": 64, "patterns": "BABA", "top_k": 64, "features": None,
+    "n": 64, "patterns": "BABA", "ioi_prompts": "saerecover", "top_k": 64, "features": None,
     "clamp_mode": "set", "clamp_value": -5.0, "clamp_where": "active", "modes": MODES,
-    **recovery(f"{STEP} reclamp early_stop lambda_act lambda_decode lambda_delta max_drift"),
+    **recovery(f"{STEP} shared_delta reclamp early_stop lambda_act lambda_decode lambda_delta max_drift"),
     "batch_size": 32, **recovery("seed"), "out": None,
 }
 #: ``run tpp``: SAEBench TPP on Bias in Bios.
 TPP: dict[str, Any] = {
+    "protocol": protocols.DEFAULT,
     **MODEL, "dataset": "bias_in_bios", "data": None, "test_data": None, "text_column": None,
     "label_column": None, "data_classes": None, "classes": None, "n_train": 2000, "n_test": 500,
     "context_length": 128, "top_n": 10,
-    "probe_epochs": 20, "probe_lr": 1e-3, "probe_batch_size": 16, "probe_l1": 1e-3, "loss": "logit",
+    "probe_trainer": "saerecover", "probe_epochs": 20, "probe_lr": 1e-3, "probe_batch_size": 16, "probe_l1": 1e-3,
+    "loss": "logit",
     "modes": MODES, **recovery(STEP, **TPP_RECOVERY), "batch_size": 32, **recovery("seed"), "out": None,
 }
 #: ``run unlearning``: WMDP-style, strict 24-order protocol.
 UNLEARNING: dict[str, Any] = {
+    "protocol": protocols.DEFAULT,
     **MODEL, "questions": None, "forget_corpus": None, "retain_corpus": None, "corpus_column": "text",
-    "limit": 0, "forget_relation": "inventor", "top_n": 20, "retain_threshold": 0.01, "clamp_value": -20.0,
-    "loss": "margin", "reduce": "max", "strict": True, "features": None,
+    "limit": 0, "forget_relation": "inventor", "prompt_format": "wmdp", "top_n": 20, "retain_threshold": 0.01,
+    "retain_rule": "at_most", "clamp_value": -20.0, "loss": "margin", "reduce": "max", "success": "margin",
+    "strict": True, "features": None,
     "modes": MODES, **recovery(STEP, **UNLEARNING_RECOVERY), "batch_size": 32, **recovery("seed"), "out": None,
 }
 #: ``sweep``: the grids, on top of the swept task's options.
@@ -101,6 +115,7 @@ SWEEP_UNLEARNING: dict[str, Any] = {**UNLEARNING, **SWEEP_GRIDS}
 #: ``run refusal``. model None: the shipped toy world (its SAEs at ``hooks``, its own request
 #: format, corpus requests).
 REFUSAL: dict[str, Any] = {
+    "protocol": protocols.DEFAULT,
     "model": None, "saes": None, "hooks": None, **{k: MODEL[k] for k in ("backend", "device", "dtype")},
     "requests": None, "column": None, "limit": None, "contrast": None, "contrast_column": None,
     "n": 24, "n_contrast": 48, "top_k": 16, "features": None, "clamp": "mean", "clamp_scale": 1.0,
@@ -145,8 +160,8 @@ def toy_ioi() -> dict[str, Any]:
 TOY_TPP: dict[str, Any] = {"hook": "blocks.1.hook_resid_post", "dataset": "toy", "n_train": 40, "n_test": 20,
                            "top_n": 16, "probe_lr": 1e-2, "budget": 1.0}
 #: ``run unlearning --toy``: one toy fact family is the forget set, the others the retain set.
-TOY_UNLEARNING: dict[str, Any] = {"hook": "blocks.1.hook_resid_post", "top_n": 16, "retain_threshold": 0.01,
-                                  "clamp_value": -20.0, "budget": 10.0}
+TOY_UNLEARNING: dict[str, Any] = {"hook": "blocks.1.hook_resid_post", "prompt_format": "toy", "top_n": 16,
+                                  "retain_threshold": 0.01, "clamp_value": -20.0, "budget": 10.0}
 #: ``run refusal`` on the toy world: its sites when --saes is not given.
 TOY_HOOKS = ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post")
 
@@ -155,10 +170,10 @@ POSITIVE_TASK_INTS = ("top_n", "n_train", "n_test", "context_length", "probe_epo
 
 #: Each command's defaults and its --toy preset (a function: the toy IOI one is read when needed).
 _COMMANDS: dict[str, tuple[dict[str, Any], Callable[[], dict[str, Any]] | None]] = {
-    "run ioi": (IOI, None),
+    "run ioi": (IOI, toy_ioi),
     "run tpp": (TPP, lambda: TOY_TPP),
     "run unlearning": (UNLEARNING, lambda: TOY_UNLEARNING),
-    "sweep ioi": (SWEEP_IOI, lambda: {k: v for k, v in toy_ioi().items() if k not in ("model", "sae")}),
+    "sweep ioi": (SWEEP_IOI, lambda: {k: v for k, v in toy_ioi().items() if k not in ("model", "sae", "budget_rel")}),
     "sweep unlearning": (SWEEP_UNLEARNING, lambda: TOY_UNLEARNING),
     "run refusal": (REFUSAL, None),
     "attribute": (ATTRIBUTE, None),
@@ -166,10 +181,22 @@ _COMMANDS: dict[str, tuple[dict[str, Any], Callable[[], dict[str, Any]] | None]]
 }
 
 
-def defaults(command: str, *, toy: bool = False) -> dict[str, Any]:
-    """A fresh dict of ``command``'s defaults ("run tpp", "sweep unlearning", ...), with its toy
-    preset on top when ``toy``; "demo" is ``run ioi`` in the toy world's IOI setting."""
+#: The protocol scope (saerecover.core.protocol) of each command that takes ``--protocol``.
+PROTOCOL_SCOPES: dict[str, str] = {
+    "run ioi": "ioi", "run tpp": "tpp", "run unlearning": "unlearning", "run refusal": "refusal",
+    "sweep ioi": "ioi", "sweep unlearning": "unlearning",
+}
+
+
+def defaults(command: str, *, toy: bool = False, protocol: str = protocols.DEFAULT) -> dict[str, Any]:
+    """A fresh dict of ``command``'s defaults ("run tpp", "sweep unlearning", ...): its own, then
+    ``protocol``'s preset (its choices of the command's scope), then its toy preset when ``toy``;
+    "demo" is ``run ioi`` in the toy world's IOI setting."""
     if command == "demo":
         return {**IOI, **toy_ioi(), "out": DEMO_OUT}
-    base, preset = _COMMANDS[command]
-    return {**base, **(preset() if toy and preset else {})}
+    base, toy_preset = _COMMANDS[command]
+    scope = PROTOCOL_SCOPES.get(command)
+    chosen = {k: v for k, v in protocols.preset(scope, protocol).items() if k in base} if scope else {}
+    if scope:
+        chosen["protocol"] = protocols.check_protocol(protocol)
+    return {**base, **chosen, **(toy_preset() if toy and toy_preset else {})}

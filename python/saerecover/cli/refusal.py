@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from saerecover.cli import options
-from saerecover.cli.checks import split_list
+from saerecover.cli.checks import split_budget, split_list
 from saerecover.cli.flags import add_flags
 from saerecover.cli.parsing import CLIError
-from saerecover.cli.resolve import resolve
+from saerecover.cli.resolve import protocol_record, resolve_command
 from saerecover.core.config import RecoveryConfig
 
 __all__ = ["DRIFT_AND_STAGE_OPTIONS", "add_refusal_parser", "cmd_run_refusal", "run_refusal_from_options"]
@@ -46,6 +46,7 @@ def add_refusal_parser(tasks: Any) -> argparse.ArgumentParser:
                     "requests the base model answers and the clamped model refuses; recovery in the residual "
                     "modes and the soft-suffix baseline. Default: the shipped toy world.",
     )
+    add_flags(p, "protocol")
     add_flags(
         p, "config model saes hooks backend device dtype requests column limit contrast contrast_column n n_contrast "
            "top_k features clamp clamp_scale clamp_multiplier contrast_positions template max_new_tokens lists match "
@@ -124,7 +125,7 @@ def cmd_run_refusal(args: argparse.Namespace) -> int:
     from saerecover.report.refusal import refusal_table
 
     t0 = time.perf_counter()
-    opts = resolve(args, options.defaults("run refusal"))
+    opts = split_budget(resolve_command(args, "run refusal"))
     result, attribution = run_refusal_from_options(opts, quiet=bool(getattr(args, "quiet", False)),
                                                    overwrite=bool(getattr(args, "overwrite", False)))
     print(result.table())
@@ -260,7 +261,8 @@ def run_refusal_from_options(opts: dict[str, Any], *, quiet: bool = False, overw
     result = run_refusal(
         model, setting.clamp, setting.task, modes=modes, out=opts["out"], delta_site=opts["delta_site"],
         suffix=suffix, batch_size=int(opts["batch_size"]), progress=not quiet, overwrite=overwrite,
-        steps=int(opts["steps"]), lr=float(opts["lr"]), budget=float(opts["budget"]), optimizer=opts["optimizer"],
+        steps=int(opts["steps"]), lr=float(opts["lr"]), budget=float(opts.get("budget", options.REFUSAL["budget"])),
+        budget_rel=opts["budget_rel"], optimizer=opts["optimizer"],
         positions=opts["positions"], reclamp=bool(opts["reclamp"]), lambda_act=float(opts["lambda_act"]),
         lambda_delta=float(opts["lambda_delta"]), max_drift=opts["max_drift"],
         sketch_probes=int(opts["sketch_probes"]), seed=int(opts["seed"]),
@@ -269,6 +271,7 @@ def run_refusal_from_options(opts: dict[str, Any], *, quiet: bool = False, overw
                                  "saes": [s.source for s in sites], "requests": opts["requests"],
                                  "contrast": opts["contrast"]},
                       "selection": setting.selection},
+        protocol=protocol_record(opts, "run refusal"),
     )
     attribution = None
     if opts["attribute"]:

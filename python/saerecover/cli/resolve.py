@@ -1,6 +1,7 @@
 """From flags and a config file to one dict of options: defaults < config file (``--config``) <
-flags given on the command line. Parsers leave every option flag's default at None, so that a flag
-not given never hides a config file's value."""
+flags given on the command line; for the commands with ``--protocol``, defaults < protocol preset <
+toy preset < config file < flags (:func:`resolve_command`). Parsers leave every option flag's
+default at None, so that a flag not given never hides a config file's value."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from saerecover.cli import options
 from saerecover.cli.parsing import CLIError, one_line
+from saerecover.core import protocol as protocols
 
-__all__ = ["load_config_file", "resolve", "resolve_options"]
+__all__ = ["load_config_file", "protocol_record", "resolve", "resolve_command", "resolve_options"]
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -96,3 +99,28 @@ def resolve(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any
     that name an option of ``defaults``."""
     file_opts = load_config_file(args.config) if getattr(args, "config", None) else {}
     return resolve_options(defaults, file_opts, {k: v for k, v in vars(args).items() if k in defaults})
+
+
+def resolve_command(args: argparse.Namespace, command: str, *, toy: bool = False) -> dict[str, Any]:
+    """``command``'s options ("run ioi", "sweep unlearning", ...): its defaults < the preset of the
+    protocol (``--protocol``, else the config file's ``protocol``, else saerecover) < its toy preset
+    (``toy``) < the config file < the flags given. An absolute ``budget`` given (file or flag)
+    without ``budget_rel`` turns a preset's relative budget off."""
+    file_opts = load_config_file(args.config) if getattr(args, "config", None) else {}
+    name = getattr(args, "protocol", None) or file_opts.get("protocol") or protocols.DEFAULT
+    if name not in protocols.PROTOCOLS:
+        raise CLIError(f"option protocol: unknown value {name!r}; valid: {', '.join(protocols.PROTOCOLS)}")
+    defaults = options.defaults(command, toy=toy, protocol=name)
+    flags = {k: v for k, v in vars(args).items() if k in defaults}
+    opts = resolve_options(defaults, file_opts, flags)
+    given = set(file_opts) | {k for k, v in flags.items() if v is not None}
+    if "budget" in given and "budget_rel" not in given and "budget_rel" in opts \
+            and not str(opts["budget"]).strip().lower().endswith("x"):
+        opts["budget_rel"] = None  # an absolute budget given wins over a preset's relative one
+    return opts
+
+
+def protocol_record(opts: dict[str, Any], command: str) -> dict[str, Any]:
+    """config.json's ``protocol`` entry of a run from its resolved options: the protocol's name and
+    every choice of the command's scope as resolved."""
+    return protocols.record(options.PROTOCOL_SCOPES[command], opts["protocol"], opts)

@@ -20,7 +20,9 @@ from saerecover.cli.flags import (
     world_flags,
 )
 from saerecover.cli.parsing import CLIError
-from saerecover.cli.unlearning import unlearning_setup
+from saerecover.cli.ioi import check_ioi_prompts, ioi_task
+from saerecover.cli.resolve import protocol_record
+from saerecover.cli.unlearning import check_prompt_format, unlearning_setup
 from saerecover.cli.world import load_world, recovery_kwargs, world_options
 
 __all__ = ["add_sweep_parser", "cmd_sweep_budget", "cmd_sweep_features"]
@@ -55,9 +57,11 @@ def cmd_sweep_budget(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     opts, budgets, model, task, clamp, _ = _setup(args, "budgets")
+    if opts.get("budget_rel") is not None:
+        raise CLIError("sweep budget sets absolute budgets (--budgets); leave out budget_rel")
     res = budget_sweep(model, clamp, task, budgets, out=opts["out"], projection=split_list(opts["modes"]),
                        batch_size=opts["batch_size"], progress=not args.quiet, overwrite=args.overwrite,
-                       **recovery_kwargs(opts))
+                       protocol=protocol_record(opts, f"sweep {args.task}"), **recovery_kwargs(opts))
     print(res.table())
     print()
     for m, r in res.summary["robustness"].items():
@@ -77,7 +81,8 @@ def cmd_sweep_features(args: argparse.Namespace) -> int:
     opts, ks, model, task, _, make = _setup(args, "ks")
     res = feature_sweep(model, task, ks, make_clamp=make, out=opts["out"], projection=split_list(opts["modes"]),
                         batch_size=opts["batch_size"], progress=not args.quiet, overwrite=args.overwrite,
-                        budget=opts["budget"], **recovery_kwargs(opts))
+                        budget=opts["budget"], protocol=protocol_record(opts, f"sweep {args.task}"),
+                        **recovery_kwargs(opts))
     print(res.table())
     print(f"\nsweep directory: {res.path} ({time.perf_counter() - t0:.1f} s)")
     return 0
@@ -93,16 +98,20 @@ def _setup(args: argparse.Namespace, grid: str) -> tuple[dict[str, Any], list[An
 
     opts = world_options(args, f"sweep {args.task}")
     values = check_grid(parse_numbers(opts[grid], grid, integer=grid == "ks"), grid, integer=grid == "ks")
+    if args.task != "ioi":
+        check_prompt_format(opts, args.toy)
+    else:
+        check_ioi_prompts(opts, args.toy)
     model, site = load_world(opts, args.toy)
     if args.task != "ioi":
-        setup = unlearning_setup(opts, model, site, args.toy)
+        setup = unlearning_setup(opts, model, site, args.toy, command=f"sweep {args.task}")
         return opts, values, model, setup.task, setup.clamp, (None if opts["features"] is not None else setup.clamp_top)
     pats = split_list(opts["patterns"])
-    if args.toy:  # as ToyWorld.ioi_task: the corpus's own templates and names
+    if args.toy:  # as ToyWorld.ioi_task: the corpus's own templates and names (ioi_prompts "toy")
         task = IOI(model.tokenizer, n=opts["n"], seed=opts["seed"], patterns=pats, templates=corpus.IOI_TEMPLATES,
                    names=corpus.NAMES, places=corpus.IOI_PLACES, objects=corpus.IOI_OBJECTS, name="toy-ioi")
     else:
-        task = IOI(model.tokenizer, n=opts["n"], seed=opts["seed"], patterns=pats)
+        task = ioi_task(model.tokenizer, opts)
     if opts.get("features") is not None:
         clamp = Clamp({site: parse_features(opts["features"])}, value=opts["clamp_value"], mode=opts["clamp_mode"],
                       where=opts["clamp_where"])

@@ -15,6 +15,7 @@ from saerecover.cli import options
 from saerecover.cli.checks import split_list
 from saerecover.cli.flags import add_flags, task_recovery_flags, world_flags
 from saerecover.cli.parsing import CLIError
+from saerecover.cli.resolve import protocol_record
 from saerecover.cli.world import load_world, world_options
 
 __all__ = ["add_tpp_parser", "cmd_run_tpp"]
@@ -26,7 +27,7 @@ def add_tpp_parser(tasks: Any) -> argparse.ArgumentParser:
     world_flags(p)
     add_flags(
         p, "dataset data test_data text_column label_column data_classes classes n_train n_test context_length "
-           "top_n probe_epochs probe_lr probe_batch_size probe_l1 loss",
+           "top_n probe_trainer probe_epochs probe_lr probe_batch_size probe_l1 loss",
         dataset={"choices": list(options.CHOICES["dataset"]),
                  "help": "bias_in_bios / amazon_reviews (hub, or --data FILE), file (--data), toy"},
         data={"help": "local CSV/TSV/JSONL/JSON with text and label columns (optional split column)"},
@@ -36,7 +37,12 @@ def add_tpp_parser(tasks: Any) -> argparse.ArgumentParser:
         n_train={"type": int, "help": "train texts per class"},
         n_test={"type": int, "help": "test texts per class"},
         context_length={"type": int},
-        top_n={"type": int, "help": f"latents zero-ablated per class (default {options.TPP['top_n']})"},
+        top_n={"type": int, "help": f"latents zero-ablated per class, any N >= 1 (default {options.TPP['top_n']}; "
+                                    "--protocol reference: 500)"},
+        probe_trainer={"choices": list(options.CHOICES["probe_trainer"]),
+                       "help": "saerecover: Adam, zero init, last epoch; saebench: SAEBench's AdamW (wd 0.01), "
+                               "nn.Linear init, the epoch with the best test accuracy (selected on evaluation data), "
+                               "equal-share negatives"},
         probe_epochs={"type": int},
         probe_lr={"type": float},
         probe_batch_size={"type": int},
@@ -66,7 +72,9 @@ def cmd_run_tpp(args: argparse.Namespace) -> int:
         batch_size=opts["batch_size"], progress=not args.quiet, overwrite=args.overwrite, budget=opts["budget"],
         probe={"epochs": opts["probe_epochs"], "lr": opts["probe_lr"], "batch_size": opts["probe_batch_size"],
                "l1": opts["probe_l1"]},
-        steps=opts["steps"], lr=opts["lr"], optimizer=opts["optimizer"], positions=opts["positions"])
+        probe_trainer=opts["probe_trainer"],
+        steps=opts["steps"], lr=opts["lr"], budget_rel=opts["budget_rel"], optimizer=opts["optimizer"],
+        positions=opts["positions"], protocol=protocol_record(opts, "run tpp"))
     print(result.table())
     print(f"\nTPP directory: {result.path} (report: {Path(result.path) / 'report.md'}; "
           f"{time.perf_counter() - t0:.1f} s)")

@@ -1,5 +1,5 @@
 """The world a ``--toy`` command runs in (run tpp, run unlearning, sweep): its options resolved
-(defaults < toy preset with --toy < config file < flags) and checked before anything loads, then
+(defaults < protocol preset < toy preset with --toy < config file < flags) and checked before anything loads, then
 the shipped toy world or ``--model`` / ``--sae`` loaded."""
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ from typing import Any
 from saerecover.cli import options
 from saerecover.cli.checks import check_options
 from saerecover.cli.parsing import CLIError
-from saerecover.cli.resolve import resolve
+from saerecover.cli.resolve import resolve_command
 
 __all__ = ["load_world", "recovery_kwargs", "world_options"]
 
 
 def world_options(args: argparse.Namespace, command: str) -> dict[str, Any]:
     """The checked options of ``command`` ("run tpp", "sweep unlearning", ...) from ``args``."""
-    base = options.defaults(command, toy=args.toy)
-    opts = resolve(args, base)
+    opts = resolve_command(args, command, toy=args.toy)
+    base = options.defaults(command, toy=args.toy, protocol=opts["protocol"])
     if not args.toy and (opts.get("model") is None or opts.get("sae") is None):
         raise CLIError("give --model and --sae (or --toy for the shipped toy world)")
     checked = check_options(opts, base, local=not args.toy, positive=options.POSITIVE_TASK_INTS)
@@ -46,4 +46,4 @@ def load_world(opts: dict[str, Any], toy: bool) -> tuple[Any, Any]:
 def recovery_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
     """The delta-search keywords the --toy commands pass on to their experiment (budget apart:
     a budget sweep sets its own)."""
-    return {k: opts[k] for k in ("steps", "lr", "optimizer", "positions", "seed")}
+    return {k: opts[k] for k in ("steps", "lr", "budget_rel", "optimizer", "positions", "seed") if k in opts}

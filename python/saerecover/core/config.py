@@ -32,6 +32,13 @@ class RecoveryConfig:
     optimizer: str = "adam"
     #: Rows where delta acts (:data:`POSITIONS`); "response" rows are at most ``response_rows``.
     positions: str = "answer"
+    #: C4 relative to the residual: ||delta|| <= budget_rel x the defended residual's scale at the
+    #: optimized rows (metrics.residual_scale), per example; None: the absolute ``budget``.
+    budget_rel: float | None = None
+    #: One delta for all examples (the paper's reference IOI code): a single vector added at every
+    #: optimized row of every example, optimised on the mean loss over all the task's examples
+    #: (with budget_rel, relative to the median example's residual scale).
+    shared_delta: bool = False
     reclamp: bool = False
     lambda_act: float = 0.0
     #: The lambda_act penalty (saerecover.core.drift): "relative_l2" = ||Phi - Phi_def|| /
@@ -94,7 +101,7 @@ class RecoveryConfig:
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"{name} must be a number, got {value!r}")
         for name in ("reclamp", "early_stop", "sketch_drift_probe", "history", "penalty_after_projection",
-                     "checkpoint_after_update"):
+                     "checkpoint_after_update", "shared_delta"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.steps < 0:
@@ -105,6 +112,11 @@ class RecoveryConfig:
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if not self.budget > 0:
             raise ValueError(f"budget must be > 0 (C4: ||delta|| <= budget), got {self.budget}")
+        if self.budget_rel is not None and (isinstance(self.budget_rel, bool)
+                                            or not isinstance(self.budget_rel, numbers.Real)
+                                            or not (self.budget_rel > 0 and math.isfinite(self.budget_rel))):
+            raise ValueError(f"budget_rel must be None or a finite number > 0 (C4: ||delta|| <= budget_rel x "
+                             f"||h_def||), got {self.budget_rel!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
         if self.positions not in POSITIONS:
@@ -121,6 +133,13 @@ class RecoveryConfig:
         if self.max_drift is not None and (isinstance(self.max_drift, bool) or not isinstance(self.max_drift, numbers.Real)
                                            or not (self.max_drift >= 0 and math.isfinite(self.max_drift))):
             raise ValueError(f"max_drift must be None or a finite number >= 0, got {self.max_drift!r}")
+        if self.shared_delta:
+            clash = [name for name, on in (("early_stop", self.early_stop), ("max_drift", self.max_drift is not None),
+                                           ("lambda_act", self.lambda_act > 0), ("lambda_decode", self.lambda_decode > 0),
+                                           ("lambda_delta", self.lambda_delta > 0)) if on]
+            if clash:
+                raise ValueError(f"shared_delta (one delta for all examples) does not combine with {', '.join(clash)}; "
+                                 "those act per example")
         if self.sketch_probes < 0:
             raise ValueError(f"sketch_probes must be >= 0, got {self.sketch_probes}")
         for name in ("drift_correction_steps", "anchor_steps"):

@@ -37,6 +37,22 @@ def clamped_features(site: Site, features: torch.Tensor, h_def: torch.Tensor, h_
     return SiteFeatures(z_def=z_def.float(), z_rec=z_rec.float())
 
 
+def residual_scales(states: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Per example, the scale relative budgets are measured against: sqrt(R) x the median row norm
+    of the defended residual over its R optimized rows (``mask`` (n, seq)) at every delta site
+    (``states``: each (n, seq, d)), (n,) float32 on the states' device.
+
+    This is ||h_def||_F over those rows when every row has the same norm (and the row's norm for
+    one row), but a few attention-sink rows (a real model's first position can be 100x the median
+    norm) do not inflate it: a budget relative to the Frobenius norm would grow with them.
+    """
+    out = []
+    for i in range(mask.shape[0]):
+        norms = torch.cat([h[i][mask[i]].float().norm(dim=-1) for h in states])
+        out.append(norms.median() * norms.numel() ** 0.5 if norms.numel() else norms.new_zeros(()))
+    return torch.stack(out) if out else mask.new_zeros(0, dtype=torch.float32)
+
+
 def c1_residual(a: torch.Tensor, delta_rows: torch.Tensor) -> float:
     """C1 check: max over rows of ||A_S^T delta|| / (||A_S||_2 ||delta|| + eps), float64.
 
@@ -65,9 +81,14 @@ def example_metrics(
 ) -> dict[str, float | bool]:
     """Every per-example metric of PAPER_NOTES plus ``c1_residual``.
 
-    reactivated_fraction: share of (row, feature) pairs with z_def <= eta and z_rec > eta.
-    zero_reactivation: recovered and no clamped feature reactivated (the paper's
-    "max_i z_i(h_rec) <= eta" over features the clamp had silenced).
+    A (row, feature) pair is eligible when the clamp silenced it (z_def <= eta) and reactivated
+    when it is eligible and z_rec > eta (the reference code's ``eligible`` / ``reactivated``).
+    reactivated_fraction: reactivated / all (row, feature) pairs.
+    reactivated_fraction_eligible: reactivated / eligible pairs (0 when none is eligible); its mean
+    over the valid examples is the paper's "reactivated-feature fraction" (0.016 on IOI).
+    zero_reactivation: recovered and no pair reactivated, i.e. max_i z_i(h_rec) <= eta over the
+    eligible pairs only (PAPER_NOTES' "max over S" read as the reference code counts it: a feature
+    the clamp left above eta does not count against it).
     """
     with torch.no_grad():
         return _example_metrics(site, features, feats, delta_rows, h_def_rows, a, recovered, eta)
@@ -82,6 +103,7 @@ def _example_metrics(site, features, feats, delta_rows, h_def_rows, a, recovered
     silenced = feats.z_def <= eta
     reactivated = silenced & (feats.z_rec > eta)
     n_pairs = feats.z_def.numel()
+    n_eligible = int(silenced.sum())
     delta_norm = float(delta_rows.float().norm())
     return {
         "activation_drift": activation_drift,
@@ -89,6 +111,7 @@ def _example_metrics(site, features, feats, delta_rows, h_def_rows, a, recovered
         "relative_drift": _relative(activation_drift, def_norm),
         "floor_violation": _relative(floor, def_norm),
         "reactivated_fraction": float(reactivated.sum()) / n_pairs if n_pairs else 0.0,
+        "reactivated_fraction_eligible": float(reactivated.sum()) / max(n_eligible, 1),
         "zero_reactivation": bool(recovered and not bool(reactivated.any())),
         "delta_norm": delta_norm,
         "relative_delta_norm": delta_norm / (float(h_def_rows.float().norm()) + EPS),

@@ -11,7 +11,7 @@ the loss is a sum over examples, so a batch gives the same result as one example
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,14 @@ from saerecover.core.config import RecoveryConfig
 from saerecover.core.defended import DefendedModel
 from saerecover.core.drift import correct_drift, drift_penalty
 from saerecover.core.examples import Examples, Task
-from saerecover.core.metrics import EPS, UNDEFINED_BELOW, c1_residual, clamped_features, example_metrics
+from saerecover.core.metrics import (
+    EPS,
+    UNDEFINED_BELOW,
+    c1_residual,
+    clamped_features,
+    example_metrics,
+    residual_scales,
+)
 from saerecover.core.projection import (
     PROJECTIONS,
     StepContext,
@@ -98,14 +105,19 @@ def recover_batch(
     delta_site: str | list[str] | None = None,
     budget: torch.Tensor | None = None,
     on_step: Callable[[int, dict[str, torch.Tensor], torch.Tensor], None] | None = None,
+    init: Mapping[str, torch.Tensor] | None = None,
 ) -> list[ExampleOutcome]:
     """Search a delta for every example of ``ex`` at once, then evaluate with the clamp active.
 
     delta_site: the site(s) where delta is added (default: the first clamped site).
-    budget: optional per-example budgets (n,); defaults to ``cfg.budget`` for all.
+    budget: optional per-example budgets (n,); defaults to ``cfg.budget_rel`` x each example's
+    residual scale (metrics.residual_scales) when that is set, else ``cfg.budget`` for all.
     on_step: called after every step with (step, {site: delta (n, seq, d)} as applied next, the
     stage's row mask). With ``cfg.anchor_steps`` a first stage optimises the answer row alone;
     its delta then stays fixed (added to the main stage's) and the main stage runs.
+    init: the deltas to start from, {site: a tensor broadcastable to (n, seq, d)}, kept at the
+    optimized rows of the first stage (zeros by default); with ``cfg.steps == 0`` it is evaluated
+    as given (a shared delta, saerecover.core.shared).
     """
     cfg.validate()
     if mode not in PROJECTIONS:
@@ -138,19 +150,17 @@ def recover_batch(
     ex = ex.to(model.device)
     n, seq = ex.input_ids.shape
     dev = model.device
-    budgets = (budget if budget is not None else torch.full((n,), cfg.budget)).to(dev, torch.float32)
-    stages = []
+    plan = []  # (name, rows, steps, lr) of each stage
     if cfg.anchor_steps > 0:
-        anchor_budgets = budgets if cfg.anchor_budget is None else torch.full((n,), float(cfg.anchor_budget), device=dev)
-        stages.append(_Stage("anchor", ex.position_mask("answer"), cfg.anchor_steps, cfg.anchor_lr, anchor_budgets))
-    stages.append(_Stage("main", ex.position_mask(cfg.positions, cfg.response_rows), cfg.steps, cfg.lr, budgets))
-    for st in stages:
-        empty = ~st.mask.any(dim=1)
+        plan.append(("anchor", ex.position_mask("answer"), cfg.anchor_steps, cfg.anchor_lr))
+    plan.append(("main", ex.position_mask(cfg.positions, cfg.response_rows), cfg.steps, cfg.lr))
+    for name, rows, _, _ in plan:
+        empty = ~rows.any(dim=1)
         if bool(empty.any()):
             bad = [ex.ids[i] for i in empty.nonzero().flatten().tolist()[:5]]
             raise ValueError(f"examples {bad} have no rows for positions={cfg.positions!r} (nothing after the "
-                             "answer position)" if st.name == "main" else f"examples {bad} have no answer row")
-    mask = torch.stack([st.mask for st in stages]).any(dim=0)
+                             "answer position)" if name == "main" else f"examples {bad} have no answer row")
+    mask = torch.stack([rows for _, rows, _, _ in plan]).any(dim=0)
     pos = torch.arange(seq, device=dev).expand(n, seq)
     if cfg.phi_positions == "response":
         phi_mask = ex.position_mask("response", cfg.response_rows)
@@ -161,9 +171,19 @@ def recover_batch(
     rectified = [clamp.at(s).site.architecture in RECTIFIED_ARCHITECTURES for s in phi_sites]
 
     with torch.no_grad():
-        ref_states = defended.forward(ex, track=tuple(phi_sites)).sites
+        ref_states = defended.forward(ex, track=tuple(dict.fromkeys(phi_sites + sites))).sites
         ref_parts = defended_feature_parts(clamp, ref_states, phi_sites, phi_mask)
     phi_ref = torch.cat(ref_parts, dim=1) if ref_parts else phi_mask.new_zeros((n, 0), dtype=torch.float32)
+    scales = residual_scales([ref_states[s].h_def for s in sites], mask)  # C4 relative to the residual
+    if budget is None:
+        budget = cfg.budget_rel * scales if cfg.budget_rel is not None else torch.full((n,), cfg.budget)
+    budgets = budget.to(dev, torch.float32)
+    stages = []
+    for name, rows, steps, lr in plan:
+        stage_budgets = budgets
+        if name == "anchor" and cfg.anchor_budget is not None:
+            stage_budgets = torch.full((n,), float(cfg.anchor_budget), device=dev)
+        stages.append(_Stage(name, rows, steps, lr, stage_budgets))
 
     fixed: dict[str, torch.Tensor] = {s: torch.zeros(n, seq, model.d_model, device=dev) for s in sites}
     done: list[_Searched] = []
@@ -172,7 +192,7 @@ def recover_batch(
         ctx = StepContext(clamp=clamp, cfg=cfg, sites=sites, phi_sites=phi_sites, mask=st.mask, phi_mask=phi_mask,
                           rectified=rectified, example_ids=list(ex.ids))
         result = _search(defended, task, ex, mode=mode, cfg=cfg, ctx=ctx, stage=st, fixed=fixed, ref_parts=ref_parts,
-                         phi_ref=phi_ref, on_step=on_step, step_offset=offset)
+                         phi_ref=phi_ref, on_step=on_step, step_offset=offset, init=init if not done else None)
         done.append(result)
         offset += st.steps
         fixed = {s: fixed[s] + result.deltas[s] for s in sites}
@@ -184,6 +204,8 @@ def recover_batch(
     outcomes = _evaluate(defended, task, ex, fixed, mask, phi_mask, phi_sites, phi_ref, sites,
                          [r.projection for r in done], cfg, steps_taken, histories)
     for i, oc in enumerate(outcomes):
+        b, scale = float(budgets[i]), float(scales[i])  # C4 as enforced, absolute and relative
+        oc.metrics.update(budget=b, relative_budget=b / scale if scale > 0 else math.nan)
         main_norm = float(torch.sqrt(sum(last.deltas[s][i].float().pow(2).sum() for s in sites)))
         # the reference's relative delta norm: the (last stage's) delta against Phi_def, not h_def
         # (undefined, NaN, where the clamp leaves Phi_def at 0, as the other relative metrics)
@@ -203,7 +225,7 @@ def recover_batch(
 
 def _search(defended: DefendedModel, task: Task, ex: Examples, *, mode: str, cfg: RecoveryConfig, ctx: StepContext,
             stage: _Stage, fixed: dict[str, torch.Tensor], ref_parts: list[torch.Tensor], phi_ref: torch.Tensor,
-            on_step, step_offset: int) -> _Searched:
+            on_step, step_offset: int, init: Mapping[str, torch.Tensor] | None = None) -> _Searched:
     """One stage of projected optimisation: delta at ``stage.mask``'s rows of every delta site,
     added to the ``fixed`` deltas of earlier stages, ``stage.steps`` steps."""
     model, clamp = defended.model, defended.clamp
@@ -215,6 +237,10 @@ def _search(defended: DefendedModel, task: Task, ex: Examples, *, mode: str, cfg
     phi_ref_norm = phi_ref.norm(dim=1)
     deltas = {s: torch.zeros(n, seq, model.d_model, device=dev, dtype=torch.float32, requires_grad=True)
               for s in sites}
+    if init is not None:
+        with torch.no_grad():
+            for s, d in deltas.items():
+                d.copy_(torch.as_tensor(init[s]).to(dev, torch.float32) * mask.unsqueeze(-1))
     opt = _optimizer(cfg, list(deltas.values()), stage.lr)
     active = torch.ones(n, dtype=torch.bool, device=dev)
     steps_taken = torch.zeros(n, dtype=torch.long)

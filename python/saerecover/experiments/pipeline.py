@@ -18,11 +18,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from saerecover.core import protocol as protocols
 from saerecover.core.clamp import Clamp
 from saerecover.core.config import RecoveryConfig
 from saerecover.core.defended import DefendedModel
 from saerecover.core.examples import Examples, Task
 from saerecover.core.recovery import PROJECTIONS, ExampleOutcome, recover_batch
+from saerecover.core.shared import recover_shared
 from saerecover.experiments.baselines import Baseline
 from saerecover.models.base import ModelAdapter
 from saerecover.report.run import summary_table, write_report
@@ -253,6 +255,7 @@ def recover(
     memory_limit_mb: float | None = None,
     baselines: Mapping[str, Baseline] | None = None,
     summarize_extra: Callable[[dict[str, Any], list[dict[str, Any]]], Any] | None = None,
+    protocol: str | Mapping[str, Any] | None = None,
     **overrides: Any,
 ) -> RunResult:
     """Stress-test ``clamp`` on ``task``: recover every valid flip in each projection mode, then
@@ -271,6 +274,10 @@ def recover(
     summarize_extra: ``(summary, records)``, adds a task's own summary fields before it is written.
     delta_site: the clamped site of delta (default: the first), or several (a delta at each; the
     config records the first as ``delta_site`` and all as ``delta_sites``).
+    protocol: "saerecover" (default) or "reference" (saerecover.core.protocol): the protocol's
+    recovery choices of the task's scope (``task.protocol_scope``) are set where neither
+    ``overrides`` nor a non-default field of ``config`` chose them; or an entry ``{"name",
+    "choices"}`` a command or task runner resolved. config.json records the name and every choice.
     """
     t0 = time.perf_counter()
     modes = [projection] if isinstance(projection, str) else list(projection)
@@ -293,7 +300,11 @@ def recover(
         if not hasattr(cfg, key):
             raise TypeError(f"unknown recovery option {key!r}; valid: {', '.join(cfg.to_dict())}")
         setattr(cfg, key, value)
+    chosen = protocols.apply(cfg, protocol, getattr(task, "protocol_scope", None), explicit=overrides)
     cfg.validate()
+    if cfg.shared_delta and (baselines or shard is not None):
+        raise ValueError("shared_delta optimises one delta on all of the task's examples: it runs without "
+                         f"{'baselines' if baselines else 'shards'}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if not isinstance(clamp, Clamp):
@@ -333,6 +344,7 @@ def recover(
         "delta_site": (delta_site if isinstance(delta_site, str) else (delta_site or [None])[0])
         or clamp.site_clamps[0].site.hook_name,
         **({"delta_sites": delta_site} if isinstance(delta_site, list) and len(delta_site) > 1 else {}),
+        "protocol": chosen,
         **(extra_config or {}),
     }
     if shard is not None:
@@ -383,6 +395,14 @@ def recover(
                 return _recover_chunk(partial(_recover_residual, defended, task, mode=mode, cfg=cfg,
                                               delta_site=delta_site), ex.select(chunk))
 
+            if cfg.shared_delta:  # one delta optimised on every example, applied to each valid flip
+                if todo:
+                    _, shared = recover_shared(defended, task, ex, todo, mode=mode, cfg=cfg, delta_site=delta_site,
+                                               batch_size=oom["batch"])
+                    for i, oc in zip(todo, shared):
+                        emit_result(i, oc, None, 0)
+                bar.close()
+                continue
             start = 0
             while start < len(todo):
                 chunk = _next_chunk(todo, start, oom["batch"], lengths, tokens)
@@ -396,7 +416,9 @@ def recover(
         summary = summarize(records, task=getattr(task, "name", "task"), modes=all_modes,
                             extra={"n_examples": len(ex), "clamp": clamp.describe(),
                                    "model": resolved["model"], "seconds": time.perf_counter() - t0,
-                                   "oom_retries": oom["oom_retries"]})
+                                   "oom_retries": oom["oom_retries"], "protocol": chosen["name"],
+                                   "delta": {"shared": cfg.shared_delta,
+                                             "n_optimised": len(ex) if cfg.shared_delta else None}})
         if summarize_extra is not None:
             summarize_extra(summary, records)
         if run_dir is not None:

@@ -165,6 +165,7 @@ def run_refusal(
     overwrite: bool = False,
     extra_config: Mapping[str, Any] | None = None,
     config: RecoveryConfig | None = None,
+    protocol: str | Mapping[str, Any] | None = None,
     **overrides: Any,
 ) -> RunResult:
     """Recover the valid refusal flips of ``task`` under ``clamp`` in every mode of ``modes``
@@ -173,7 +174,7 @@ def run_refusal(
     overrides: RecoveryConfig fields (default ``positions="prompt"``: delta on every prompt
     row). delta_site: a clamped site, several, or "all" (a delta at every clamped site, as the
     reference). The summary's modes carry the refusal metrics (:func:`refusal_summary`) and the
-    report gets a refusal table.
+    report gets a refusal table. protocol: the run's (:func:`saerecover.experiments.pipeline.recover`).
     """
     modes = list(modes)
     bad = [m for m in modes if m not in REFUSAL_MODES]
@@ -199,7 +200,8 @@ def run_refusal(
     run_modes = residual or ["none"]
     return recover(model, clamp, task, projection=run_modes, baselines={SUFFIX: suffix} if SUFFIX in modes else None,
                    out=out, batch_size=batch_size, delta_site=delta_site, config=cfg, progress=progress,
-                   extra_config=extra, report=report, overwrite=overwrite, summarize_extra=add_refusal_summary)
+                   extra_config=extra, report=report, overwrite=overwrite, summarize_extra=add_refusal_summary,
+                   protocol=protocol)
 
 
 

@@ -126,12 +126,14 @@ def robustness(records_by_budget: Mapping[float, Sequence[Mapping[str, Any]]], m
 def budget_sweep(model: Any, clamp: Any, task: Any, budgets: Sequence[float], *, out: str | Path,
                  projection: str | Sequence[str] = ("none", "encoder"), batch_size: int = 32,
                  progress: bool = False, overwrite: bool = False, report: bool = True,
-                 extra_config: Mapping[str, Any] | None = None, **overrides: Any) -> SweepResult:
+                 extra_config: Mapping[str, Any] | None = None, protocol: str | Mapping[str, Any] | None = None,
+                 **overrides: Any) -> SweepResult:
     """Recover ``task`` under ``clamp`` at every budget of ``budgets`` (each > 0): one run
     directory ``OUT/budget-<b>/`` per budget, then the combined summary with a ``budget_sweep``
     list and a ``robustness`` entry (:func:`robustness`), a report and a plot.
 
-    overrides: other RecoveryConfig fields, the same for every budget.
+    overrides: other RecoveryConfig fields, the same for every budget. protocol: each run's
+    (:func:`saerecover.experiments.pipeline.recover`).
     """
     grid = check_grid(budgets, "budgets", integer=False)
     if "budget" in overrides:
@@ -145,7 +147,7 @@ def budget_sweep(model: Any, clamp: Any, task: Any, budgets: Sequence[float], *,
         res = recover(model, clamp, task, projection=modes, out=root / name, batch_size=batch_size,
                       progress=progress, overwrite=overwrite, report=report,
                       extra_config={**(extra_config or {}), "sweep": {"kind": "budget", "budget": b}},
-                      budget=b, **overrides)
+                      protocol=protocol, budget=b, **overrides)
         runs[b] = res
         rows += [collection.mode_row(res.summary["modes"][m], mode=m, budget=b, run_dir=name) for m in modes]
     rob = robustness({b: r.records for b, r in runs.items()}, modes)
@@ -159,6 +161,7 @@ def budget_sweep(model: Any, clamp: Any, task: Any, budgets: Sequence[float], *,
         "n_examples": first.summary.get("n_examples"),
         "n_valid": first.summary.get("n_valid"),
         "recovery": dict(overrides),
+        "protocol": first.summary.get("protocol"),
         "budget_sweep": rows,
         "robustness": rob,
         "intervals": {"rates": "Wilson score 95%", "continuous": "means over valid examples"},
@@ -188,12 +191,14 @@ def attribution_clamps(model: Any, site: Any, task: Any, *, value: float = -5.0,
 def feature_sweep(model: Any, task: Any, ks: Sequence[int], *, make_clamp: Callable[[int], Any],
                   out: str | Path, projection: str | Sequence[str] = ("none", "encoder"), batch_size: int = 32,
                   progress: bool = False, overwrite: bool = False, report: bool = True,
-                  extra_config: Mapping[str, Any] | None = None, **overrides: Any) -> SweepResult:
+                  extra_config: Mapping[str, Any] | None = None, protocol: str | Mapping[str, Any] | None = None,
+                  **overrides: Any) -> SweepResult:
     """Recover ``task`` under ``make_clamp(K)`` for every K of ``ks``: one run directory
     ``OUT/k-<K>/`` per K (valid flips recomputed for each clamp), then the combined summary with a
     ``feature_sweep`` list, a report and a plot.
 
-    overrides: RecoveryConfig fields, the same for every K.
+    overrides: RecoveryConfig fields, the same for every K. protocol: each run's
+    (:func:`saerecover.experiments.pipeline.recover`).
     """
     grid = check_grid(ks, "ks", integer=True)
     modes = _modes(projection)
@@ -206,7 +211,8 @@ def feature_sweep(model: Any, task: Any, ks: Sequence[int], *, make_clamp: Calla
         name = collection.member_name("k", k)
         res = recover(model, clamp, task, projection=modes, out=root / name, batch_size=batch_size,
                       progress=progress, overwrite=overwrite, report=report,
-                      extra_config={**(extra_config or {}), "sweep": {"kind": "features", "k": k}}, **overrides)
+                      extra_config={**(extra_config or {}), "sweep": {"kind": "features", "k": k}},
+                      protocol=protocol, **overrides)
         runs[k] = res
         rows += [collection.mode_row(res.summary["modes"][m], mode=m, k=k, n_features=n_feat,
                                      n_examples=res.summary.get("n_examples"), run_dir=name) for m in modes]
@@ -216,6 +222,7 @@ def feature_sweep(model: Any, task: Any, ks: Sequence[int], *, make_clamp: Calla
         "ks": grid,
         "modes": modes,
         "recovery": dict(overrides),
+        "protocol": next(iter(runs.values())).summary.get("protocol"),
         "feature_sweep": rows,
         "intervals": {"rates": "Wilson score 95%", "continuous": "means over valid examples"},
     }

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from saerecover.core import protocol as protocols
 from saerecover.core.clamp import Clamp
 from saerecover.data.text_classes import TextClasses
 from saerecover.experiments.pipeline import recover
@@ -15,7 +16,7 @@ from saerecover.report.collections import collection_table, write_collection_rep
 from saerecover.runs import collection
 from saerecover.runs.stats import summarize
 from saerecover.tasks.text import CONTEXT_LENGTH
-from saerecover.tasks.tpp import TPPSetup, fit
+from saerecover.tasks.tpp import TPPSetup, fit, tpp_metric
 
 
 @dataclass
@@ -36,20 +37,30 @@ TPP_RECOVERY: dict[str, Any] = {"steps": 100, "lr": 0.1, "budget": 20.0, "positi
 
 
 def run_tpp(model: Any, site: Any, data: TextClasses, *, out: str | Path, classes: Sequence[str] | None = None,
-            top_n: int = 10, projection: str | Sequence[str] = ("none", "encoder"),
+            top_n: int | None = None, projection: str | Sequence[str] = ("none", "encoder"),
             context_length: int = CONTEXT_LENGTH, probe: Mapping[str, Any] | None = None, seed: int = 0,
             loss: str = "logit", batch_size: int = 32, progress: bool = False, overwrite: bool = False,
-            report: bool = True, setup: TPPSetup | None = None, **overrides: Any) -> TPPResult:
+            report: bool = True, setup: TPPSetup | None = None, protocol: str | Mapping[str, Any] | None = None,
+            probe_trainer: str | None = None, **overrides: Any) -> TPPResult:
     """TPP end to end: fit probes and latents, then per target class zero-ablate its top-N latents
     (all positions, SAE error kept) and recover the probe with delta at the pooled rows.
 
     Writes ``OUT/class-<c>/`` (one run directory per class), ``OUT/probes.safetensors`` and the
-    combined ``OUT/summary.json`` / ``report.md`` (per class and pooled over classes, per mode).
-    overrides: RecoveryConfig fields (defaults :data:`TPP_RECOVERY`).
+    combined ``OUT/summary.json`` / ``report.md``: per class; the unweighted mean over the target
+    classes (``class_mean``, the headline: the paper averages its targets); pooled over all valid
+    examples (``modes``, the weighted number); and SAEBench's TPP metric of the clamp
+    (``tpp_metric``: per class and mean).
+    top_n, probe_trainer: None takes ``protocol``'s (saerecover: 10, "saerecover"; reference: 500,
+    "saebench"; saerecover.core.protocol). overrides: RecoveryConfig fields (defaults
+    :data:`TPP_RECOVERY`).
     """
+    chosen = {"name": protocols.name_of(protocol),
+              "choices": protocols.resolve("tpp", protocol, {"top_n": top_n, "probe_trainer": probe_trainer})}
+    top_n = chosen["choices"]["top_n"]
     root = collection.prepare(out)
     setup = setup or fit(model, site, data, classes=classes, top_n=top_n, context_length=context_length,
-                         probe=probe, seed=seed, loss=loss, batch_size=batch_size)
+                         probe=probe, seed=seed, loss=loss, batch_size=batch_size,
+                         trainer=chosen["choices"]["probe_trainer"])
     setup.probes.save(root / "probes.safetensors")
     modes = [projection] if isinstance(projection, str) else list(projection)
     cfg = {**TPP_RECOVERY, "seed": seed, **overrides}
@@ -61,7 +72,7 @@ def run_tpp(model: Any, site: Any, data: TextClasses, *, out: str | Path, classe
         res = recover(setup.probed, clamp, task, projection=modes, out=root / collection.member_name("class", c),
                       batch_size=batch_size, progress=progress, overwrite=overwrite, report=report,
                       extra_config={"tpp": {"class": c, "top_n": top_n, "latents": setup.latents[c].tolist()}},
-                      **cfg)
+                      protocol=chosen, **cfg)
         runs[c] = res
         flips = res.flips
         per_class[c] = {
@@ -75,11 +86,13 @@ def run_tpp(model: Any, site: Any, data: TextClasses, *, out: str | Path, classe
         }
         all_records += res.records
     pooled = summarize(all_records, task="tpp", modes=modes)
+    metric = tpp_metric(model, site, setup, context_length=context_length, batch_size=batch_size)
     summary = {
         "collection": "tpp",
         "task": "tpp",
         "hook_name": site.hook_name,
         "top_n": top_n,
+        "protocol": chosen["name"],
         "classes": list(setup.tasks),
         "probes": setup.probes.describe(),
         "data": setup.data.describe(),
@@ -87,8 +100,40 @@ def run_tpp(model: Any, site: Any, data: TextClasses, *, out: str | Path, classe
         "n_examples": pooled["n_examples"],
         "n_valid": pooled["n_valid"],
         "per_class": per_class,
+        "class_mean": class_mean(per_class, modes),
         "modes": {m: collection.mode_row(pooled["modes"][m]) for m in modes},
+        "tpp_metric": metric,
         "intervals": pooled["intervals"],
     }
     write_collection_report(root, summary)
     return TPPResult(summary=summary, runs=runs, setup=setup, path=root)
+
+
+#: The per-class numbers averaged (unweighted) over the target classes in ``class_mean``.
+CLASS_MEAN_KEYS = ("recovery_rate", "zero_reactivation_rate", "activation_drift_mean", "relative_drift_mean",
+                   "decode_drift_mean", "floor_violation_mean", "reactivated_fraction_mean",
+                   "reactivated_fraction_eligible_mean", "delta_norm_mean", "relative_delta_norm_mean",
+                   "budget_mean", "relative_budget_mean")
+
+
+def class_mean(per_class: Mapping[str, Any], modes: Sequence[str]) -> dict[str, Any]:
+    """The headline of a TPP collection, per mode: each number of :data:`CLASS_MEAN_KEYS` averaged
+    without weights over the target classes that have one (classes without valid flips have no
+    rates), as the paper's table (the mean of its 20 targets' per-target means); ``n_valid`` and
+    ``recovered`` are sums, ``n_classes`` the classes averaged (per key: ``n_classes_<key>``),
+    ``c1_residual_max`` the maximum."""
+    out: dict[str, Any] = {}
+    for m in modes:
+        rows = [info["modes"][m] for info in per_class.values()]
+        row: dict[str, Any] = {"n_classes": sum(1 for r in rows if r.get("recovery_rate") is not None),
+                               "n_valid": sum(r.get("n_valid") or 0 for r in rows),
+                               "recovered": sum(r.get("recovered") or 0 for r in rows)}
+        for key in CLASS_MEAN_KEYS:
+            vals = [r[key] for r in rows if r.get(key) is not None]
+            row[key] = sum(vals) / len(vals) if vals else None
+            if len(vals) != row["n_classes"]:
+                row[f"n_classes_{key}"] = len(vals)
+        c1 = [r["c1_residual_max"] for r in rows if r.get("c1_residual_max") is not None]
+        row["c1_residual_max"] = max(c1) if c1 else None
+        out[m] = row
+    return out

@@ -89,9 +89,11 @@ MODE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("recovery", "recovery rate [95% Wilson]"),
     ("activation_drift_mean", "activation drift"),
     ("relative_drift_mean", "relative drift"),
-    ("reactivated_fraction_mean", "reactivated fraction"),
+    ("reactivated_fraction_mean", "reactivated: of all pairs"),
+    ("reactivated_fraction_eligible_mean", "reactivated: of eligible pairs"),
     ("zero_reactivation", "zero-reactivation rate [95% Wilson]"),
     ("delta_norm_mean", "mean delta norm"),
+    ("relative_delta_norm_mean", "relative delta norm"),
     ("c1_residual_max", "c1 residual max"),
 )
 

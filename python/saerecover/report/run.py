@@ -40,8 +40,11 @@ def _columns(summary: Mapping[str, Any]) -> list[tuple[str, _Cell]]:
         ("activation drift", lambda m: num(m.get("activation_drift_mean"))),
         ("relative drift", lambda m: num(m.get("relative_drift_mean"))),
         ("floor violation", lambda m: num(m.get("floor_violation_mean"))),
+        ("reactivated: of all pairs", lambda m: num(m.get("reactivated_fraction_mean"))),
+        ("reactivated: of eligible pairs", lambda m: num(m.get("reactivated_fraction_eligible_mean"))),
         ("zero-reactivation rate", lambda m: rate_with_ci(m, "zero_reactivation_rate")),
         ("mean delta norm", lambda m: num(m.get("delta_norm_mean"))),
+        ("relative delta norm", lambda m: num(m.get("relative_delta_norm_mean"))),
         ("c1 residual max", lambda m: num(m.get("c1_residual_max"))),
     ]
     modes = summary.get("modes") or {}
@@ -49,6 +52,26 @@ def _columns(summary: Mapping[str, Any]) -> list[tuple[str, _Cell]]:
         cols.append(("failed", lambda m: str(m.get("n_failed", 0))))
     return cols
 
+
+
+def _delta_lines(summary: Mapping[str, Any]) -> list[str]:
+    """What delta was: one per example or one shared by all, and its budget (C4) in absolute
+    terms and relative to the defended residual."""
+    lines = []
+    shared = summary.get("delta")
+    if isinstance(shared, Mapping) and shared.get("shared"):
+        lines.append(f"- **delta**: one vector shared by all {shared.get('n_optimised')} examples (the reference "
+                     "code's IOI protocol), optimised on their mean loss, valid flips or not; the "
+                     "per-example numbers apply it to each valid flip")
+    elif isinstance(shared, Mapping):
+        lines.append("- **delta**: one per example")
+    modes = [m or {} for m in (summary.get("modes") or {}).values()]
+    budget = next((m for m in modes if m.get("budget_mean") is not None), None)
+    if budget is not None:
+        lines.append(f"- **budget (C4)**: ||delta|| <= {num(budget['budget_mean'])} on average, "
+                     f"{num(budget.get('relative_budget_mean'))} x the defended residual's scale at the "
+                     "optimized rows (sqrt(rows) x the median row norm)")
+    return [*lines, ""] if lines else []
 
 
 def summary_table(summary: Mapping[str, Any]) -> str:
@@ -388,10 +411,14 @@ def _render(run, config, summary, records, plots, notes) -> str:
         "Rates are over valid flips (a failed example counts as not recovered); intervals: "
         f"{iv.get('rates', 'Wilson score 95%')}. Drifts, norms and residuals are means over "
         "valid, non-failed examples; intervals: "
-        f"{iv.get('continuous', '95% bootstrap')}. Zero-reactivation rate: recovered with no "
-        "clamped feature above eta.",
+        f"{iv.get('continuous', '95% bootstrap')}. A (row, feature) pair is eligible when the clamp "
+        "silenced it (z_def <= eta) and reactivated when delta brings it above eta; the reactivated share "
+        "is given of all pairs and of the eligible pairs (the paper's reactivated-feature fraction, as "
+        "its reference code computes it). Zero-reactivation rate: recovered with no eligible pair "
+        "reactivated. Relative delta norm: ||delta|| / ||h_def|| at the optimized rows.",
         "",
     ]
+    out += _delta_lines(summary)
     table = _interval_table(summary)
     if table:
         out += ["### Means with 95% bootstrap intervals", "", table, ""]

@@ -84,7 +84,8 @@ def mode_row(m: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
             "zero_reactivation_recovered", "zero_reactivation_rate", "zero_reactivation_rate_ci95",
             "activation_drift_mean", "activation_drift_ci95", "relative_drift_mean", "relative_drift_ci95",
             "decode_drift_mean", "floor_violation_mean", "reactivated_fraction_mean",
-            "delta_norm_mean", "relative_delta_norm_mean", "c1_residual_max", "steps_mean")
+            "reactivated_fraction_eligible_mean", "delta_norm_mean", "relative_delta_norm_mean", "budget_mean",
+            "relative_budget_mean", "c1_residual_max", "steps_mean")
     return {**extra, **{k: m.get(k) for k in keys}}
 
 

@@ -31,8 +31,11 @@ CONTINUOUS_METRICS = (
     "relative_drift",
     "floor_violation",
     "reactivated_fraction",
+    "reactivated_fraction_eligible",
     "delta_norm",
     "relative_delta_norm",
+    "budget",
+    "relative_budget",
     "c1_residual",
 )
 

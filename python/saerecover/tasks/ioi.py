@@ -7,7 +7,7 @@ import numbers
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -29,13 +29,43 @@ GPT2_NAMES: tuple[str, ...] = (
 GPT2_PLACES: tuple[str, ...] = ("store", "garden", "restaurant", "school", "hospital", "office", "station", "park")
 GPT2_OBJECTS: tuple[str, ...] = ("drink", "ring", "bone", "kiss", "basketball", "computer", "necklace", "snack")
 PATTERNS = ("BABA", "ABBA")
+#: How prompts are drawn: ours (any template, pattern and names), or the reference code's.
+SAMPLERS = ("saerecover", "reference")
+
+#: The reference code's IOI prompts (``--ioi-prompts reference``): Easy-Transformer's IOI dataset
+#: (redwoodresearch/Easy-Transformer@ea15315, ``easy_transformer/ioi_dataset.py``), which the paper's
+#: code samples with ``IOIDataset(prompt_type="BABA", N=64, nb_templates=1)`` after ``random.seed(0)``:
+#: its first BABA template (``:132``), its 99 names (``:17-117``), places (``:214-223``) and objects
+#: (``:224-233``), drawn in ``gen_prompt_uniform``'s order (``:282-338``).
+REFERENCE_TEMPLATE = "Then, {N1} and {N2} went to the {PLACE}. {S} gave a {OBJECT} to"
+REFERENCE_NAMES: tuple[str, ...] = (
+    "Michael", "Christopher", "Jessica", "Matthew", "Ashley", "Jennifer", "Joshua", "Amanda", "Daniel",
+    "David", "James", "Robert", "John", "Joseph", "Andrew", "Ryan", "Brandon", "Jason", "Justin", "Sarah",
+    "William", "Jonathan", "Stephanie", "Brian", "Nicole", "Nicholas", "Anthony", "Heather", "Eric",
+    "Elizabeth", "Adam", "Megan", "Melissa", "Kevin", "Steven", "Thomas", "Timothy", "Christina", "Kyle",
+    "Rachel", "Laura", "Lauren", "Amber", "Brittany", "Danielle", "Richard", "Kimberly", "Jeffrey", "Amy",
+    "Crystal", "Michelle", "Tiffany", "Jeremy", "Benjamin", "Mark", "Emily", "Aaron", "Charles", "Rebecca",
+    "Jacob", "Stephen", "Patrick", "Sean", "Erin", "Jamie", "Kelly", "Samantha", "Nathan", "Sara", "Dustin",
+    "Paul", "Angela", "Tyler", "Scott", "Katherine", "Andrea", "Gregory", "Erica", "Mary", "Travis", "Lisa",
+    "Kenneth", "Bryan", "Lindsey", "Kristen", "Jose", "Alexander", "Jesse", "Katie", "Lindsay", "Shannon",
+    "Vanessa", "Courtney", "Christine", "Alicia", "Cody", "Allison", "Bradley", "Samuel",
+)
+REFERENCE_PLACES: tuple[str, ...] = (
+    "store", "garden", "restaurant", "school", "hospital", "office", "house", "station",
+)
+REFERENCE_OBJECTS: tuple[str, ...] = (
+    "ring", "kiss", "bone", "basketball", "computer", "necklace", "drink", "snack",
+)
 
 
 @dataclass
 class IOI:
     """IOI prompts from templates, with names that are single tokens for ``tokenizer``.
 
-    patterns: "BABA" (S named first) and/or "ABBA" (IO named first).
+    patterns: "BABA" (S named first) and/or "ABBA" (IO named first). sampler: "saerecover" (a
+    template, pattern, two distinct names, place and object per prompt, from ``random.Random(seed)``)
+    or "reference" (the reference code's prompts, :meth:`reference`: Easy-Transformer's draws, every
+    name must be one token).
     """
 
     tokenizer: Any
@@ -47,7 +77,10 @@ class IOI:
     places: Sequence[str] = GPT2_PLACES
     objects: Sequence[str] = GPT2_OBJECTS
     name: str = "ioi"
+    sampler: str = "saerecover"
     _examples: Examples | None = field(default=None, init=False, repr=False)
+    #: the task's choices in saerecover.core.protocol
+    protocol_scope: ClassVar[str] = "ioi"
 
     def __post_init__(self) -> None:
         if not callable(self.tokenizer):
@@ -59,6 +92,15 @@ class IOI:
         bad = [p for p in self.patterns if p not in PATTERNS]
         if bad or not self.patterns:
             raise ValueError(f"unknown IOI patterns {bad}; valid: {', '.join(PATTERNS)}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown IOI sampler {self.sampler!r}; valid: {', '.join(SAMPLERS)}")
+        if self.sampler == "reference":
+            if list(self.patterns) != ["BABA"]:
+                raise ValueError(f"the reference IOI prompts are BABA only, got patterns {list(self.patterns)}")
+            multi = [nm for nm in self.names if self._name_token(nm) is None]
+            if multi:
+                raise ValueError(f"the reference IOI prompts need every name to be one token; for this tokenizer "
+                                 f"{multi[:5]} are not (GPT-2's tokenizer has them all)")
         self.names = [nm for nm in self.names if self._name_token(nm) is not None]
         if len(self.names) < 2:
             raise ValueError("fewer than two names are single tokens for this tokenizer (names it maps to "
@@ -72,6 +114,27 @@ class IOI:
         unk = getattr(self.tokenizer, "unk_token_id", None)
         return int(ids[0]) if len(ids) == 1 and (unk is None or ids[0] != unk) else None
 
+    @classmethod
+    def reference(cls, tokenizer: Any, n: int = 64, seed: int = 0, name: str = "ioi") -> IOI:
+        """The reference code's prompts: Easy-Transformer's first BABA template, names, places and
+        objects, drawn as its ``gen_prompt_uniform`` draws them after ``random.seed(seed)``."""
+        return cls(tokenizer, n=n, seed=seed, patterns=("BABA",), templates=(REFERENCE_TEMPLATE,),
+                   names=REFERENCE_NAMES, places=REFERENCE_PLACES, objects=REFERENCE_OBJECTS, name=name,
+                   sampler="reference")
+
+    def _draw(self, rng: random.Random) -> tuple[str, str, str, str, str, str]:
+        """(template, pattern, IO, S, place, object) of the next prompt."""
+        if self.sampler == "reference":  # gen_prompt_uniform: template, three distinct names, place, object
+            template = rng.choice(list(self.templates))
+            n1 = n2 = n3 = ""
+            while len({n1, n2, n3}) < 3:
+                n1, n2, n3 = rng.choice(self.names), rng.choice(self.names), rng.choice(self.names)
+            return template, "BABA", n1, n2, rng.choice(list(self.places)), rng.choice(list(self.objects))
+        template = rng.choice(list(self.templates))
+        pattern = rng.choice(list(self.patterns))
+        io_name, s_name = rng.sample(list(self.names), 2)
+        return template, pattern, io_name, s_name, rng.choice(list(self.places)), rng.choice(list(self.objects))
+
     def examples(self) -> Examples:
         if self._examples is not None:
             return self._examples
@@ -84,16 +147,16 @@ class IOI:
             tries += 1
             if tries > 50 * self.n:
                 raise RuntimeError("could not build IOI prompts whose answer is a single next token")
-            template = rng.choice(list(self.templates))
-            pattern = rng.choice(list(self.patterns))
-            io_name, s_name = rng.sample(list(self.names), 2)
+            template, pattern, io_name, s_name, place, obj = self._draw(rng)
             n1, n2 = (s_name, io_name) if pattern == "BABA" else (io_name, s_name)
-            prompt = template.format(N1=n1, N2=n2, S=s_name, PLACE=rng.choice(list(self.places)),
-                                     OBJECT=rng.choice(list(self.objects)))
+            prompt = template.format(N1=n1, N2=n2, S=s_name, PLACE=place, OBJECT=obj)
             toks = self._encode(prompt)
             io_tok, s_tok = self._name_token(io_name), self._name_token(s_name)
             full = self._encode(prompt + " " + io_name)
             if full[: len(toks)] != toks or full[len(toks):] != [io_tok]:
+                if self.sampler == "reference":  # skipping would leave the reference's draws
+                    raise ValueError(f"reference IOI prompt {prompt!r}: the answer {io_name!r} is not one clean "
+                                     "next token for this tokenizer")
                 continue  # the answer would not be one clean next token after this prompt
             seqs.append(toks)
             io_ids.append(io_tok)
@@ -124,7 +187,7 @@ class IOI:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "n": self.n, "seed": self.seed, "patterns": list(self.patterns),
                 "templates": list(self.templates), "names": list(self.names), "places": list(self.places),
-                "objects": list(self.objects)}
+                "objects": list(self.objects), "sampler": self.sampler}
 
     @staticmethod
     def describes(desc: Mapping[str, Any]) -> bool:
@@ -137,4 +200,4 @@ class IOI:
         templates, names, places, objects and seed."""
         return cls(model.tokenizer, n=int(desc["n"]), seed=int(desc["seed"]), patterns=list(desc["patterns"]),
                    templates=desc["templates"], names=desc["names"], places=desc["places"], objects=desc["objects"],
-                   name=str(desc.get("name", "ioi")))
+                   name=str(desc.get("name", "ioi")), sampler=str(desc.get("sampler", "saerecover")))

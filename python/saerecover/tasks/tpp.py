@@ -24,14 +24,15 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from saerecover.core.clamp import Clamp
 from saerecover.core.examples import Examples
 from saerecover.data.text_classes import TextClasses
 from saerecover.models.partial import run_to_site
-from saerecover.tasks.probes import PROBE_DEFAULTS, Probes, train_probes
+from saerecover.tasks.probes import PROBE_DEFAULTS, Probes, binary_set, train_probes
 from saerecover.tasks.text import CONTEXT_LENGTH, masked_mean, pool_mask, special_ids, tokenize
 
 LOSSES = ("logit", "bce")
@@ -108,6 +109,7 @@ class TPPTask:
     loss_kind: str = "logit"
     name: str = "tpp"
     info: dict[str, Any] = field(default_factory=dict)
+    protocol_scope: ClassVar[str] = "tpp"
 
     def __post_init__(self) -> None:
         if self.loss_kind not in LOSSES:
@@ -158,33 +160,49 @@ class PooledStats:
     z_rest_mean: dict[str, torch.Tensor]  # class -> mean over the other classes' texts (d_sae,)
 
 
+def text_labels(data: Mapping[str, Sequence[str]]) -> list[str]:
+    """The class of every text of ``data`` (class -> texts), in the order the passes read them."""
+    return [c for c in data for _ in data[c]]
+
+
 @torch.no_grad()
 def pooled_stats(model: Any, site: Any, tokenizer: Any, data: Mapping[str, Sequence[str]], *,
-                 context_length: int = CONTEXT_LENGTH, batch_size: int = 32, with_sae: bool = True) -> PooledStats:
-    """One clean pass over ``data`` (class -> texts): pooled residuals at the site and, per
-    class, the mean pooled SAE activation on its texts and on all other texts."""
+                 context_length: int = CONTEXT_LENGTH, batch_size: int = 32, with_sae: bool = True,
+                 negatives: Mapping[str, Sequence[int]] | None = None, edit: Any = None) -> PooledStats:
+    """One pass over ``data`` (class -> texts): pooled residuals at the site and, per class, the
+    mean pooled SAE activation on its texts and on the other texts: all of them, or (``negatives``:
+    class -> indices into :func:`text_labels`) those listed. ``edit``: a function of the site's
+    residual applied first (a clamp), so the pooled residuals are the clamped model's."""
     texts = [t for c in data for t in data[c]]
-    labels = [c for c in data for _ in data[c]]
+    labels = text_labels(data)
     specials = special_ids(tokenizer)
     xs, zsum = [], {}
     counts = {c: len(v) for c, v in data.items()}
+    neg_of = {c: set(v) for c, v in (negatives or {}).items()}
+    negsum = {c: 0 for c in neg_of}
     for start in range(0, len(texts), batch_size):
         ids, mask = tokenize(tokenizer, texts[start:start + batch_size], context_length)
         ids, mask = ids.to(model.device), mask.to(model.device)
-        h, _ = run_to_site(model, site.hook_name, ids, mask)
+        h, _ = run_to_site(model, site.hook_name, ids, mask, edits={site.hook_name: edit} if edit else None)
         pm = pool_mask(ids, mask, specials)
         xs.append(masked_mean(h.float(), pm).cpu())
         if with_sae:
             z = masked_mean(site.encode(h), pm).double().cpu()
             for j, c in enumerate(labels[start:start + batch_size]):
                 zsum[c] = zsum.get(c, 0) + z[j]
+                for t, members in neg_of.items():
+                    if start + j in members:
+                        negsum[t] = negsum[t] + z[j]
     cls_mean, rest_mean = {}, {}
     if with_sae:
         total = sum(zsum.values())
         n = len(texts)
         for c in data:
             cls_mean[c] = (zsum[c] / counts[c]).float()
-            rest_mean[c] = ((total - zsum[c]) / max(n - counts[c], 1)).float()
+            if c in neg_of:
+                rest_mean[c] = (negsum[c] / max(len(neg_of[c]), 1)).float()
+            else:
+                rest_mean[c] = ((total - zsum[c]) / max(n - counts[c], 1)).float()
     return PooledStats(x=torch.cat(xs), labels=labels, z_class_mean=cls_mean, z_rest_mean=rest_mean)
 
 
@@ -221,13 +239,22 @@ class TPPSetup:
     latents: dict[str, torch.Tensor]
     tasks: dict[str, TPPTask]
     data: TextClasses
+    #: the clean pooled test residuals (n_test_texts, d_model) and their classes (for the TPP metric)
+    x_test: torch.Tensor | None = None
+    labels_test: list[str] = field(default_factory=list)
+    seed: int = 0
 
 
 def fit(model: Any, site: Any, data: TextClasses, *, classes: Sequence[str] | None = None, top_n: int = 10,
         context_length: int = CONTEXT_LENGTH, probe: Mapping[str, Any] | None = None, seed: int = 0,
-        loss: str = "logit", batch_size: int = 32) -> TPPSetup:
+        loss: str = "logit", batch_size: int = 32, trainer: str = "saerecover") -> TPPSetup:
     """Steps 1-2 of TPP: probes on clean pooled residuals, latent scores, top-N per class, and the
-    recovery task of each target class (``classes``, default all)."""
+    recovery task of each target class (``classes``, default all).
+
+    trainer: the probe trainer (saerecover.tasks.probes). With "saebench" a latent's negative-class
+    mean is over a balanced draw of the other classes' train texts (equal shares, as SAEBench's
+    ``get_effects_per_class_precomputed_acts``), not over all of them.
+    """
     data.check()
     if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
         raise ValueError(f"top_n must be an integer >= 1, got {top_n!r}")
@@ -237,11 +264,16 @@ def fit(model: Any, site: Any, data: TextClasses, *, classes: Sequence[str] | No
         raise ValueError(f"unknown target class(es) {unknown}; classes: {data.classes}")
     tok = model.tokenizer
     opts = {**PROBE_DEFAULTS, **(probe or {})}
-    train = pooled_stats(model, site, tok, data.train, context_length=context_length, batch_size=batch_size)
+    negatives = None
+    if trainer == "saebench":  # a second balanced draw per class, as SAEBench draws again for the scores
+        labels = text_labels(data.train)
+        negatives = {c: [i for i, t in zip(*binary_set(labels, c, seed + 2, trainer)) if t == 0] for c in targets}
+    train = pooled_stats(model, site, tok, data.train, context_length=context_length, batch_size=batch_size,
+                         negatives=negatives)
     test = pooled_stats(model, site, tok, data.test, context_length=context_length, batch_size=batch_size,
                         with_sae=False)
     probes = train_probes(train.x, train.labels, data.classes, x_test=test.x, labels_test=test.labels,
-                          seed=seed, **opts)
+                          seed=seed, trainer=trainer, **opts)
     probed = ProbedModel(model, site.hook_name, probes)
     scores, latents, tasks = {}, {}, {}
     for c in targets:
@@ -250,8 +282,59 @@ def fit(model: Any, site: Any, data: TextClasses, *, classes: Sequence[str] | No
         latents[c] = top_latents(scores[c], top_n)
         tasks[c] = make_task(tok, data.test[c], c, probes, context_length=context_length, loss=loss,
                              info={"probe": probes.describe(), "data": data.describe(), "top_n": top_n,
-                                   "probe_options": opts, "seed": seed})
-    return TPPSetup(probes=probes, probed=probed, scores=scores, latents=latents, tasks=tasks, data=data)
+                                   "probe_options": {**opts, "trainer": trainer}, "seed": seed})
+    return TPPSetup(probes=probes, probed=probed, scores=scores, latents=latents, tasks=tasks, data=data,
+                    x_test=test.x, labels_test=test.labels, seed=seed)
+
+
+def probe_accuracies(probes: Probes, x: torch.Tensor, labels: Sequence[str], seed: int) -> dict[str, float]:
+    """Each probe's accuracy (logit > 0 vs label) on its class's balanced test set, the one
+    :func:`~saerecover.tasks.probes.train_probes` measures (``binary_set`` with ``seed + 1``),
+    given the pooled residuals ``x`` of every test text."""
+    out = {}
+    for k, c in enumerate(probes.classes):
+        idx, y = binary_set(labels, c, seed + 1, probes.trainer)
+        out[c] = float((((x[idx].float() @ probes.weight[k] + probes.bias[k]) > 0).float() == y).float().mean())
+    return out
+
+
+def tpp_metric(model: Any, site: Any, setup: TPPSetup, *, context_length: int = CONTEXT_LENGTH,
+               batch_size: int = 32) -> dict[str, Any]:
+    """SAEBench's TPP metric of the clamp (``create_tpp_plotting_dict``), per target class c and its
+    mean: intended = acc_c(clean) - acc_c(c ablated), unintended = the mean over the other probe
+    classes j of acc_j(clean) - acc_j(c ablated), total = intended - unintended. Accuracy of probe j
+    on its balanced test set (:func:`probe_accuracies`); clean and ablated on the same set (SAEBench
+    draws fresh negatives for each ablated evaluation and takes the clean accuracy from training)."""
+    if setup.x_test is None:
+        raise ValueError("the TPP setup has no clean test residuals (fit() keeps them)")
+    clean = probe_accuracies(setup.probes, setup.x_test, setup.labels_test, setup.seed)
+    ablated = {}
+    for c, latents in setup.latents.items():
+        sc = Clamp({site: latents}, mode="zero", where="all").at(site.hook_name)
+        pooled = pooled_stats(model, site, model.tokenizer, setup.data.test, context_length=context_length,
+                              batch_size=batch_size, with_sae=False, edit=sc.defend)
+        ablated[c] = probe_accuracies(setup.probes, pooled.x, pooled.labels, setup.seed)
+    return {**tpp_scores(clean, ablated),
+            "definition": "per target class: its probe's accuracy drop minus the mean drop of the other probes "
+                          "(SAEBench create_tpp_plotting_dict), on each probe's balanced test set"}
+
+
+def tpp_scores(clean: Mapping[str, float], ablated: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
+    """SAEBench's TPP metric from accuracies: ``clean[j]`` of every probe j, ``ablated[c][j]`` of
+    probe j with target class c's latents ablated. Per c: intended = clean[c] - ablated[c][c],
+    unintended = mean over j != c of clean[j] - ablated[c][j], total = intended - unintended; and
+    the means over the targets c."""
+    per_class = {}
+    for c, acc in ablated.items():
+        others = [j for j in clean if j != c]
+        intended = clean[c] - acc[c]
+        unintended = sum(clean[j] - acc[j] for j in others) / len(others) if others else 0.0
+        per_class[c] = {"intended": intended, "unintended": unintended, "total": intended - unintended,
+                        "ablated_accuracy": dict(acc)}
+    mean = {k: sum(v[k] for v in per_class.values()) / max(len(per_class), 1)
+            for k in ("intended", "unintended", "total")}
+    return {"per_class": per_class, "mean": mean["total"], "mean_intended": mean["intended"],
+            "mean_unintended": mean["unintended"], "clean_accuracy": dict(clean)}
 
 
 

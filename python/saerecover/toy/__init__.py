@@ -26,6 +26,7 @@ DEMO_OPTIONS: dict[str, Any] = {
     "hook": "blocks.1.hook_resid_post",
     "n": 160,
     "patterns": "BABA,ABBA",
+    "ioi_prompts": "toy",
     "top_k": 16,
     "clamp_mode": "set",
     "clamp_value": -5.0,
@@ -34,6 +35,9 @@ DEMO_OPTIONS: dict[str, Any] = {
     "steps": 100,
     "lr": 0.1,
     "budget": 20.0,
+    #: C4 relative to the residual: ||delta|| <= 0.25 x ||h_def|| at the answer row (about 5 on the
+    #: toy, whose answer-row residual norm is about 21: the absolute 20 would be 95% of it)
+    "budget_rel": 0.25,
     "batch_size": 64,
 }
 

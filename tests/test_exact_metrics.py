@@ -64,13 +64,14 @@ def test_every_metric_of_a_hand_example(site):
     assert m["relative_drift"] == pytest.approx(math.sqrt(9.25) / (math.sqrt(5.0) + EPS), rel=1e-6)
     assert m["floor_violation"] == pytest.approx(0.5 / (math.sqrt(5.0) + EPS), rel=1e-6)
     assert m["reactivated_fraction"] == 0.25
+    assert m["reactivated_fraction_eligible"] == 0.5  # 1 reactivated of the 2 silenced pairs
     assert m["zero_reactivation"] is False
     assert m["delta_norm"] == pytest.approx(math.sqrt(10.25), rel=1e-6)
     assert m["relative_delta_norm"] == pytest.approx(math.sqrt(10.25) / (math.sqrt(30.0) + EPS), rel=1e-6)
     assert m["c1_residual"] == pytest.approx(1.0, abs=1e-8)
     assert set(m) == {"activation_drift", "decode_drift", "relative_drift", "floor_violation",
-                      "reactivated_fraction", "zero_reactivation", "delta_norm", "relative_delta_norm",
-                      "c1_residual"}
+                      "reactivated_fraction", "reactivated_fraction_eligible", "zero_reactivation", "delta_norm",
+                      "relative_delta_norm", "c1_residual"}
 
 
 def test_silenced_features_are_those_at_or_below_eta(site):

@@ -143,7 +143,9 @@ def test_toy_tpp_writes_per_class_runs_and_tables(toy_run):
     assert "all (pooled)" in report and "zero-reactivation" in report
     assert (root / "probes.safetensors").is_file()
     table = toy_run.table()
-    assert table.count("\n") == 2 + 2 * 2 + 2 - 1  # header, rule, 2 classes x 2 modes, 2 pooled rows
+    # header, rule, 2 classes x 2 modes, 2 class-mean rows, 2 pooled rows
+    assert table.count("\n") == 2 + 2 * 2 + 2 + 2 - 1
+    assert table.count("| mean of 2 classes") == 2 and table.count("| all (pooled)") == 2
 
 
 def test_cli_run_tpp_on_the_toy_world(tmp_path, capsys):

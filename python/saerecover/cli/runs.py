@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from saerecover.cli import options
+from saerecover.cli.output import print_report_paths
 
 __all__ = ["add_analyze_parser", "add_merge_parser", "add_report_parser", "cmd_analyze", "cmd_merge", "cmd_report"]
 
@@ -94,12 +95,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     if read_summary(args.run_dir) is not None:  # a sweep or TPP directory: its combined report
         path, table = rewrite_report(args.run_dir)
         print(table)
-        print(f"\nreport: {path}")
+        print()
+        print_report_paths(path.parent)
         return 0
     run = open_run(args.run_dir)
     path = write_report(run.path)
     print(summary_table(run.read_summary()))
-    print(f"\nreport: {path}")
+    print()
+    print_report_paths(path.parent)
     return 0
 
 
@@ -176,4 +179,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
         return _error(err)
     print(summary_table(summary))
     print(f"\nmerged {len(args.run_dirs)} shard(s), {summary.get('n_records')} records -> {out}")
+    if not getattr(args, "no_report", False):
+        print_report_paths(out)
     return 0

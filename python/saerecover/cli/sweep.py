@@ -19,6 +19,7 @@ from saerecover.cli.flags import (
     unlearning_flags,
     world_flags,
 )
+from saerecover.cli.output import print_report_paths
 from saerecover.cli.parsing import CLIError
 from saerecover.cli.unlearning import unlearning_setup
 from saerecover.cli.world import load_world, recovery_kwargs, world_options
@@ -63,7 +64,8 @@ def cmd_sweep_budget(args: argparse.Namespace) -> int:
     for m, r in res.summary["robustness"].items():
         print(f"{m}: smallest recovering budget over {r['n']} examples: median {_budget(r['median'])}, "
               f"quartiles {_budget(r['q1'])}-{_budget(r['q3'])}, never recovered {r['never']}/{r['n']}")
-    print(f"\nsweep directory: {res.path} ({time.perf_counter() - t0:.1f} s)")
+    print(f"\nsweep directory: {res.path}  ({time.perf_counter() - t0:.1f} s)")
+    print_report_paths(res.path)
     return 0
 
 
@@ -79,7 +81,8 @@ def cmd_sweep_features(args: argparse.Namespace) -> int:
                         batch_size=opts["batch_size"], progress=not args.quiet, overwrite=args.overwrite,
                         budget=opts["budget"], **recovery_kwargs(opts))
     print(res.table())
-    print(f"\nsweep directory: {res.path} ({time.perf_counter() - t0:.1f} s)")
+    print(f"\nsweep directory: {res.path}  ({time.perf_counter() - t0:.1f} s)")
+    print_report_paths(res.path)
     return 0
 
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import Any
 
 from saerecover.cli import options
 from saerecover.cli.checks import split_list
 from saerecover.cli.flags import add_flags, task_recovery_flags, world_flags
+from saerecover.cli.output import print_report_paths
 from saerecover.cli.parsing import CLIError
 from saerecover.cli.world import load_world, world_options
 
@@ -68,8 +68,8 @@ def cmd_run_tpp(args: argparse.Namespace) -> int:
                "l1": opts["probe_l1"]},
         steps=opts["steps"], lr=opts["lr"], optimizer=opts["optimizer"], positions=opts["positions"])
     print(result.table())
-    print(f"\nTPP directory: {result.path} (report: {Path(result.path) / 'report.md'}; "
-          f"{time.perf_counter() - t0:.1f} s)")
+    print(f"\nTPP directory: {result.path}  ({time.perf_counter() - t0:.1f} s)")
+    print_report_paths(result.path)
     return 0
 
 

@@ -25,6 +25,7 @@ import torch
 from saerecover.core.examples import Examples, answer_logits, pad_right
 from saerecover.data.requests import request_hash, requests_hash, source_requests
 from saerecover.models.generation import additive_edit, chain, generate, static_edit
+from saerecover.progress import progress_bar
 from saerecover.tasks.refusal import judge as rt
 
 #: The plain prompt format when the tokenizer has no chat template (the toy world's).
@@ -61,6 +62,7 @@ class Refusal:
     of every custom phrase, or of ``refusal_prefixes``; the base response's own first token is
     never discouraged).
     store_generations: keep the full generated texts in the notes (off by default).
+    progress: a bar while the base responses are generated (not part of the description).
     ids: example ids (default ``req-00000``, ...). source: where the requests came from
     (plain JSON, e.g. ``{"kind": "file", "path": ..., "column": ..., "limit": ...}`` or
     ``{"kind": "toy", "n": ..., "seed": ...}``), so that a finished run can find them again:
@@ -87,6 +89,7 @@ class Refusal:
         ids: Sequence[str] | None = None,
         name: str = "refusal",
         source: Mapping[str, Any] | None = None,
+        progress: bool = False,
     ) -> None:
         if isinstance(requests, str) or not isinstance(requests, Sequence):
             raise TypeError(f"requests must be a list of strings, got {type(requests).__name__}")
@@ -120,6 +123,7 @@ class Refusal:
         self.batch_size = int(batch_size)
         self.name = name
         self.source = dict(source) if source is not None else None
+        self.progress = bool(progress)
         self.ids = list(ids) if ids is not None else [f"req-{i:05d}" for i in range(len(requests))]
         self.use_chat = self._use_chat()
         self.prompt_ids = [self._encode_prompt(r) for r in requests]
@@ -192,15 +196,18 @@ class Refusal:
         if self._examples is not None:
             return self._examples
         seqs, resp_lens = [], []
+        bar = progress_bar(len(self.requests), f"generate base responses [{self.name}]", enabled=self.progress)
         for start in range(0, len(self.requests), self.batch_size):
             prompts = self.prompt_ids[start:start + self.batch_size]
             out = generate(self.model, prompts, max_new_tokens=self.max_new_tokens, pad_token_id=self._pad())
+            bar.update(len(prompts))
             for j, cont in enumerate(out.continuations()):
                 eid = self.ids[start + j]
                 self.base_texts[eid] = self.tokenizer.decode(cont.tolist(), skip_special_tokens=True)
                 toks = cont.tolist()
                 seqs.append(prompts[j] + toks)
                 resp_lens.append(len(toks))
+        bar.close()
         ids, mask = pad_right(seqs, self._pad())
         prompt_len = torch.tensor([len(p) for p in self.prompt_ids], dtype=torch.long)
         response_len = torch.tensor(resp_lens, dtype=torch.long)
@@ -447,7 +454,7 @@ class Refusal:
                 "prefix_tokens": self.prefix_tokens, "discourage_refusal": self.discourage_refusal,
                 "store_generations": self.store_generations, "window": self.window,
                 "refusal_prefixes": self.refusal_prefixes, "batch_size": self.batch_size, "ids": list(self.ids),
-                "name": self.name, "source": self.source}
+                "name": self.name, "source": self.source, "progress": self.progress}
 
     def subset(self, indices: Sequence[int]) -> "Refusal":
         """The task restricted to ``indices`` (same ids and settings), reusing the base responses."""

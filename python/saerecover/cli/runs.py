@@ -1,4 +1,4 @@
-"""The commands on finished run directories: ``saerecover report`` (regenerate report.md and
+"""The commands on finished run directories: ``saerecover report`` (regenerate report.html, report.md and
 plots of a run, sweep or TPP collection), ``analyze`` (recompute every metric from the saved
 tensors) and ``merge`` (join the shards of a run).
 
@@ -24,7 +24,7 @@ MAX_LISTED = 10
 def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``report RUN_DIR`` to ``subparsers``."""
     p = subparsers.add_parser("report",
-                              help="regenerate report.md and plots of a run directory, sweep or TPP collection")
+                              help="regenerate report.html, report.md and plots of a run, sweep or TPP collection")
     p.add_argument("run_dir")
     p.set_defaults(handler=cmd_report)
     return p

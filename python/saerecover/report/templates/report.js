@@ -105,5 +105,12 @@
     document.body.setAttribute("data-ready", errors.length ? "errors" : "yes");
   }
 
+  // Figures are embedded; record how many decoded (a broken one shows as "n-1/n").
+  window.addEventListener("load", function () {
+    var imgs = document.images, ok = 0;
+    for (var i = 0; i < imgs.length; i++) { if (imgs[i].complete && imgs[i].naturalWidth > 0) { ok++; } }
+    document.body.setAttribute("data-images", ok + "/" + imgs.length);
+  });
+
   init();
 })();

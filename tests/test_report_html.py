@@ -185,6 +185,16 @@ def test_a_local_sae_with_a_neuronpedia_id_links_its_features_end_to_end(tmp_pat
     assert {f"{NP_ID}/{int(f)}" for f in features} <= links
     carrying = {f"{NP_ID}/{j}" for r in run.records if r.get("top_features") for j, _ in r["top_features"]}
     assert carrying and carrying <= links
+    # the recorded features are the decomposition's top-k non-clamped features, with their ||dz_j||
+    from saerecover.core.decomposition import decompose
+    from saerecover.runs import open_run
+
+    rec = next(r for r in run.records if r.get("top_features"))
+    t = open_run(tmp_path / "run").load_tensors(rec["mode"], rec["example_id"])
+    dec = decompose(site, features, t["h_def"], t["delta"], top_k=5)
+    assert [j for j, _ in rec["top_features"]] == dec["topk_features"].tolist()
+    assert [v for _, v in rec["top_features"]] == pytest.approx(
+        dec["dz"][:, dec["topk_features"]].norm(dim=0).tolist(), rel=1e-6)
 
 
 class _Terminal(io.StringIO):

@@ -41,15 +41,23 @@ def recovery_features(site: Site, features: torch.Tensor, h_def: torch.Tensor, d
     """The ``top_k`` non-clamped features that carry a recovery: ``(feature, ||dz_j||)`` with
     dz = E(h_def + delta) - E(h_def) over the rows, largest first (the features of the
     ``topk_nonclamped`` component of :func:`decompose`). h_def, delta: (rows, d_model)."""
+    with torch.no_grad():
+        idx, _, _, z_def, z_rec = _encoded(site, features, h_def, delta, top_k)
+        _, top, strength = _rank_nonclamped(z_rec - z_def, idx, top_k)
+    return [(int(j), float(v)) for j, v in zip(top.tolist(), strength.tolist())]
+
+
+def _encoded(site: Site, features: torch.Tensor, h_def: torch.Tensor, delta: torch.Tensor, top_k: int
+             ) -> tuple[torch.Tensor, ...]:
+    """The checked inputs on the SAE's device, float32, and their codes: (feature indices,
+    h_def, delta, z_def = E(h_def), z_rec = E(h_def + delta))."""
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
-    with torch.no_grad():
-        dev = site.sae.W_dec.device
-        idx = site.check_features(features).to(dev)
-        h_def = h_def.to(dev, torch.float32)
-        dz = site.encode(h_def + delta.to(dev, torch.float32)) - site.encode(h_def)
-        _, top, strength = _rank_nonclamped(dz, idx, top_k)
-    return [(int(j), float(v)) for j, v in zip(top.tolist(), strength.tolist())]
+    dev = site.sae.W_dec.device
+    idx = site.check_features(features).to(dev)
+    h_def = h_def.to(dev, torch.float32)
+    delta = delta.to(dev, torch.float32)
+    return idx, h_def, delta, site.encode(h_def), site.encode(h_def + delta)
 
 
 def decompose(site: Site, features: torch.Tensor, h_def: torch.Tensor, delta: torch.Tensor, *,
@@ -65,15 +73,8 @@ def decompose(site: Site, features: torch.Tensor, h_def: torch.Tensor, delta: to
     non-clamped features moved at all). Identities: residual + sae_explained = delta, and
     clamped + nonclamped = sae_explained when the decoder is affine.
     """
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
     with torch.no_grad():
-        dev = site.sae.W_dec.device
-        idx = site.check_features(features).to(dev)
-        h_def = h_def.to(dev, torch.float32)
-        delta = delta.to(dev, torch.float32)
-        z_def = site.encode(h_def)
-        z_rec = site.encode(h_def + delta)
+        idx, h_def, delta, z_def, z_rec = _encoded(site, features, h_def, delta, top_k)
         dz = z_rec - z_def
         explained = site.decode(z_rec) - site.decode(z_def)
 

@@ -387,6 +387,7 @@ def _plot_distributions(summary, records, plots: Path) -> tuple[str, str] | str 
             ax.scatter(j + rng.uniform(-0.15, 0.15, len(ys)), ys, s=12, alpha=0.6, color=palette[n])
         ax.set_xticks(range(len(present)))
         ax.set_xticklabels(present)
+        ax.set_ylim(bottom=0.0)  # norms and drifts: from zero, so that a budget-saturated norm reads as one
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle("Per-example distributions by mode")

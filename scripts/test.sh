@@ -1,11 +1,22 @@
 #!/usr/bin/env bash
-# The test command: install the package with its test extras (this builds the Rust core with
-# maturin), then run the pure-Rust tests and the Python suite.
+# The test command: install the package with its test and release extras (this builds the Rust
+# core with maturin), lint the GitHub workflows and the shell scripts, run the pure-Rust tests,
+# the wheel checks (Linux; scripts/check_wheel.sh) and the Python suite.
+#
+# SAERECOVER_SKIP_WHEEL_CHECKS=1 skips the wheel checks (a release build and a fresh venv: a few
+# minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python -m pip install --quiet --upgrade pip
-python -m pip install --quiet -e ".[dev]"
+python -m pip install --quiet -e ".[dev,release]"
+# The commands that pip just installed (actionlint, auditwheel, ...), whatever manages PATH.
+PATH="$(python -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
+export PATH
+
+actionlint
+shellcheck scripts/*.sh .ci/run
+echo "lint: actionlint (.github/workflows) and shellcheck (scripts) passed"
 
 cargo test --locked --quiet
 
@@ -24,10 +35,23 @@ fi
 # the architecture contract: layers import only downwards, no cycles (pyproject [tool.importlinter])
 lint-imports
 
+wheel_status=0
+if [ -n "${SAERECOVER_SKIP_WHEEL_CHECKS:-}" ]; then
+  echo "wheel checks skipped (SAERECOVER_SKIP_WHEEL_CHECKS)"
+elif [ "$(uname -s)" != Linux ]; then
+  echo "wheel checks skipped: they check the manylinux wheel (auditwheel), on Linux only"
+else
+  bash scripts/check_wheel.sh || wheel_status=$?
+fi
+
 set +e
 python -m pytest "$@"
 status=$?
 set -e
+if [ "$wheel_status" -ne 0 ]; then
+  echo "the wheel checks failed (scripts/check_wheel.sh, exit $wheel_status)" >&2
+  exit "$wheel_status"
+fi
 if [ "$status" -eq 5 ]; then
   echo "pytest collected no tests: treating this as a failure" >&2
   exit 1

@@ -5,7 +5,7 @@
 #   3. auditwheel show: the platform tag auditwheel derives is one the wheel's name claims;
 #   4. abi3audit --strict: no symbol outside the stable ABI of Python 3.10;
 #   5. twine check --strict on wheel and sdist: the metadata and README render;
-#   6. the toy world's assets are all inside the wheel (and the sdist); the sizes;
+#   6. the toy world's assets and the report templates are all inside the wheel (and the sdist); the sizes;
 #   7. scripts/fresh_install.sh --demo: the wheel in a fresh venv of the lowest supported Python
 #      found here (3.10; else this Python), no cargo on PATH, `saerecover demo` to the end; and,
 #      with SAERECOVER_FRESH_SUITE=1 and that Python not this one, the suite on the wheel.
@@ -54,7 +54,7 @@ abi3audit --strict --summary "$wheel"
 step "twine check --strict"
 twine check --strict "$wheel" "$sdist"
 
-step "contents: the toy world's assets, sizes"
+step "contents: the toy world's assets and the report templates, sizes"
 python - "$wheel" "$sdist" <<'PY'
 import sys
 import tarfile
@@ -66,17 +66,21 @@ assets = Path("python/saerecover/toy/assets")
 want = sorted(p.relative_to("python").as_posix() for p in assets.rglob("*")
               if p.is_file() and "__pycache__" not in p.parts)
 assert want, f"no assets under {assets}"
+templates = Path("python/saerecover/report/templates")  # report.html is rendered from these
+want_templates = sorted(p.relative_to("python").as_posix() for p in templates.rglob("*") if p.is_file())
+assert want_templates, f"no templates under {templates}"
 with zipfile.ZipFile(wheel) as z:
     infos = z.infolist()
     names = {i.filename for i in infos}
 with tarfile.open(sdist) as t:
     sdist_names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
-missing = [n for n in want if n not in names]
-missing_sdist = [n for n in want if f"python/{n}" not in sdist_names]
+missing = [n for n in want + want_templates if n not in names]
+missing_sdist = [n for n in want + want_templates if f"python/{n}" not in sdist_names]
 assert not missing, f"the wheel lacks {missing}"
 assert not missing_sdist, f"the sdist lacks {missing_sdist}"
 size = sum(i.file_size for i in infos if i.filename in want)
-print(f"toy world assets: all {len(want)} files in the wheel and the sdist ({size / 2**20:.2f} MiB)")
+print(f"toy world assets: all {len(want)} files in the wheel and the sdist ({size / 2**20:.2f} MiB); "
+      f"report templates: all {len(want_templates)}")
 unpacked = sum(i.file_size for i in infos)
 core = max((i for i in infos if "/_core." in i.filename), key=lambda i: i.file_size)
 mib = 2**20

@@ -20,6 +20,18 @@ echo "lint: actionlint (.github/workflows) and shellcheck (scripts) passed"
 
 cargo test --locked --quiet
 
+# headless Chromium for the report tests (tests/browser.py): Debian's package, installed only when
+# absent and only where apt-get can (as root); elsewhere those tests skip and say why (under CI they fail)
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "scripts/test.sh: chromium is not installed and cannot be installed here (apt-get as root);" \
+         "the headless-browser report tests will skip" >&2
+  fi
+fi
+
 # the architecture contract: layers import only downwards, no cycles (pyproject [tool.importlinter])
 lint-imports
 

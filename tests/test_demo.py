@@ -11,6 +11,8 @@ import pytest
 from safetensors import safe_open
 from saerecover import cli
 
+import browser
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 KEYS = json.loads((Path(__file__).parent / "data" / "demo_run_keys.json").read_text())
@@ -46,3 +48,14 @@ def test_demo_run_directory_keeps_its_format(demo_run):
     tensor_file = next((demo_run / "tensors").rglob("*.safetensors"))
     with safe_open(str(tensor_file), "pt") as f:
         assert sorted(f.keys()) == KEYS["tensors"]
+
+
+def test_demo_report_html_in_a_headless_browser(demo_run, tmp_path):
+    """report.html as a person opens it: no console error, the summary and per-example tables,
+    every figure decoded, a screenshot that is not blank (tmp_path/demo_report.png); the toy
+    SAE has no Neuronpedia id, so no feature links."""
+    page = browser.check_report_page(demo_run / "report.html", tmp_path / "demo_report.png")
+    assert "neuronpedia.org" not in page.dom
+    summary = json.loads((demo_run / "summary.json").read_text())
+    n_rows = sum(m["n_valid"] for m in summary["modes"].values())
+    assert f"showing {n_rows} of {n_rows}" in page.dom

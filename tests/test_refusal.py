@@ -424,7 +424,7 @@ def test_toy_refusal_records_hold_hashes_not_texts(toy_run):
         if r["valid"]:
             assert r["notes"]["base"]["category"] == "non_refusal" and not r["notes"]["defended"]["answered"]
             assert r["non_refusal"] == r["notes"]["recovered"]["answered"] == r["recovered"]
-    all_text = "".join((out / f).read_text() for f in ("records.jsonl", "summary.json", "report.md"))
+    all_text = "".join((out / f).read_text() for f in ("records.jsonl", "summary.json", "report.md", "report.html"))
     assert "Sure , here is how to" not in all_text and not any(q in all_text for q in requests)
 
 
@@ -464,6 +464,20 @@ def test_toy_refusal_attribution_replays_every_component(toy_run, capsys):
         assert set(ex["replay"]) == set(COMPONENTS) and set(ex["norms"]) == set(COMPONENTS)
     assert (out / "plots" / "attribution.png").stat().st_size > 1000
     assert "topk_knockout" in printed
+
+
+def test_toy_refusal_report_html_in_a_headless_browser(toy_run, tmp_path):
+    """The refusal run's report.html as a person opens it (after the attribution above, which
+    rewrites the report): no console error, the tables and decoded figures, the refusal section,
+    the attribution when there is one, and a screenshot that is not blank
+    (tmp_path/refusal_report.png)."""
+    import browser
+
+    out, _ = toy_run
+    page = browser.check_report_page(out / "report.html", tmp_path / "refusal_report.png")
+    assert "<h2>Refusal</h2>" in page.dom and "phi relative drift" in page.dom
+    if (out / "attribution.json").is_file():
+        assert "<h2>Recovery-path attribution</h2>" in page.dom and 'alt="attribution"' in page.dom
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -4,6 +4,7 @@ with a tiny grid."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from saerecover import toy
@@ -119,11 +120,16 @@ def test_sweep_cli_on_the_toy_world(tmp_path, capsys):
     # `saerecover report` regenerates the combined report and plot of the sweep
     root = tmp_path / "cli"
     before = (root / "report.md").read_text()
+    page = (root / "report.html").read_text()
+    assert "<h2>Robustness of the clamp" in page and len(re.findall(r'<img src="data:image/png;base64,', page)) == 1
     (root / "report.md").unlink()
+    (root / "report.html").unlink()
     (root / "plots" / "budget_sweep.png").unlink()
     assert main(["report", str(root)]) == 0
     assert (root / "report.md").read_text() == before and (root / "plots" / "budget_sweep.png").is_file()
-    assert "| 0.5" in capsys.readouterr().out
+    assert (root / "report.html").read_text() == page  # the figure is drawn the same, byte for byte
+    printed = capsys.readouterr().out
+    assert "| 0.5" in printed and f"report: {root / 'report.html'}" in printed
     # `analyze` on the sweep names its members instead of failing obscurely
     assert main(["analyze", str(root)]) == 2
     assert "it holds run directories (budget-0.5, budget-4)" in capsys.readouterr().err

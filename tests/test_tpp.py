@@ -141,6 +141,8 @@ def test_toy_tpp_writes_per_class_runs_and_tables(toy_run):
         assert info["clean_positive_rate"] >= info["ablated_positive_rate"]
     report = (root / "report.md").read_text()
     assert "all (pooled)" in report and "zero-reactivation" in report
+    page = (root / "report.html").read_text()  # the same tables, in the self-contained page
+    assert "<td>all (pooled)</td>" in page and "<h2>Probes and the clamp</h2>" in page
     assert (root / "probes.safetensors").is_file()
     table = toy_run.table()
     # header, rule, 2 classes x 2 modes, 2 class-mean rows, 2 pooled rows

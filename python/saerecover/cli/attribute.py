@@ -9,6 +9,8 @@ from typing import Any
 
 from saerecover.cli import options
 from saerecover.cli.checks import split_list
+from saerecover.cli.flags import add_flags
+from saerecover.cli.output import print_report_paths
 from saerecover.cli.parsing import CLIError
 
 __all__ = ["add_attribute_parser", "cmd_attribute"]
@@ -22,7 +24,8 @@ def add_attribute_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Decompose every recovered delta of a finished refusal run (full delta, clamped and "
                     "non-clamped parts, top-k non-clamped, top-k knockout, SAE residual), replay each part "
                     "alone with the clamp active, and judge it as the run did. Loads the model and SAEs from "
-                    "the run's config. Writes RUN_DIR/attribution.json and RUN_DIR/plots/attribution.png.",
+                    "the run's config. Writes RUN_DIR/attribution.json and RUN_DIR/plots/attribution.png, and "
+                    "rewrites the run's report (report.html, report.md) with the attribution.",
     )
     p.add_argument("run_dir")
     p.add_argument("--modes", help="comma-separated modes (default: every residual mode of the run)")
@@ -34,6 +37,7 @@ def add_attribute_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--batch-size", type=int, default=options.ATTRIBUTE["batch_size"])
     p.add_argument("--no-plot", action="store_true")
+    add_flags(p, "quiet")
     p.set_defaults(handler=cmd_attribute)
     return p
 
@@ -56,9 +60,10 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     requests = load_requests(args.requests, column=args.column) if getattr(args, "requests", None) else None
     result = attribute_run(args.run_dir, modes=split_list(args.modes) or None, top_k=int(args.top_k),
                            device=args.device, model=model, requests=requests, batch_size=int(args.batch_size),
-                           plot=not args.no_plot)
+                           plot=not args.no_plot, progress=not args.quiet)
     print(result.table())
     for note in result.notes:
         print(f"note: {note}")
     print(f"\nwritten: {Path(args.run_dir) / ATTRIBUTION_FILE}")
+    print_report_paths(args.run_dir)
     return 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import Any
 
 from saerecover import __version__
@@ -18,6 +17,7 @@ from saerecover.cli.checks import (
     split_list,
 )
 from saerecover.cli.flags import add_flags
+from saerecover.cli.output import print_report_paths
 from saerecover.cli.parsing import CLIError
 from saerecover.cli.resolve import protocol_record, resolve_command
 
@@ -54,6 +54,7 @@ def cmd_run_ioi(args: argparse.Namespace) -> int:
     result = run_ioi(opts, quiet=args.quiet, toy=args.toy, shard=parse_shard(args.shard), overwrite=args.overwrite)
     print(result.table())
     print(f"\nrun directory: {result.path}  ({result.seconds:.1f} s)")
+    print_report_paths(result.path)
     return 0
 
 
@@ -77,8 +78,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if m.get("budget_mean") is not None:
         print(f"\nbudget (C4): ||delta|| <= {m['budget_mean']:.3g} on average = {m['relative_budget_mean']:.3g} x the "
               "defended residual's norm at the answer row")
-    print(f"\nrun directory: {result.path} (report: {Path(result.path) / 'report.md'})")
-    print(f"wall time: {time.perf_counter() - t0:.1f} s")
+    print(f"\nrun directory: {result.path}  (wall time {time.perf_counter() - t0:.1f} s)")
+    print_report_paths(result.path)
     return 0
 
 

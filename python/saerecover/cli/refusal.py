@@ -21,6 +21,7 @@ from typing import Any
 from saerecover.cli import options
 from saerecover.cli.checks import split_budget, split_list
 from saerecover.cli.flags import add_flags
+from saerecover.cli.output import print_report_paths
 from saerecover.cli.parsing import CLIError
 from saerecover.cli.resolve import protocol_record, resolve_command
 from saerecover.core.config import RecoveryConfig
@@ -135,6 +136,7 @@ def cmd_run_refusal(args: argparse.Namespace) -> int:
         print()
         print(attribution.table())
     print(f"\nrun directory: {result.path}  ({time.perf_counter() - t0:.1f} s)")
+    print_report_paths(result.path)
     return 0
 
 
@@ -212,7 +214,7 @@ def run_refusal_from_options(opts: dict[str, Any], *, quiet: bool = False, overw
                "match": opts["match"], "judge": opts["judge"], "generation_deltas": opts["generation_deltas"],
                "prefix_weight": float(opts["prefix_weight"]), "prefix_tokens": int(opts["prefix_tokens"]),
                "discourage_refusal": float(opts["discourage_refusal"]),
-               "store_generations": bool(opts["store_generations"])}
+               "store_generations": bool(opts["store_generations"]), "progress": not quiet}
     by_world = options.REFUSAL_BY_WORLD["toy" if opts["model"] is None else "model"]
     max_new = opts["max_new_tokens"] or by_world["max_new_tokens"]
     positions = opts["contrast_positions"] or by_world["contrast_positions"]
@@ -276,5 +278,5 @@ def run_refusal_from_options(opts: dict[str, Any], *, quiet: bool = False, overw
     attribution = None
     if opts["attribute"]:
         attribution = attribute_run(result.path, top_k=int(opts["top_k_attribution"]), model=model,
-                                    batch_size=int(opts["batch_size"]))
+                                    batch_size=int(opts["batch_size"]), progress=not quiet)
     return result, attribution

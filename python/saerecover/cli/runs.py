@@ -1,4 +1,4 @@
-"""The commands on finished run directories: ``saerecover report`` (regenerate report.md and
+"""The commands on finished run directories: ``saerecover report`` (regenerate report.html, report.md and
 plots of a run, sweep or TPP collection), ``analyze`` (recompute every metric from the saved
 tensors) and ``merge`` (join the shards of a run).
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from saerecover.cli import options
+from saerecover.cli.output import print_report_paths
 
 __all__ = ["add_analyze_parser", "add_merge_parser", "add_report_parser", "cmd_analyze", "cmd_merge", "cmd_report"]
 
@@ -23,7 +24,7 @@ MAX_LISTED = 10
 def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``report RUN_DIR`` to ``subparsers``."""
     p = subparsers.add_parser("report",
-                              help="regenerate report.md and plots of a run directory, sweep or TPP collection")
+                              help="regenerate report.html, report.md and plots of a run, sweep or TPP collection")
     p.add_argument("run_dir")
     p.set_defaults(handler=cmd_report)
     return p
@@ -94,12 +95,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     if read_summary(args.run_dir) is not None:  # a sweep or TPP directory: its combined report
         path, table = rewrite_report(args.run_dir)
         print(table)
-        print(f"\nreport: {path}")
+        print()
+        print_report_paths(path.parent)
         return 0
     run = open_run(args.run_dir)
     path = write_report(run.path)
     print(summary_table(run.read_summary()))
-    print(f"\nreport: {path}")
+    print()
+    print_report_paths(path.parent)
     return 0
 
 
@@ -176,4 +179,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
         return _error(err)
     print(summary_table(summary))
     print(f"\nmerged {len(args.run_dirs)} shard(s), {summary.get('n_records')} records -> {out}")
+    if not getattr(args, "no_report", False):
+        print_report_paths(out)
     return 0

@@ -19,6 +19,7 @@ from saerecover.cli.flags import (
     unlearning_flags,
     world_flags,
 )
+from saerecover.cli.output import print_report_paths
 from saerecover.cli.parsing import CLIError
 from saerecover.cli.ioi import check_ioi_prompts, ioi_task
 from saerecover.cli.resolve import protocol_record
@@ -67,7 +68,8 @@ def cmd_sweep_budget(args: argparse.Namespace) -> int:
     for m, r in res.summary["robustness"].items():
         print(f"{m}: smallest recovering budget over {r['n']} examples: median {_budget(r['median'])}, "
               f"quartiles {_budget(r['q1'])}-{_budget(r['q3'])}, never recovered {r['never']}/{r['n']}")
-    print(f"\nsweep directory: {res.path} ({time.perf_counter() - t0:.1f} s)")
+    print(f"\nsweep directory: {res.path}  ({time.perf_counter() - t0:.1f} s)")
+    print_report_paths(res.path)
     return 0
 
 
@@ -84,7 +86,8 @@ def cmd_sweep_features(args: argparse.Namespace) -> int:
                         budget=opts["budget"], protocol=protocol_record(opts, f"sweep {args.task}"),
                         **recovery_kwargs(opts))
     print(res.table())
-    print(f"\nsweep directory: {res.path} ({time.perf_counter() - t0:.1f} s)")
+    print(f"\nsweep directory: {res.path}  ({time.perf_counter() - t0:.1f} s)")
+    print_report_paths(res.path)
     return 0
 
 

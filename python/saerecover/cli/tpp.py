@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import Any
 
 from saerecover.cli import options
 from saerecover.cli.checks import split_list
 from saerecover.cli.flags import add_flags, task_recovery_flags, world_flags
+from saerecover.cli.output import print_report_paths
 from saerecover.cli.parsing import CLIError
 from saerecover.cli.resolve import protocol_record
 from saerecover.cli.world import load_world, world_options
@@ -76,8 +76,8 @@ def cmd_run_tpp(args: argparse.Namespace) -> int:
         steps=opts["steps"], lr=opts["lr"], budget_rel=opts["budget_rel"], optimizer=opts["optimizer"],
         positions=opts["positions"], protocol=protocol_record(opts, "run tpp"))
     print(result.table())
-    print(f"\nTPP directory: {result.path} (report: {Path(result.path) / 'report.md'}; "
-          f"{time.perf_counter() - t0:.1f} s)")
+    print(f"\nTPP directory: {result.path}  ({time.perf_counter() - t0:.1f} s)")
+    print_report_paths(result.path)
     return 0
 
 

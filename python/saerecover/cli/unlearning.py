@@ -12,6 +12,7 @@ from typing import Any
 
 from saerecover.cli.checks import parse_features, split_list
 from saerecover.cli.flags import task_recovery_flags, unlearning_flags, world_flags
+from saerecover.cli.output import print_report_paths
 from saerecover.cli.parsing import CLIError
 from saerecover.cli.resolve import protocol_record
 from saerecover.cli.world import load_world, recovery_kwargs, world_options
@@ -46,7 +47,8 @@ def cmd_run_unlearning(args: argparse.Namespace) -> int:
           f"/{strict.get('n_questions', result.info['n_questions_kept'])}; {len(result.features)} features clamped "
           f"to {setup.selection['clamp_value']} where active")
     print(result.table())
-    print(f"\nrun directory: {result.path} ({time.perf_counter() - t0:.1f} s)")
+    print(f"\nrun directory: {result.path}  ({time.perf_counter() - t0:.1f} s)")
+    print_report_paths(result.path)
     return 0
 
 

@@ -59,7 +59,10 @@ class SiteClamp:
         return (at_least_f32(h) + correction).to(h.dtype)
 
     def describe(self) -> dict:
-        return {
+        """The site's clamp as plain JSON (a run's config); ``neuronpedia_id`` only when the
+        SAE's metadata has one (reports link its features; without it the config, and so
+        the config hash of runs on local SAEs, stays as it was)."""
+        out = {
             "hook_name": self.site.hook_name,
             "features": [int(i) for i in self.features.tolist()],
             "mode": self.mode,
@@ -68,6 +71,9 @@ class SiteClamp:
             "sae": self.site.source,
             "center_input": self.site.center_input,
         }
+        if self.site.neuronpedia_id is not None:
+            out["neuronpedia_id"] = self.site.neuronpedia_id
+        return out
 
 
 class Clamp:

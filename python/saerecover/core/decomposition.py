@@ -23,6 +23,43 @@ COMPONENTS = ("delta", "sae_explained", "clamped", "nonclamped", "topk_nonclampe
 DEFAULT_TOP_K = 10
 
 
+def _rank_nonclamped(dz: torch.Tensor, idx: torch.Tensor, top_k: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(moved, top, strength): the non-clamped features that moved at all (dz != 0 on some row;
+    only those are decoded, d_sae may be 10^5), the ``top_k`` of them by ||dz_j|| over the rows
+    (largest first, ties by index), and those norms."""
+    clamped_mask = torch.zeros(dz.shape[-1], dtype=torch.bool, device=dz.device)
+    clamped_mask[idx] = True
+    moved = ((dz != 0).any(dim=0) & ~clamped_mask).nonzero().flatten()
+    strength = dz[:, moved].norm(dim=0)
+    order = torch.argsort(strength, descending=True, stable=True)[:min(int(top_k), int(moved.numel()))]
+    return moved, moved[order], strength[order]
+
+
+def recovery_features(site: Site, features: torch.Tensor, h_def: torch.Tensor, delta: torch.Tensor, *,
+                      top_k: int = 5) -> list[tuple[int, float]]:
+    """The ``top_k`` non-clamped features that carry a recovery: ``(feature, ||dz_j||)`` with
+    dz = E(h_def + delta) - E(h_def) over the rows, largest first (the features of the
+    ``topk_nonclamped`` component of :func:`decompose`). h_def, delta: (rows, d_model)."""
+    with torch.no_grad():
+        idx, _, _, z_def, z_rec = _encoded(site, features, h_def, delta, top_k)
+        _, top, strength = _rank_nonclamped(z_rec - z_def, idx, top_k)
+    return [(int(j), float(v)) for j, v in zip(top.tolist(), strength.tolist())]
+
+
+def _encoded(site: Site, features: torch.Tensor, h_def: torch.Tensor, delta: torch.Tensor, top_k: int
+             ) -> tuple[torch.Tensor, ...]:
+    """The checked inputs on the SAE's device, float32, and their codes: (feature indices,
+    h_def, delta, z_def = E(h_def), z_rec = E(h_def + delta))."""
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    dev = site.sae.W_dec.device
+    idx = site.check_features(features).to(dev)
+    h_def = h_def.to(dev, torch.float32)
+    delta = delta.to(dev, torch.float32)
+    return idx, h_def, delta, site.encode(h_def), site.encode(h_def + delta)
+
+
 def decompose(site: Site, features: torch.Tensor, h_def: torch.Tensor, delta: torch.Tensor, *,
               top_k: int = DEFAULT_TOP_K) -> dict[str, Any]:
     """The recovery-path decomposition of one example's delta, norms only (no replay).
@@ -36,28 +73,14 @@ def decompose(site: Site, features: torch.Tensor, h_def: torch.Tensor, delta: to
     non-clamped features moved at all). Identities: residual + sae_explained = delta, and
     clamped + nonclamped = sae_explained when the decoder is affine.
     """
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
     with torch.no_grad():
-        dev = site.sae.W_dec.device
-        idx = site.check_features(features).to(dev)
-        h_def = h_def.to(dev, torch.float32)
-        delta = delta.to(dev, torch.float32)
-        z_def = site.encode(h_def)
-        z_rec = site.encode(h_def + delta)
+        idx, h_def, delta, z_def, z_rec = _encoded(site, features, h_def, delta, top_k)
         dz = z_rec - z_def
         explained = site.decode(z_rec) - site.decode(z_def)
 
-        clamped_mask = torch.zeros(site.d_sae, dtype=torch.bool, device=dev)
-        clamped_mask[idx] = True
-        changed = (dz != 0).any(dim=0) & ~clamped_mask  # decode only what moved: d_sae may be 10^5
-        moved = changed.nonzero().flatten()
+        moved, top, _ = _rank_nonclamped(dz, idx, top_k)
         clamped = site.decode_features(dz[:, idx], idx)
         nonclamped = site.decode_features(dz[:, moved], moved)
-        strength = dz[:, moved].norm(dim=0)
-        k = min(int(top_k), int(moved.numel()))
-        order = torch.argsort(strength, descending=True, stable=True)[:k]
-        top = moved[order]
         topk = site.decode_features(dz[:, top], top)
 
         comps = {

@@ -335,13 +335,16 @@ def _search(defended: DefendedModel, task: Task, ex: Examples, *, mode: str, cfg
         if on_step is not None:
             on_step(step_offset + step, {s: d.detach() for s, d in applied(deltas).items()}, mask)
         if cfg.history:
+            if drift is None:  # the history keeps the drift of every mode (read only, no gradient)
+                with torch.no_grad():
+                    phi_now = defended_features(clamp, out.sites, phi_sites, phi_mask)
+                    drift = ((phi_now - phi_ref).norm(dim=1) / (phi_ref_norm + 1e-8)).cpu()
             sc_ = score.detach().cpu()
             lv = total.cpu()
             dn = torch.sqrt(sum(d.detach().pow(2).flatten(1).sum(1) for d in deltas.values())).cpu()
             for i in torch.nonzero(active.cpu()).flatten().tolist():
                 entry = {"step": step, "score": float(sc_[i]), "loss": float(lv[i]), "delta_norm": float(dn[i])}
-                if drift is not None:  # measured at this step's delta, before its update
-                    entry["phi_relative_drift"] = float(drift[i])
+                entry["phi_relative_drift"] = float(drift[i])  # at this step's delta, before its update
                 entry.update(projection.history_fields(i))
                 histories[i].append(entry)
 

@@ -57,6 +57,14 @@ class Site:
         """True when the encoder pre-activation is affine in the residual (C1 is then exact)."""
         return str(self.sae.cfg.normalize_activations) in AFFINE_NORMALIZATIONS
 
+    @property
+    def neuronpedia_id(self) -> str | None:
+        """The SAE's Neuronpedia id (``MODEL/SAE_ID``, e.g. ``gpt2-small/4-res-jb``) from its
+        sae_lens metadata (``cfg.metadata.neuronpedia_id``: set for pretrained releases that
+        have one, or in a local SAE's cfg.json); None when it has none."""
+        value = getattr(getattr(self.sae.cfg, "metadata", None), "neuronpedia_id", None)
+        return str(value) if isinstance(value, str) and value.strip() else None
+
     def __hash__(self) -> int:
         return hash((self.hook_name, id(self.sae)))
 

@@ -32,13 +32,14 @@ from saerecover.core.defended import DefendedModel
 from saerecover.core.examples import Examples
 from saerecover.core.sites import Site, load_site
 from saerecover.models import load_model
+from saerecover.progress import progress_bar
+from saerecover.report.attribution import ATTRIBUTION_FILE, ATTRIBUTION_PLOT
 from saerecover.report.format import markdown_table, num, rate
+from saerecover.report.run import write_report
 from saerecover.runs import atomic_write_json, open_run
 from saerecover.runs.stats import wilson_interval
 from saerecover.tasks import task_from_config
 
-ATTRIBUTION_FILE = "attribution.json"
-ATTRIBUTION_PLOT = "attribution.png"
 ATTRIBUTION_SCHEMA = 1
 
 
@@ -103,10 +104,11 @@ def _plain(obj: Any) -> Any:
 
 def replay(defended: DefendedModel, task: Any, ex: Examples, items: Sequence[ReplayItem], *, site: Site,
            features: torch.Tensor, top_k: int = DEFAULT_TOP_K, reclamp: bool = False,
-           batch_size: int = 16) -> list[dict[str, Any]]:
+           batch_size: int = 16, progress: bool = False) -> list[dict[str, Any]]:
     """Decompose every item's delta and replay each component under the active clamp.
 
-    ex: the task's examples (items are looked up by example id). Returns one dict per item:
+    ex: the task's examples (items are looked up by example id). progress: a bar over the
+    replays (one per item and component). Returns one dict per item:
     ``example_id``, ``mode``, ``replay`` (component -> bool, behavior present), ``norms``,
     ``shares``, ``topk_features``, ``n_changed``.
     """
@@ -125,6 +127,7 @@ def replay(defended: DefendedModel, task: Any, ex: Examples, items: Sequence[Rep
         for name in COMPONENTS:
             pairs.append((j, name, dec["components"][name].detach().float().cpu()))
     d_model = defended.model.d_model
+    bar = progress_bar(len(pairs), "attribution replays", enabled=progress, unit="replay")
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         part = ex.select([index[items[j].example_id] for j, _, _ in chunk])
@@ -145,6 +148,8 @@ def replay(defended: DefendedModel, task: Any, ex: Examples, items: Sequence[Rep
                 scores = task.score(defended.forward(part, deltas, reclamp=reclamp).logits, part)
         for b, (j, name, _) in enumerate(chunk):
             results[j]["replay"][name] = bool(scores[b] > 0)
+        bar.update(len(chunk))
+    bar.close()
     return results
 
 
@@ -170,7 +175,8 @@ def aggregate(results: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]
 
 
 def attribute(defended: DefendedModel, task: Any, items: Sequence[ReplayItem], *, site: str | None = None,
-              top_k: int = DEFAULT_TOP_K, reclamp: bool = False, batch_size: int = 16) -> AttributionResult:
+              top_k: int = DEFAULT_TOP_K, reclamp: bool = False, batch_size: int = 16,
+              progress: bool = False) -> AttributionResult:
     """Replay-attribute ``items`` (deltas at ``site``, default the first clamped site)."""
     name = site or defended.clamp.site_clamps[0].site.hook_name
     sc = defended.clamp.at(name)
@@ -181,7 +187,7 @@ def attribute(defended: DefendedModel, task: Any, items: Sequence[ReplayItem], *
         res.notes.append("no recovered examples to attribute")
         return res
     details = replay(defended, task, task.examples(), items, site=sc.site, features=sc.features, top_k=top_k,
-                     reclamp=reclamp, batch_size=batch_size)
+                     reclamp=reclamp, batch_size=batch_size, progress=progress)
     res.examples = details
     res.modes = aggregate(details)
     bad = [d["example_id"] for d in details if not d["replay"].get("delta")]
@@ -265,13 +271,15 @@ def _clamp_from_config(entries: Sequence[Mapping[str, Any]], model: Any, saes: M
 def attribute_run(run_dir: str | os.PathLike[str], *, modes: Sequence[str] | None = None,
                   top_k: int = DEFAULT_TOP_K, device: str | None = None, model: Any = None,
                   saes: Mapping[str, Any] | None = None, requests: Sequence[str] | None = None,
-                  batch_size: int = 16, write: bool = True, plot: bool = True) -> AttributionResult:
+                  batch_size: int = 16, write: bool = True, plot: bool = True,
+                  progress: bool = False) -> AttributionResult:
     """Attribution replays on a finished refusal or IOI run: loads the model (``config["source"]
     ["model"]`` or ``config["model"]["name"]``, or ``model`` given) and the clamp's SAEs from the
     config, rebuilds the task (requests from the recorded source or ``requests``, matched by
     sha256; base responses regenerated, greedy), and replays the components of
     every recovered example of ``modes`` (default: every residual mode of the run). Writes
-    RUN_DIR/attribution.json and RUN_DIR/plots/attribution.png."""
+    RUN_DIR/attribution.json and RUN_DIR/plots/attribution.png, then the run's report again
+    (report.md and report.html show the attribution). progress: a bar over the replays."""
     run = open_run(run_dir)
     cfg = run.config
     if model is None:
@@ -299,7 +307,8 @@ def attribute_run(run_dir: str | os.PathLike[str], *, modes: Sequence[str] | Non
             notes.append(f"{rec['example_id']} ({rec['mode']}): multi-site delta, skipped")
             continue
         items.append(ReplayItem(rec["example_id"], t["h_def"], t["delta"], t["rows"], rec["mode"]))
-    result = attribute(defended, task, items, site=site, top_k=top_k, reclamp=reclamp, batch_size=batch_size)
+    result = attribute(defended, task, items, site=site, top_k=top_k, reclamp=reclamp, batch_size=batch_size,
+                       progress=progress)
     result.notes = notes + result.notes
     skipped = [m for m in wanted if m not in run_modes]
     if skipped:
@@ -315,6 +324,8 @@ def attribute_run(run_dir: str | os.PathLike[str], *, modes: Sequence[str] | Non
         atomic_write_json(run.path / ATTRIBUTION_FILE, result.to_dict())
     if plot:
         plot_counts(result, run.path / "plots" / ATTRIBUTION_PLOT)
+    if write:
+        write_report(run.path)
     return result
 
 

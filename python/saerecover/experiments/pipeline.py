@@ -16,20 +16,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from saerecover.core import protocol as protocols
 from saerecover.core.clamp import Clamp
 from saerecover.core.config import RecoveryConfig
+from saerecover.core.decomposition import recovery_features
 from saerecover.core.defended import DefendedModel
 from saerecover.core.examples import Examples, Task
 from saerecover.core.recovery import PROJECTIONS, ExampleOutcome, recover_batch
 from saerecover.core.shared import recover_shared
 from saerecover.experiments.baselines import Baseline
 from saerecover.models.base import ModelAdapter
+from saerecover.progress import progress_bar
 from saerecover.report.run import summary_table, write_report
 from saerecover.runs import RunDirectory, validate_name
 from saerecover.runs.interrupt import Interrupted, StopOnSignal
+from saerecover.runs.history import history_tensors
 from saerecover.runs.records import make_record
 from saerecover.runs.stats import summarize
 
@@ -78,13 +80,14 @@ class RunResult:
 
 
 def behavior_scores(defended: DefendedModel, task: Task, ex: Examples, *, with_clamp: bool,
-                    batch_size: int = 64) -> torch.Tensor:
+                    batch_size: int = 64, on_chunk: Callable[[int], Any] | None = None) -> torch.Tensor:
     """Behavior scores (n,) of the base (with_clamp=False) or defended model, no gradients.
 
     A task with a ``judge`` method (e.g. one that generates text and looks for a refusal)
     decides the behavior itself; otherwise B holds iff ``task.score(...) > 0``. On CUDA out of
     memory a chunk is halved and retried, and the smaller size kept for the chunks after it;
-    one example that does not fit raises MemoryError.
+    one example that does not fit raises MemoryError. on_chunk: called with the number of
+    examples of each chunk scored (a progress bar's ``update``).
     """
     out: list[torch.Tensor] = []
     size, start = max(1, int(batch_size)), 0
@@ -100,6 +103,8 @@ def behavior_scores(defended: DefendedModel, task: Task, ex: Examples, *, with_c
                                       f"{'with' if with_clamp else 'without'} the clamp: {_first_line(err)}") from err
                 size = (stop - start + 1) // 2
                 continue
+            if on_chunk is not None:
+                on_chunk(stop - start)
             start = stop
     return torch.cat(out) if out else torch.zeros(0)
 
@@ -117,11 +122,16 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def find_flips(defended: DefendedModel, task: Task, ex: Examples, *, batch_size: int = 64) -> Flips:
+def find_flips(defended: DefendedModel, task: Task, ex: Examples, *, batch_size: int = 64,
+               progress: bool = False) -> Flips:
     """Behavior scores without and with the clamp; warns when some are not finite (those
-    examples are never valid, and their records keep the NaN/inf scores as null)."""
-    flips = Flips(base=behavior_scores(defended, task, ex, with_clamp=False, batch_size=batch_size),
-                  defended=behavior_scores(defended, task, ex, with_clamp=True, batch_size=batch_size))
+    examples are never valid, and their records keep the NaN/inf scores as null). progress: a
+    bar over both passes."""
+    with progress_bar(2 * len(ex), "find flips (base, defended)", enabled=progress) as bar:
+        flips = Flips(base=behavior_scores(defended, task, ex, with_clamp=False, batch_size=batch_size,
+                                           on_chunk=bar.update),
+                      defended=behavior_scores(defended, task, ex, with_clamp=True, batch_size=batch_size,
+                                               on_chunk=bar.update))
     bad = int(flips.non_finite.sum())
     if bad:
         warnings.warn(f"{bad} of {len(flips.base)} examples have a non-finite base or defended behavior score "
@@ -151,6 +161,19 @@ def _numerical_error(err: FloatingPointError) -> str:
     """An example's ``error``: what was not finite, where (recover_batch's messages say it)."""
     text = str(err).strip() or type(err).__name__
     return text if text.startswith(("non-finite", "the ")) else f"non-finite value: {text}"
+#: Non-clamped features kept per recovered example in its record (``top_features``).
+RECORD_TOP_FEATURES = 5
+
+
+def path_features(clamp: Clamp, delta_site: str | None, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """``{"top_features": [[feature, ||dz_j||], ...]}``: the non-clamped features of the delta
+    site's SAE that carry an example's recovery (:func:`recovery_features`), computed while the
+    SAE is loaded so that a report never needs it; empty for a delta at several sites."""
+    if "h_def" not in tensors or "delta" not in tensors or any(k.startswith("delta@") for k in tensors):
+        return {}
+    sc = clamp.at(delta_site) if delta_site is not None else clamp.site_clamps[0]
+    top = recovery_features(sc.site, sc.features, tensors["h_def"], tensors["delta"], top_k=RECORD_TOP_FEATURES)
+    return {"top_features": [[j, v] for j, v in top]}
 
 
 def _recover_chunk(run: Callable[[Examples], list[ExampleOutcome]], part: Examples) -> list:
@@ -355,7 +378,7 @@ def recover(
     stop = StopOnSignal()
     try:
         stop.__enter__()  # SIGINT / SIGTERM: stop once the batch in flight is written
-        flips = find_flips(defended, task, ex, batch_size=batch_size)
+        flips = find_flips(defended, task, ex, batch_size=batch_size, progress=progress)
         stop.check()
         done = run_dir.done() if run_dir is not None else set()
         records: list[dict[str, Any]] = []
@@ -369,7 +392,8 @@ def recover(
             if run_dir is not None:
                 if oc is not None:
                     meta = getattr(baselines.get(rec["mode"]), "tensor_metadata", None)
-                    run_dir.save_tensors(rec["mode"], rec["example_id"], oc.tensors, metadata=meta)
+                    run_dir.save_tensors(rec["mode"], rec["example_id"], {**oc.tensors, **history_tensors(oc.history)},
+                                         metadata=meta)
                 run_dir.append_record(rec)
             else:
                 records.append(rec)
@@ -379,11 +403,13 @@ def recover(
                 if not bool(flips.valid[i]) and (eid, mode) not in done:
                     emit(flips.record(i, eid, mode, task), None)
             todo = [i for i in valid_idx if (ex.ids[i], mode) not in done]
-            bar = tqdm(total=len(todo), desc=f"recover [{mode}]", disable=not progress or not todo, leave=False)
+            bar = progress_bar(len(todo), f"recover [{mode}]", enabled=progress)
             def emit_result(i: int, oc: ExampleOutcome | None, err: str | None, retries: int) -> None:
                 rec = flips.record(i, ex.ids[i], mode, task, oc, err)
                 if retries:
                     rec["oom_retries"] = retries
+                if oc is not None and mode not in baselines:
+                    rec.update(path_features(clamp, delta_site, oc.tensors))
                 emit(rec, oc)
                 if oc is not None:
                     outcomes[mode].append(oc)

@@ -9,8 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from saerecover.report.document import Figure, Page, Section, Table
 from saerecover.report.figures import colors, figure, save_figure
-from saerecover.report.format import markdown_table, mode_cells, mode_header, num, rate_ci
+from saerecover.report.format import mode_cells, mode_header, num, rate_ci
 from saerecover.runs import collection
 
 
@@ -61,27 +62,27 @@ def _plot_budget(summary: Mapping[str, Any], root: Path) -> str:
     return fname
 
 
-def budget_report(root: Path, summary: Mapping[str, Any]) -> str:
-    """report.md of a budget sweep (its plot written under ``root``)."""
-    plots = [_plot_budget(summary, root)]
+def budget_report(root: Path, summary: Mapping[str, Any]) -> Page:
+    """The report of a budget sweep (its plot written under ``root``)."""
+    plot = _plot_budget(summary, root)
     rob_rows = []
     for m, r in summary["robustness"].items():
         rob_rows.append([m, str(r["n"]), num(r["q1"]) if r["q1"] is not None else "never",
                          num(r["median"]) if r["median"] is not None else "never",
                          num(r["q3"]) if r["q3"] is not None else "never",
                          rate_ci(r["never_share"], r["never_share_ci95"]), str(r["nonmonotone"])])
-    lines = [f"# saerecover budget sweep: {summary['task']}", "",
-             f"Budgets {', '.join(num(b) for b in summary['budgets'])}; "
-             f"modes {', '.join(summary['modes'])}; "
-             f"{summary['n_examples']} examples, {summary['n_valid']} valid flips.", "",
-             "## Recovery and drift against the budget", "", sweep_table(summary), "",
-             "## Robustness of the clamp: the smallest budget that recovers each example", "",
-             "Over the examples valid at every budget; quantiles on the budget grid, \"never\" counted as "
-             "infinite.", "",
-             markdown_table(["mode", "examples", "q1", "median", "q3", "never recovered [95% Wilson]",
-                                        "non-monotone"], rob_rows), ""]
-    lines += ["## Plots", ""] + [f"![{p}]({collection.PLOTS_DIR}/{p})" for p in plots] + [""]
-    return "\n".join(lines)
+    return Page(f"saerecover budget sweep: {summary['task']}", [
+        f"Budgets {', '.join(num(b) for b in summary['budgets'])}; modes {', '.join(summary['modes'])}; "
+        f"{summary['n_examples']} examples, {summary['n_valid']} valid flips."], [
+        Section("Recovery and drift against the budget", [sweep_rows(summary)]),
+        Section("Robustness of the clamp: the smallest budget that recovers each example", [
+            "Over the examples valid at every budget; quantiles on the budget grid, \"never\" counted as infinite.",
+            Table(["mode", "examples", "q1", "median", "q3", "never recovered [95% Wilson]", "non-monotone"],
+                  rob_rows)]),
+        Section("Plots", [Figure(f"{collection.PLOTS_DIR}/{plot}",
+                                 "Recovery rate (Wilson bars) and mean activation drift against the budget, and "
+                                 "the share of examples recovered at or below each budget.")]),
+    ])
 
 
 def _plot_features(summary: Mapping[str, Any], root: Path) -> str:
@@ -111,22 +112,27 @@ def _plot_features(summary: Mapping[str, Any], root: Path) -> str:
     return fname
 
 
-def feature_report(root: Path, summary: Mapping[str, Any]) -> str:
-    """report.md of a feature-set sweep (its plot written under ``root``)."""
-    plots = [_plot_features(summary, root)]
-    lines = [f"# saerecover feature-set sweep: {summary['task']}", "",
-             f"K in {', '.join(str(k) for k in summary['ks'])}; modes {', '.join(summary['modes'])}. "
-             "Valid flips are recomputed for each K.", "",
-             sweep_table(summary), ""]
-    lines += ["## Plots", ""] + [f"![{p}]({collection.PLOTS_DIR}/{p})" for p in plots] + [""]
-    return "\n".join(lines)
+def feature_report(root: Path, summary: Mapping[str, Any]) -> Page:
+    """The report of a feature-set sweep (its plot written under ``root``)."""
+    plot = _plot_features(summary, root)
+    return Page(f"saerecover feature-set sweep: {summary['task']}", [
+        f"K in {', '.join(str(k) for k in summary['ks'])}; modes {', '.join(summary['modes'])}. "
+        "Valid flips are recomputed for each K.", sweep_rows(summary)], [
+        Section("Plots", [Figure(f"{collection.PLOTS_DIR}/{plot}",
+                                 "Recovery rate (Wilson bars, valid flips as grey bars) and mean activation "
+                                 "drift against the number of clamped features K.")]),
+    ])
 
 
-def sweep_table(summary: Mapping[str, Any]) -> str:
+def sweep_rows(summary: Mapping[str, Any]) -> Table:
     """One row per (grid value, mode) of a budget or feature sweep summary."""
     if "budget_sweep" in summary:
         key, title, rows = "budget", "budget", summary["budget_sweep"]
     else:
         key, title, rows = "k", "K", summary.get("feature_sweep") or []
-    body = [[num(r[key]), r["mode"], *mode_cells(r)] for r in rows]
-    return markdown_table([title, "mode", *mode_header()], body)
+    return Table([title, "mode", *mode_header()], [[num(r[key]), r["mode"], *mode_cells(r)] for r in rows])
+
+
+def sweep_table(summary: Mapping[str, Any]) -> str:
+    """:func:`sweep_rows` as a markdown table."""
+    return sweep_rows(summary).markdown()

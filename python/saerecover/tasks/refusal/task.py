@@ -25,6 +25,7 @@ import torch
 from saerecover.core.examples import Examples, answer_logits, pad_right
 from saerecover.data.requests import request_hash, requests_hash, source_requests
 from saerecover.models.generation import additive_edit, chain, generate, static_edit
+from saerecover.progress import progress_bar
 from saerecover.tasks.refusal import judge as rt
 
 #: The plain prompt format when the tokenizer has no chat template (the toy world's).
@@ -75,6 +76,7 @@ class Refusal:
     judge: who decides B (:data:`JUDGES`). generation_deltas: which delta rows act during the
     judge's generation (:data:`GENERATION_DELTAS`); when a recovered delta has rows after the
     prompt, the recovered response is generated both ways and both are noted.
+    progress: a bar while the base responses are generated (not part of the description).
     ids: example ids (default ``req-00000``, ...). source: where the requests came from
     (plain JSON, e.g. ``{"kind": "file", "path": ..., "column": ..., "limit": ...}`` or
     ``{"kind": "toy", "n": ..., "seed": ...}``), so that a finished run can find them again:
@@ -104,6 +106,7 @@ class Refusal:
         match: str = "opening",
         judge: str = "ours",
         generation_deltas: str = "prompt",
+        progress: bool = False,
     ) -> None:
         if isinstance(requests, str) or not isinstance(requests, Sequence):
             raise TypeError(f"requests must be a list of strings, got {type(requests).__name__}")
@@ -144,6 +147,7 @@ class Refusal:
         self.batch_size = int(batch_size)
         self.name = name
         self.source = dict(source) if source is not None else None
+        self.progress = bool(progress)
         self.ids = list(ids) if ids is not None else [f"req-{i:05d}" for i in range(len(requests))]
         self.use_chat = self._use_chat()
         self.prompt_ids = [self._encode_prompt(r) for r in requests]
@@ -216,15 +220,18 @@ class Refusal:
         if self._examples is not None:
             return self._examples
         seqs, resp_lens = [], []
+        bar = progress_bar(len(self.requests), f"generate base responses [{self.name}]", enabled=self.progress)
         for start in range(0, len(self.requests), self.batch_size):
             prompts = self.prompt_ids[start:start + self.batch_size]
             out = generate(self.model, prompts, max_new_tokens=self.max_new_tokens, pad_token_id=self._pad())
+            bar.update(len(prompts))
             for j, cont in enumerate(out.continuations()):
                 eid = self.ids[start + j]
                 self.base_texts[eid] = self.tokenizer.decode(cont.tolist(), skip_special_tokens=True)
                 toks = cont.tolist()
                 seqs.append(prompts[j] + toks)
                 resp_lens.append(len(toks))
+        bar.close()
         ids, mask = pad_right(seqs, self._pad())
         prompt_len = torch.tensor([len(p) for p in self.prompt_ids], dtype=torch.long)
         response_len = torch.tensor(resp_lens, dtype=torch.long)
@@ -525,7 +532,7 @@ class Refusal:
                 "store_generations": self.store_generations, "window": self.window,
                 "refusal_prefixes": self.refusal_prefixes, "batch_size": self.batch_size, "ids": list(self.ids),
                 "name": self.name, "source": self.source, "match": self.match, "judge": self.judge_rule,
-                "generation_deltas": self.generation_deltas}
+                "generation_deltas": self.generation_deltas, "progress": self.progress}
 
     def subset(self, indices: Sequence[int]) -> "Refusal":
         """The task restricted to ``indices`` (same ids and settings), reusing the base responses."""

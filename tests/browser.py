@@ -72,7 +72,6 @@ def screenshot(html: Path, png: Path, *, width: int = 1280, height: int = 2400) 
 def ink(png: Path, box: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)) -> float:
     """The share of pixels that are not (near) white in ``box`` (fractions left, top, right,
     bottom) of a screenshot: 0 for a blank page."""
-    import numpy as np
     from matplotlib.image import imread
 
     img = imread(str(png))[..., :3]

@@ -12,7 +12,6 @@ scores by 0.1 and drifts by 66%).
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from saerecover.experiments import pipeline
 from saerecover.experiments.merge import merge_runs
 from saerecover.experiments.pipeline import recover
 from saerecover.runs.directory import open_run
-from test_pipeline import build
+from test_pipeline import assert_close_value, build
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models, one thread
 
@@ -57,11 +56,7 @@ def assert_same_records(got: dict, want: dict) -> None:
         g = got[key]
         assert g.keys() == w.keys(), key
         for field, a in w.items():
-            b = g[field]
-            if isinstance(a, float) and isinstance(b, (int, float)) and not isinstance(b, bool):
-                assert math.isclose(a, b, rel_tol=RTOL, abs_tol=ATOL), (key, field, a, b)
-            else:
-                assert a == b, (key, field, a, b)
+            assert_close_value(g[field], a, (key, field), rel=RTOL, abs=ATOL)
 
 
 def test_the_setting_exercises_every_mode(reference):

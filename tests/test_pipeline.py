@@ -92,10 +92,20 @@ def assert_same_records(got, want):
     for g, w in zip(got, want):
         assert g.keys() == w.keys()
         for key, wv in w.items():
-            if isinstance(wv, float) and not isinstance(wv, bool):
-                assert g[key] == pytest.approx(wv, rel=1e-3, abs=1e-4), (w["example_id"], key)
-            else:
-                assert g[key] == wv, (w["example_id"], key)
+            assert_close_value(g[key], wv, (w["example_id"], key))
+
+
+def assert_close_value(got, want, where, rel=1e-3, abs=1e-4):
+    """``got == want``, floats (also inside lists, e.g. top_features' norms) to round-off."""
+    if isinstance(want, float):
+        assert isinstance(got, (int, float)) and not isinstance(got, bool), where
+        assert got == pytest.approx(want, rel=rel, abs=abs, nan_ok=True), where
+    elif isinstance(want, list) and isinstance(got, list):
+        assert len(got) == len(want), where
+        for g, w in zip(got, want):
+            assert_close_value(g, w, where, rel, abs)
+    else:
+        assert got == want, where
 
 
 @pytest.fixture(scope="module")

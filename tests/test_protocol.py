@@ -125,3 +125,23 @@ def test_an_absolute_budget_given_turns_the_presets_relative_one_off():
     from saerecover.cli.checks import split_budget
 
     assert split_budget(opts)["budget_rel"] == 0.5
+
+
+def test_refusal_reference_protocol_is_the_flags_docs_refusal_lists():
+    """``run refusal --protocol reference`` resolves to the options of the explicit command in
+    docs/refusal.md ("the flags --protocol reference sets, one by one")."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from saerecover.cli.app import build_parser
+    from saerecover.cli.resolve import resolve_command
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "refusal.md").read_text(encoding="utf-8")
+    block = re.search(r"```\n(saerecover run refusal --n 8 .*?)```", text, re.S).group(1)
+    argv = shlex.split(block.replace("\\\n", " "))[1:]
+    explicit = resolve_command(build_parser().parse_args(argv), "run refusal", toy=True)
+    preset = resolve_command(build_parser().parse_args([*argv[:argv.index("--clamp")], "--protocol", "reference"]),
+                             "run refusal", toy=True)
+    assert preset["protocol"] == "reference"
+    assert {k: v for k, v in preset.items() if k != "protocol"} == {k: v for k, v in explicit.items() if k != "protocol"}

@@ -90,8 +90,42 @@ UNLEARNING: tuple[Choice, ...] = (
            "experiments/unlearning/recovery_unlearning_choice_only_seqwide_act.py:141-166"),
 )
 
-#: The refusal task's choices.
+#: The refusal task's choices (docs/refusal.md has the full table, with what is not reproduced).
+#: v4 = experiments/refusal/baseline_refusal_sae_recovery_crosslayer_v4.py, base =
+#: experiments/refusal/baseline_refusal_sae_recovery.py, hb =
+#: scripts/run_harmbench_strict_valid_safe.py.
 REFUSAL: tuple[Choice, ...] = (
+    Choice("clamp", "mean", "multiply", "each feature set to its mean on refused requests, or multiplied (x 3)",
+           "base 849-876 (clamp_sae_safe(val=3.0, multiply=True)); v4 655; hb 109"),
+    Choice("judge", "ours", "reference", "behavior B: our strict opening categories, or the reference's "
+           "substring judge with its clamped-response rule", "v4 806, 809, 841; base 541-564, 1131-1148"),
+    Choice("delta_site", None, "all", "delta at the first clamped site, or at every clamped layer",
+           "v4 713-744, 746-788"),
+    Choice("anchor_steps", 0, 30, "a first stage on the last prompt token, then fixed (its steps)",
+           "v4 674, 713-744; hb 139-141"),
+    Choice("anchor_budget", None, 40.0, "the first stage's own budget (none: the run's)", "hb 139-141"),
+    Choice("positions", "prompt", "response", "the second stage's rows: every prompt row, or response rows",
+           "v4 668-674, 746-788; hb 131"),
+    Choice("response_rows", None, 48, "response rows the delta covers (none: every one)", "hb 133"),
+    Choice("steps", 100, 120, "optimisation steps of the (second) stage", "hb 121"),
+    Choice("lr", 0.2, 0.05, "its learning rate", "hb 122"),
+    Choice("phi_positions", "from_delta", "response", "rows Phi covers: from the first delta row on, or the "
+           "response rows only", "v4 246-266, 668-674"),
+    Choice("lambda_act", 0.0, 200.0, "the drift penalty's weight", "hb 124; v4 543"),
+    Choice("drift_penalty", "relative_l2", "relative_mse", "||Phi - Phi_def|| / ||Phi_def||, or the per-layer "
+           "relative mean squared drift, mean over layers", "v4 354-382; hb 125-126"),
+    Choice("penalty_after_projection", False, True, "the penalty's gradient before the projection (then "
+           "projected), or added after it (jacobian and sketch)", "v4 545-556"),
+    Choice("drift_correction_steps", 0, 5, "plain gradient steps on the penalty after every step "
+           "(row-space modes)", "v4 561-599; hb 114-116"),
+    Choice("max_drift", None, 0.03, "checkpoint threshold on Phi's relative drift (none: the last delta)",
+           "v4 487-490; hb 129"),
+    Choice("checkpoint_every", 1, 10, "checkpoint cadence (plus the first and last step)", "v4 613-616; hb 128"),
+    Choice("checkpoint_after_update", False, True, "candidates measured before or after the step's update",
+           "v4 463-514, 613-616"),
+    Choice("checkpoint_fallback_weight", None, 80.0, "no candidate under the threshold: delta = 0, or the best "
+           "score - 80 x drift", "v4 487-503; hb 130"),
+    Choice("sketch_probes", 4, 8, "random probes of the sketch mode (plus the drift probe)", "v4 107-149; hb 112-113"),
 )
 
 #: Every scope's table.

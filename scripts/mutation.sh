@@ -82,7 +82,7 @@ SCOPE=(
 
 python_mutants() {
   local so
-  so=$(ls "$ROOT"/python/saerecover/_core*.so 2>/dev/null | head -1 || true)
+  so=$(find "$ROOT/python/saerecover" -maxdepth 1 -name '_core*.so' -print -quit)
   [ -n "$so" ] || { echo "python/saerecover/_core*.so is missing: build it first (maturin develop)" >&2; exit 2; }
   # mutmut expects the package at the top of its directory (./, src/ or source/): stage a copy
   # with saerecover/ next to tests/ and pyproject.toml ([tool.mutmut] is written for that layout)

@@ -432,8 +432,11 @@ def _evaluate(defended, task, ex, deltas, mask, phi_mask, phi_sites, phi_ref, si
             metrics["c1_residual"] = max(c1s) if c1s else 0.0
         dphi = (phi[i] - phi_ref[i])
         ref_norm = float(phi_ref[i].norm())
-        metrics["phi_relative_drift"] = float(dphi.norm()) / (ref_norm + 1e-8)
-        metrics["phi_floor_violation"] = float(torch.clamp(-dphi, min=0).norm()) / (ref_norm + 1e-8)
+        # relative to Phi_def, undefined (NaN) where the clamp leaves Phi_def at 0, as relative_drift
+        defined = ref_norm > UNDEFINED_BELOW
+        metrics["phi_relative_drift"] = float(dphi.norm()) / (ref_norm + EPS) if defined else math.nan
+        metrics["phi_floor_violation"] = float(torch.clamp(-dphi, min=0).norm()) / (ref_norm + EPS) if defined \
+            else math.nan
         metrics.update(_mode_metrics(projections, i))
         tensors = {
             "delta": d_rows.cpu().contiguous(),

@@ -380,15 +380,15 @@ def recover(
     }
     if shard is not None:
         resolved["shard"] = {"index": index, "count": count}
-    # a clamp whose encoder columns fill (almost) the whole residual leaves the encoder mode nothing to move
-    run_warnings = encoder_null_warnings(clamp, _delta_sites(clamp, delta_site), cfg.rcond) if "encoder" in modes \
-        else []
     run_dir = None
     if out is not None:
         run_dir = RunDirectory(out, config=resolved, overwrite=overwrite)
     stop = StopOnSignal()
     try:
         stop.__enter__()  # SIGINT / SIGTERM: stop once the batch in flight is written
+        # a clamp whose encoder columns fill (almost) the whole residual leaves the encoder mode nothing to move
+        run_warnings = encoder_null_warnings(clamp, _delta_sites(clamp, delta_site), cfg.rcond) \
+            if "encoder" in modes else []
         flips = find_flips(defended, task, ex, batch_size=batch_size, progress=progress)
         stop.check()
         done = run_dir.done() if run_dir is not None else set()

@@ -56,6 +56,7 @@ def coerce(key: str, value: Any, default: Any) -> Any:
             return value
         if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
             return int(value)
+        _check_int_bound(key, value)
         raise OptionError(f"option {key} must be an integer, got {value!r}")
     if isinstance(default, float):
         if not isinstance(value, bool):
@@ -73,6 +74,21 @@ def coerce(key: str, value: Any, default: Any) -> Any:
     if not isinstance(value, str):
         raise OptionError(f"option {key} must be a string, got {value!r}")
     return value
+
+
+def _check_int_bound(key: str, value: Any) -> None:
+    """A number past an integer option's bound (``n: 1e26``, which YAML reads as text, ``seed:
+    1.0e+23``) is refused naming the bound, not only as "not an integer"."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return
+    if not math.isfinite(number):
+        return
+    if key in COUNT_OPTIONS and number > MAX_EXAMPLES:
+        raise OptionError(f"option {key} must be at most {MAX_EXAMPLES:,} examples, got {value!r}")
+    if key == "seed" and not -(2**63) <= number < 2**63:
+        raise OptionError(f"option seed must be a 64-bit integer (-2**63 <= seed < 2**63), got {value!r}")
 
 
 def budget_arg(text: str) -> float | str:

@@ -369,7 +369,7 @@ def _check_finite_step(new: dict[str, torch.Tensor], active: torch.Tensor, ids: 
     if bool(bad.any()):
         names = [ids[i] for i in bad.nonzero().flatten().tolist()]
         raise FloatingPointError(f"non-finite delta after the {cfg.optimizer} step at step {step} for examples "
-                                 f"{names} (lr={cfg.lr:g} is too large for float32)")
+                                 f"{names}: the step overflowed float32 (lr={cfg.lr:g} is too large)")
 
 
 def _decode_drift(clamp, dphi: torch.Tensor, phi_sites: list[str], phi_mask: torch.Tensor) -> torch.Tensor:

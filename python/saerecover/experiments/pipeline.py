@@ -23,6 +23,7 @@ from saerecover.core.config import RecoveryConfig
 from saerecover.core.decomposition import recovery_features
 from saerecover.core.defended import DefendedModel
 from saerecover.core.examples import Examples, Task
+from saerecover.core.projection import encoder_null_warnings
 from saerecover.core.recovery import PROJECTIONS, ExampleOutcome, recover_batch
 from saerecover.core.shared import recover_shared
 from saerecover.experiments.baselines import Baseline
@@ -174,6 +175,13 @@ def path_features(clamp: Clamp, delta_site: str | None, tensors: Mapping[str, to
     sc = clamp.at(delta_site) if delta_site is not None else clamp.site_clamps[0]
     top = recovery_features(sc.site, sc.features, tensors["h_def"], tensors["delta"], top_k=RECORD_TOP_FEATURES)
     return {"top_features": [[j, v] for j, v in top]}
+
+
+def _delta_sites(clamp: Clamp, delta_site: str | list[str] | None) -> list[str]:
+    """The sites where delta is added (recover_batch's rule: default the first clamped site)."""
+    if isinstance(delta_site, str):
+        return [delta_site]
+    return list(delta_site or [clamp.site_clamps[0].site.hook_name])
 
 
 def _recover_chunk(run: Callable[[Examples], list[ExampleOutcome]], part: Examples) -> list:
@@ -378,6 +386,9 @@ def recover(
     stop = StopOnSignal()
     try:
         stop.__enter__()  # SIGINT / SIGTERM: stop once the batch in flight is written
+        # a clamp whose encoder columns fill (almost) the whole residual leaves the encoder mode nothing to move
+        run_warnings = encoder_null_warnings(clamp, _delta_sites(clamp, delta_site), cfg.rcond) \
+            if "encoder" in modes else []
         flips = find_flips(defended, task, ex, batch_size=batch_size, progress=progress)
         stop.check()
         done = run_dir.done() if run_dir is not None else set()
@@ -445,6 +456,8 @@ def recover(
                                    "oom_retries": oom["oom_retries"], "protocol": chosen["name"],
                                    "delta": {"shared": cfg.shared_delta,
                                              "n_optimised": len(ex) if cfg.shared_delta else None}})
+        if run_warnings:
+            summary["warnings"] = run_warnings
         if summarize_extra is not None:
             summarize_extra(summary, records)
         if run_dir is not None:

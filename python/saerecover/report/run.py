@@ -460,9 +460,19 @@ def _plot_budget_sweep(summary, records, plots: Path) -> tuple[str, str] | str |
     return (fname, "Recovery rate as the perturbation budget grows.")
 
 
+def warnings_section(summary: Mapping[str, Any]) -> Section | None:
+    """The report's "Warnings" section: what the run warned about (``summary["warnings"]``, e.g.
+    a clamp whose encoder columns leave the encoder mode no null space to move delta in)."""
+    found = summary.get("warnings")
+    if not found:
+        return None
+    items = found if isinstance(found, list) else [found]
+    return Section("Warnings", [str(w.get("message", w)) if isinstance(w, Mapping) else str(w) for w in items])
+
+
 #: Task-specific sections of a run report, each ``summary -> Section`` (None where it does not
 #: apply), placed after the results in both files; adding one is one entry here.
-SECTIONS: tuple[Callable[[Mapping[str, Any]], Section | None], ...] = (refusal_section,)
+SECTIONS: tuple[Callable[[Mapping[str, Any]], Section | None], ...] = (warnings_section, refusal_section)
 
 _PLOTS = (_plot_rate_vs_drift, _plot_delta_vs_drift, _plot_distributions, _plot_history, _plot_budget_sweep)
 
@@ -527,7 +537,7 @@ class _Parts:
                 for name, m in (self.summary.get("modes") or {}).items() if (m or {}).get("n_failed")]
 
     def other_summary(self) -> dict[str, Any]:
-        known = {"task", "n_examples", "n_valid", "n_records", "modes", "intervals"}
+        known = {"task", "n_examples", "n_valid", "n_records", "modes", "intervals", "warnings"}
         return {k: v for k, v in self.summary.items() if k not in known}
 
     def files(self, code: Callable[[str], str] = str) -> list[str]:

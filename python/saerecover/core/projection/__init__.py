@@ -22,7 +22,13 @@ from saerecover.core.projection.base import (
     rescale_to_budget,
     unflatten_example,
 )
-from saerecover.core.projection.encoder import EncoderNull, EncoderNullMode
+from saerecover.core.projection.encoder import (
+    MIN_ENCODER_NULL_FRACTION,
+    EncoderNull,
+    EncoderNullMode,
+    encoder_null_space,
+    encoder_null_warnings,
+)
 from saerecover.core.projection.jacobian import (
     ExactJacobian,
     batched_vjp_jacobian,
@@ -42,6 +48,7 @@ PROJECTIONS: dict[str, type[ProjectionMode]] = {
 }
 
 __all__ = [
+    "MIN_ENCODER_NULL_FRACTION",
     "PROJECTIONS",
     "Deltas",
     "EncoderNull",
@@ -55,6 +62,8 @@ __all__ = [
     "batched_vjp_jacobian",
     "defended_feature_parts",
     "defended_features",
+    "encoder_null_space",
+    "encoder_null_warnings",
     "example_jacobians",
     "flatten_example",
     "packed_jacobians",

@@ -136,9 +136,9 @@ PINNED: dict[tuple[str, bool], dict[str, Any]] = {
     ("run refusal", False): {  # run refusal
         "protocol": "saerecover", "model": None, "saes": None, "hooks": None, "backend": "hf", "device": None, "dtype": None,
         "requests": None, "column": None, "limit": None, "contrast": None, "contrast_column": None, "n": 24,
-        "n_contrast": 48, "top_k": 16, "features": None, "clamp": "mean", "clamp_scale": 1.0,
+        "n_contrast": 48, "min_contrast": 5, "top_k": 16, "features": None, "clamp": "mean", "clamp_scale": 1.0,
         "clamp_multiplier": 3.0, "contrast_positions": None,
-        "template": None, "max_new_tokens": None, "lists": "gcg", "match": "opening", "strict": True,
+        "template": None, "system_prompt": None, "max_new_tokens": None, "lists": "gcg", "match": "opening", "strict": True,
         "judge": "ours", "generation_deltas": "prompt", "prefix_weight": 2.0,
         "prefix_tokens": 4, "discourage_refusal": 0.0, "store_generations": False,
         "modes": "none,encoder,jacobian,sketch,suffix", "delta_site": None, "steps": 100, "lr": 0.2,
@@ -257,7 +257,8 @@ def test_every_leaf_parser_sets_its_handler():
     leaves = _leaves(build_parser())
     assert sorted(p.prog for p in leaves) == sorted(
         f"saerecover {c}" for c in ("demo", "run ioi", "run tpp", "run unlearning", "run refusal", "report",
-                                    "sweep budget", "sweep features", "attribute", "analyze", "merge", "bench"))
+                                    "sweep budget", "sweep features", "attribute", "analyze", "merge", "bench", "convert",
+                                    "train-sae"))
     assert all(callable(leaf.get_default("handler")) for leaf in leaves), [p.prog for p in leaves]
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from exact_stubs import hand_site
 from saerecover.core.decomposition import decompose
-from saerecover.core.metrics import EPS, _relative, c1_residual, clamped_features, example_metrics
+from saerecover.core.metrics import EPS, _relative, c1_residual, clamped_features, example_metrics, row_scale, sink_rows
 from saerecover.experiments import analysis
 
 # The site of every test below: d_in = d_sae = 3, W_enc = I, so E(h) = relu(h) feature by feature;
@@ -55,7 +55,8 @@ def test_every_metric_of_a_hand_example(site):
     #                     (without the [.]_+ it would be sqrt(9.25) / sqrt(5))
     # silenced (z_def <= 0): (row 0, f1) and (row 1, f0); reactivated (z_rec > 0) of those: (0, f1) (z_rec = 3)
     #                     -> reactivated fraction 1 of 4 pairs; zero-reactivation False although recovered
-    # delta norm        = sqrt(0.25 + 9 + 1) = sqrt(10.25); ||h_def|| = sqrt(1 + 25 + 4) = sqrt(30)
+    # delta norm        = sqrt(0.25 + 9 + 1) = sqrt(10.25); h_def's row norms are sqrt(26) and 2 (no sink:
+    #                     sqrt(26) <= 10 x 2), the scale sqrt(R) x the (lower) median row norm = sqrt(2) x 2
     # c1 residual       = max_rows ||A^T d|| / (||A||_2 ||d|| + EPS) with A = [e0 e1], ||A||_2 = 1:
     #                     row 0: ||[-0.5, 3]|| / ||d_0|| = 1; row 1: ||[0, 0]|| = 0 -> 1
     m = metrics(site, DELTA)
@@ -67,7 +68,7 @@ def test_every_metric_of_a_hand_example(site):
     assert m["reactivated_fraction_eligible"] == 0.5  # 1 reactivated of the 2 silenced pairs
     assert m["zero_reactivation"] is False
     assert m["delta_norm"] == pytest.approx(math.sqrt(10.25), rel=1e-6)
-    assert m["relative_delta_norm"] == pytest.approx(math.sqrt(10.25) / (math.sqrt(30.0) + EPS), rel=1e-6)
+    assert m["relative_delta_norm"] == pytest.approx(math.sqrt(10.25) / (2 * math.sqrt(2.0) + EPS), rel=1e-6)
     assert m["c1_residual"] == pytest.approx(1.0, abs=1e-8)
     assert set(m) == {"activation_drift", "decode_drift", "relative_drift", "floor_violation",
                       "reactivated_fraction", "reactivated_fraction_eligible", "zero_reactivation", "delta_norm",
@@ -301,3 +302,23 @@ def test_aggregate_takes_maxima_counts_and_means():
     empty = analysis._aggregate([])
     assert empty["n"] == 0 and empty["encoder_null_share_mean"] is None and empty["encoder_null_share_min"] is None
     assert analysis._mean([1.0, None, math.nan, 3.0]) == 2.0 and analysis._mean([]) is None
+
+
+def test_an_attention_sink_row_sets_no_relative_scale(site):
+    """A third row at position 0 with a norm of 1000 (500x the median 2; real models' first
+    position is ~100x): without the sink rule it would make relative_delta_norm ~ 3.2e-3 and the
+    relative drift sqrt(9.25 + 1e4) / sqrt(5 + 1e6) ~ 0.1; with it both are the two-row values.
+    h_def rows: [1000, 0, 0] (a sink: 1000 > 10 x sqrt(26), the median of the norms 1000, sqrt(26),
+    2), then H_DEF's [1, 0, 5], [0, 2, 0]; delta rows [0, 100, 0] (on the sink), then DELTA's."""
+    h_def = torch.cat([torch.tensor([[1000.0, 0.0, 0.0]]), H_DEF])
+    delta = torch.cat([torch.tensor([[0.0, 100.0, 0.0]]), DELTA])
+    m = metrics(site, delta, h_def=h_def)
+    # sink row: z_def = relu([1000, 0, 0])[S] = [1000, 0], z_rec = [1000, 100] (dz = [0, 100])
+    assert m["activation_drift"] == pytest.approx(math.sqrt(9.25 + 1e4), rel=1e-6)  # absolute: every row
+    # relative drift and floor over the two other rows: as in the hand example
+    assert m["relative_drift"] == pytest.approx(math.sqrt(9.25) / (math.sqrt(5.0) + EPS), rel=1e-6)
+    assert m["floor_violation"] == pytest.approx(0.5 / (math.sqrt(5.0) + EPS), rel=1e-6)
+    # ||delta|| = sqrt(1e4 + 10.25); scale = sqrt(3) x median(1000, sqrt(26), 2) = sqrt(3) x sqrt(26)
+    assert m["relative_delta_norm"] == pytest.approx(math.sqrt(1e4 + 10.25) / (math.sqrt(3 * 26.0) + EPS), rel=1e-6)
+    assert sink_rows(h_def).tolist() == [True, False, False]
+    assert float(row_scale(h_def)) == pytest.approx(math.sqrt(78.0), rel=1e-6)

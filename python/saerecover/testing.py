@@ -187,3 +187,68 @@ def tiny_model(family: str, root: str | Path, **kwargs) -> Path:
     if family not in builders:
         raise ValueError(f"unknown tiny model family {family!r}; choose from {list(builders)}")
     return builders[family](root, **kwargs)
+
+
+#: The tiny GGUF's chat template (ChatML-like, no default system prompt).
+GGUF_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
+                      "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+
+
+def tiny_llama_gguf(path: str | Path, *, n_layers: int = 2, d_model: int = 32, n_heads: int = 4,
+                    n_kv_heads: int = 2, d_mlp: int = 64, seed: int = 0) -> Path:
+    """Write a tiny Llama GGUF file at ``path`` with the ``gguf`` package (the ``real`` extra):
+    random F32 weights (tied embeddings), a byte-level BPE tokenizer of a few dozen tokens and a
+    chat template, so that the GGUF loading path runs end to end with no download."""
+    import gguf
+    import numpy as np
+
+    specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+    merges = ("t h", "th e", "Ġ the", "a n", "Ġ a")
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["Ġ", ",", "."]
+    tokens = list(specials) + chars + [m.replace(" ", "") for m in merges]
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny")
+    w.add_block_count(n_layers)
+    w.add_context_length(64)
+    w.add_embedding_length(d_model)
+    w.add_feed_forward_length(d_mlp)
+    w.add_head_count(n_heads)
+    w.add_head_count_kv(n_kv_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(len(tokens))
+    w.add_rope_dimension_count(d_model // n_heads)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types([3] * len(specials) + [1] * (len(tokens) - len(specials)))
+    w.add_token_merges(list(merges))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_pad_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template(GGUF_CHAT_TEMPLATE)
+
+    def rand(*shape: int, offset: float = 0.0) -> np.ndarray:
+        return (offset + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+
+    d_head = d_model // n_heads
+    w.add_tensor("token_embd.weight", rand(len(tokens), d_model))  # tied: no output.weight
+    w.add_tensor("output_norm.weight", rand(d_model, offset=1.0))
+    for i in range(n_layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", rand(d_model, offset=1.0))
+        w.add_tensor(f"blk.{i}.attn_q.weight", rand(d_model, d_model))
+        w.add_tensor(f"blk.{i}.attn_k.weight", rand(n_kv_heads * d_head, d_model))
+        w.add_tensor(f"blk.{i}.attn_v.weight", rand(n_kv_heads * d_head, d_model))
+        w.add_tensor(f"blk.{i}.attn_output.weight", rand(d_model, d_model))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", rand(d_model, offset=1.0))
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", rand(d_mlp, d_model))
+        w.add_tensor(f"blk.{i}.ffn_up.weight", rand(d_mlp, d_model))
+        w.add_tensor(f"blk.{i}.ffn_down.weight", rand(d_model, d_mlp))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)

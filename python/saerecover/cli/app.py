@@ -12,6 +12,7 @@ from saerecover import __version__
 from saerecover.cli.attribute import add_attribute_parser
 from saerecover.cli.bench import add_bench_parser
 from saerecover.cli.ioi import add_demo_parser, add_ioi_parser
+from saerecover.cli.model_tools import add_convert_parser, add_train_sae_parser
 from saerecover.cli.parsing import CLIError, OneLineParser, one_line
 from saerecover.cli.refusal import add_refusal_parser
 from saerecover.cli.runs import add_analyze_parser, add_merge_parser, add_report_parser
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (add_ioi_parser, add_tpp_parser, add_unlearning_parser, add_refusal_parser):
         add(tasks)
     for add in (add_report_parser, add_sweep_parser, add_attribute_parser, add_analyze_parser, add_merge_parser,
-                add_bench_parser):
+                add_bench_parser, add_convert_parser, add_train_sae_parser):
         add(sub)
     return parser
 

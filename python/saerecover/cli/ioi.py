@@ -110,7 +110,7 @@ def run_ioi(opts: dict[str, Any], *, quiet: bool = False, world: Any = None, toy
     import torch
 
     from saerecover.core.clamp import Clamp
-    from saerecover.core.selection import select_by_attribution
+    from saerecover.core.selection import fewer_features_note, select_by_attribution
     from saerecover.core.sites import load_site
     from saerecover.experiments.pipeline import recover
     from saerecover.models import load_model
@@ -149,11 +149,16 @@ def run_ioi(opts: dict[str, Any], *, quiet: bool = False, world: Any = None, toy
         if features is not None:
             site.check_features(features)  # before the task tokenizes anything
         task = ioi_task(model.tokenizer, opts)
+    selection: dict[str, Any] = {}
     if features is None:
         features = select_by_attribution(model, site, task, task.examples(), top_k=int(opts["top_k"]))
+        note = fewer_features_note(site.hook_name, int(opts["top_k"]), len(features),
+                                   "a positive attribution to the behavior")
+        selection = {"selection": {"top_k": int(opts["top_k"]), "n_selected": len(features),
+                                   **({"notes": [note]} if note else {})}}
     clamp = Clamp({site: features}, value=opts["clamp_value"], mode=opts["clamp_mode"], where=opts["clamp_where"])
     return recover(model, clamp, task, projection=modes, out=opts["out"], batch_size=int(opts["batch_size"]),
-                   progress=not quiet, shard=shard, overwrite=overwrite, extra_config={"source": source},
+                   progress=not quiet, shard=shard, overwrite=overwrite, extra_config={"source": source, **selection},
                    protocol=protocol_record(opts, "run ioi"), **recovery)
 
 

@@ -21,7 +21,7 @@ from saerecover.core.config import DRIFT_PENALTIES, PHI_POSITIONS, RecoveryConfi
 
 __all__ = [
     "ANALYZE", "ATTRIBUTE", "CHOICES", "DEMO_OUT", "IOI", "MODEL", "MODES", "POSITIVE_TASK_INTS", "REFUSAL",
-    "REFUSAL_BY_WORLD", "SWEEP_GRIDS", "SWEEP_IOI", "SWEEP_UNLEARNING", "TOY_HOOKS", "TOY_TPP", "TOY_UNLEARNING",
+    "REFUSAL_BY_WORLD", "SWEEP_GRIDS", "TRAIN_SAE", "SWEEP_IOI", "SWEEP_UNLEARNING", "TOY_HOOKS", "TOY_TPP", "TOY_UNLEARNING",
     "PROTOCOL_SCOPES", "TPP", "UNLEARNING", "defaults", "recovery", "toy_ioi",
 ]
 
@@ -112,15 +112,22 @@ UNLEARNING: dict[str, Any] = {
 SWEEP_GRIDS: dict[str, Any] = {"budgets": "1,2,5,10,20", "ks": "4,8,16,32"}
 SWEEP_IOI: dict[str, Any] = {**IOI, **SWEEP_GRIDS}
 SWEEP_UNLEARNING: dict[str, Any] = {**UNLEARNING, **SWEEP_GRIDS}
+#: ``train-sae``: an SAE width 4096, BatchTopK k 64 on ~19k tokens of the model's own text
+#: (docs/real_model.md has what it reaches on SmolLM2-135M-Instruct).
+TRAIN_SAE: dict[str, Any] = {
+    "architecture": "batchtopk", "width": 4096, "k": 64.0, "l1": 5.0, "tokens": 400_000, "batch_size": 1024,
+    "lr": 1e-3, "samples_per_opening": 3, "new_tokens": 80, "answer_tokens": 64, "n_ioi": 256,
+    "max_norm_ratio": 10.0, "held_out": 0.1, "seed": 0,
+}
 #: ``run refusal``. model None: the shipped toy world (its SAEs at ``hooks``, its own request
 #: format, corpus requests).
 REFUSAL: dict[str, Any] = {
     "protocol": protocols.DEFAULT,
     "model": None, "saes": None, "hooks": None, **{k: MODEL[k] for k in ("backend", "device", "dtype")},
     "requests": None, "column": None, "limit": None, "contrast": None, "contrast_column": None,
-    "n": 24, "n_contrast": 48, "top_k": 16, "features": None, "clamp": "mean", "clamp_scale": 1.0,
+    "n": 24, "n_contrast": 48, "min_contrast": 5, "top_k": 16, "features": None, "clamp": "mean", "clamp_scale": 1.0,
     "clamp_multiplier": 3.0, "contrast_positions": None,
-    "template": None, "max_new_tokens": None, "lists": "gcg", "match": "opening", "strict": True, "judge": "ours",
+    "template": None, "system_prompt": None, "max_new_tokens": None, "lists": "gcg", "match": "opening", "strict": True, "judge": "ours",
     "generation_deltas": "prompt", "prefix_weight": 2.0,
     "prefix_tokens": 4, "discourage_refusal": 0.0, "store_generations": False,
     "modes": "none,encoder,jacobian,sketch,suffix", "delta_site": None,

@@ -50,7 +50,8 @@ def add_refusal_parser(tasks: Any) -> argparse.ArgumentParser:
     add_flags(p, "protocol")
     add_flags(
         p, "config model saes hooks backend device dtype requests column limit contrast contrast_column n n_contrast "
-           "top_k features clamp clamp_scale clamp_multiplier contrast_positions template max_new_tokens lists match "
+           "min_contrast top_k features clamp clamp_scale clamp_multiplier contrast_positions template system_prompt "
+           "max_new_tokens lists match "
            "lenient judge generation_deltas prefix_weight prefix_tokens discourage_refusal store_generations modes "
            "delta_site steps lr budget optimizer positions reclamp lambda_act drift_penalty penalty_after_projection "
            "drift_correction_steps drift_correction_lr lambda_delta max_drift checkpoint_every "
@@ -71,6 +72,8 @@ def add_refusal_parser(tasks: Any) -> argparse.ArgumentParser:
                           "requests)"},
         n={"help": "toy: number of harmless requests drawn"},
         n_contrast={"type": int, "help": "toy: harmful and harmless requests drawn for the contrast"},
+        min_contrast={"type": int, "help": "fewest refused and fewest answered contrast requests the feature "
+                                          "contrast is built on (fewer is an error naming the counts)"},
         top_k={"help": "features per site by refused-minus-answered contrast"},
         features={"help": "explicit features: 'HOOK:i,j,k;HOOK2:...' (skips selection there)"},
         clamp={"choices": list(options.CHOICES["clamp"]),
@@ -82,6 +85,8 @@ def add_refusal_parser(tasks: Any) -> argparse.ArgumentParser:
                             "help": "where contrast and clamp values are measured: every prompt token, or the "
                                     "last one (default: prompt; toy: last)"},
         template={"help": "plain prompt template with {request} (default: chat template if any; 'chat' forces it)"},
+        system_prompt={"help": "chat template's system message (default: the template's own, which may add one, "
+                               "e.g. SmolLM2's; '' gives an empty one); recorded in config.json"},
         max_new_tokens={"type": int},
         lists={"help": "refusal phrase lists (comma-separated): gcg, arditi, refusal_sae (the reference's), "
                        "jbb_classifier (jailbreakbench 1.0.0's); jailbreakbench = arditi"},
@@ -171,7 +176,7 @@ def _check(opts: dict[str, Any]) -> None:
     if bad or not modes or len(set(modes)) != len(modes):
         raise ValueError(f"option modes: {opts['modes']!r} is not a comma-separated list of distinct modes from "
                          f"{', '.join(REFUSAL_MODES)}")
-    for key in ("n", "n_contrast", "top_k", "batch_size", "suffix_tokens", "top_k_attribution"):
+    for key in ("n", "n_contrast", "min_contrast", "top_k", "batch_size", "suffix_tokens", "top_k_attribution"):
         v = opts.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"option {key} must be an integer >= 1, got {v!r}")
@@ -179,6 +184,10 @@ def _check(opts: dict[str, Any]) -> None:
         v = opts.get(key)
         if v is not None and (not isinstance(v, (int, float)) or not math.isfinite(float(v))):
             raise ValueError(f"option {key} must be a finite number, got {v!r}")
+    for key, flag in (("n", "--n"), ("n_contrast", "--n-contrast")):
+        if opts["model"] is not None and opts.get(key) != options.REFUSAL[key]:
+            raise CLIError(f"{flag} draws toy-world requests and does nothing with --model; use --limit N to "
+                           "use the first N of --requests (the contrast set is --contrast, default --requests)")
     if opts["model"] is not None and not opts["saes"]:
         raise CLIError("--model needs --saes (one SAE per clamped site)")
     if opts["model"] is not None and not opts["requests"]:
@@ -210,7 +219,7 @@ def run_refusal_from_options(opts: dict[str, Any], *, quiet: bool = False, overw
     _check(opts)
     features = _parse_feature_map(opts["features"])
     lists = split_list(opts["lists"]) or ["gcg"]
-    task_kw = {"template": opts["template"], "lists": tuple(lists), "strict": bool(opts["strict"]),
+    task_kw = {"template": opts["template"], "system_prompt": opts["system_prompt"], "lists": tuple(lists), "strict": bool(opts["strict"]),
                "match": opts["match"], "judge": opts["judge"], "generation_deltas": opts["generation_deltas"],
                "prefix_weight": float(opts["prefix_weight"]), "prefix_tokens": int(opts["prefix_tokens"]),
                "discourage_refusal": float(opts["discourage_refusal"]),
@@ -257,7 +266,8 @@ def run_refusal_from_options(opts: dict[str, Any], *, quiet: bool = False, overw
     task_kw["source"] = source
     setting = build_setting(model, sites, requests, contrast, top_k=int(opts["top_k"]), features=features,
                             scale=float(opts["clamp_scale"]), clamp=opts["clamp"],
-                            multiplier=float(opts["clamp_multiplier"]), positions=positions, **task_kw)
+                            multiplier=float(opts["clamp_multiplier"]), positions=positions,
+                            min_contrast=int(opts["min_contrast"]), **task_kw)
     modes = split_list(opts["modes"])
     suffix = SuffixSettings(n_suffix=int(opts["suffix_tokens"]), lr=opts["suffix_lr"], budget=opts["suffix_budget"])
     result = run_refusal(

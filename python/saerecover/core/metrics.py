@@ -2,6 +2,15 @@
 
 All metrics are taken over the optimized rows of one example at the delta site:
 z_def = E_S(h_def), z_rec = E_S(h_rec) with h_rec the residual the model actually saw.
+
+Attention sinks: in real models the residual at the first position can be 100x the median row
+norm (SmolLM2-135M: ~23,600 against ~175). No relative metric lets such a row set its scale:
+- ``relative_delta_norm`` divides by sqrt(R) x the median row norm of h_def over the R optimized
+  rows (:func:`row_scale`, the scale relative budgets use), which is ||h_def||_F when every row
+  has the same norm;
+- ``relative_drift`` and ``floor_violation`` are taken over the non-sink rows only: a sink row
+  is one whose ||h_def|| exceeds ``SINK_NORM_RATIO`` x that median (:func:`sink_rows`). The
+  absolute ``activation_drift`` and ``decode_drift`` keep every row.
 """
 
 from __future__ import annotations
@@ -18,6 +27,9 @@ EPS = 1e-8
 #: clamp to a value <= 0 leaves E(h_def) = 0 on the clamped features, and dividing by EPS there
 #: would report 1e7-sized "relative drifts" that mean nothing. Summaries count them apart.
 UNDEFINED_BELOW = 1e-6
+#: A row whose defended residual norm exceeds this many times the median row norm of the
+#: example's optimized rows is an attention-sink row (left out of the relative drifts).
+SINK_NORM_RATIO = 10.0
 
 
 @dataclass
@@ -37,6 +49,20 @@ def clamped_features(site: Site, features: torch.Tensor, h_def: torch.Tensor, h_
     return SiteFeatures(z_def=z_def.float(), z_rec=z_rec.float())
 
 
+def row_scale(rows: torch.Tensor) -> torch.Tensor:
+    """sqrt(R) x the median L2 norm of ``rows`` (R, d) (the lower median for even R), float32."""
+    norms = rows.float().norm(dim=-1).flatten()
+    return norms.median() * norms.numel() ** 0.5 if norms.numel() else norms.new_zeros(())
+
+
+def sink_rows(h_def_rows: torch.Tensor, ratio: float = SINK_NORM_RATIO) -> torch.Tensor:
+    """(R,) bool: the rows whose norm exceeds ``ratio`` x the median row norm (attention sinks)."""
+    norms = h_def_rows.float().reshape(-1, h_def_rows.shape[-1]).norm(dim=-1)
+    if norms.numel() == 0:
+        return norms.bool()
+    return norms > ratio * norms.median()
+
+
 def residual_scales(states: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
     """Per example, the scale relative budgets are measured against: sqrt(R) x the median row norm
     of the defended residual over its R optimized rows (``mask`` (n, seq)) at every delta site
@@ -48,8 +74,7 @@ def residual_scales(states: list[torch.Tensor], mask: torch.Tensor) -> torch.Ten
     """
     out = []
     for i in range(mask.shape[0]):
-        norms = torch.cat([h[i][mask[i]].float().norm(dim=-1) for h in states])
-        out.append(norms.median() * norms.numel() ** 0.5 if norms.numel() else norms.new_zeros(()))
+        out.append(row_scale(torch.cat([h[i][mask[i]] for h in states])))
     return torch.stack(out) if out else mask.new_zeros(0, dtype=torch.float32)
 
 
@@ -96,10 +121,12 @@ def example_metrics(
 
 def _example_metrics(site, features, feats, delta_rows, h_def_rows, a, recovered, eta):
     dz = feats.z_rec - feats.z_def
-    def_norm = float(feats.z_def.norm())
     activation_drift = float(dz.norm())
     decode_drift = float(site.decode_features(dz, features.to(dz.device)).norm())
-    floor = float(torch.clamp(feats.z_def - feats.z_rec, min=0).norm())
+    rows = ~sink_rows(h_def_rows).to(dz.device)  # (rows,): the relative drifts leave sink rows out
+    def_norm = float(feats.z_def[rows].norm())
+    relative_drift_num = float(dz[rows].norm())
+    floor = float(torch.clamp(feats.z_def[rows] - feats.z_rec[rows], min=0).norm())
     silenced = feats.z_def <= eta
     reactivated = silenced & (feats.z_rec > eta)
     n_pairs = feats.z_def.numel()
@@ -108,13 +135,13 @@ def _example_metrics(site, features, feats, delta_rows, h_def_rows, a, recovered
     return {
         "activation_drift": activation_drift,
         "decode_drift": decode_drift,
-        "relative_drift": _relative(activation_drift, def_norm),
+        "relative_drift": _relative(relative_drift_num, def_norm),
         "floor_violation": _relative(floor, def_norm),
         "reactivated_fraction": float(reactivated.sum()) / n_pairs if n_pairs else 0.0,
         "reactivated_fraction_eligible": float(reactivated.sum()) / max(n_eligible, 1),
         "zero_reactivation": bool(recovered and not bool(reactivated.any())),
         "delta_norm": delta_norm,
-        "relative_delta_norm": delta_norm / (float(h_def_rows.float().norm()) + EPS),
+        "relative_delta_norm": delta_norm / (float(row_scale(h_def_rows)) + EPS),
         "c1_residual": c1_residual(a, delta_rows),
     }
 

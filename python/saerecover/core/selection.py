@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import torch
 
@@ -79,7 +80,21 @@ def top_features(scores: torch.Tensor, k: int, *, positive_only: bool = True) ->
 def select_by_attribution(
     model: ModelAdapter, site: Site, task: Task, ex: Examples, *, top_k: int = 16, positions: str = "answer"
 ) -> torch.Tensor:
-    """The top-k features by positive attribution to the behavior (PAPER_NOTES, IOI row)."""
+    """The top-k features by positive attribution to the behavior (PAPER_NOTES, IOI row); fewer
+    when fewer have a positive attribution, with a warning (:func:`fewer_features_note`)."""
     if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
         raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
-    return top_features(attribution_scores(model, site, task, ex, positions=positions), top_k)
+    feats = top_features(attribution_scores(model, site, task, ex, positions=positions), top_k)
+    note = fewer_features_note(site.hook_name, top_k, len(feats), "a positive attribution to the behavior")
+    if note is not None:
+        warnings.warn(note, stacklevel=2)
+    return feats
+
+
+def fewer_features_note(hook_name: str, requested: int, selected: int, criterion: str) -> str | None:
+    """The warning (and run-config note) when a selection returns fewer features than
+    requested, because only ``selected`` pass ``criterion``; None when none are missing."""
+    if selected >= requested:
+        return None
+    return (f"{hook_name}: {selected} features selected where top_k={requested} was asked: only {selected} have "
+            f"{criterion}")

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from saerecover.core.clamp import Clamp
+from saerecover.core.selection import fewer_features_note
 from saerecover.core.config import RecoveryConfig
 from saerecover.core.projection import PROJECTIONS
 from saerecover.data.requests import toy_requests
@@ -221,17 +222,23 @@ class RefusalSetting:
     selection: dict[str, Any] = field(default_factory=dict)
 
 
+#: The fewest refused and the fewest answered contrast requests ``build_setting`` accepts.
+MIN_CONTRAST = 5
+
+
 def build_setting(model: Any, sites: Sequence[Any], requests: Sequence[str], contrast_requests: Sequence[str], *,
                   top_k: int = 16, features: Mapping[str, Sequence[int]] | None = None, scale: float = 1.0,
                   clamp: str = "mean", multiplier: float = 3.0, only_answered: bool = True,
-                  positions: str = "prompt", **task_kw: Any) -> RefusalSetting:
+                  positions: str = "prompt", min_contrast: int = MIN_CONTRAST, **task_kw: Any) -> RefusalSetting:
     """Refusal features by contrast, the clamp, and the task.
 
     contrast_requests: requests whose base responses split them into refused / answered (the
     contrast classes). requests: the task's requests; with ``only_answered`` only those the
     base model answers are kept (the others could never be valid flips). clamp: "mean" (each
     feature set to ``scale`` x its mean on refused requests, at every position) or "multiply"
-    (the paper's: each feature multiplied by ``multiplier`` at every position).
+    (the paper's: each feature multiplied by ``multiplier`` at every position). min_contrast:
+    the fewest refused and the fewest answered contrast requests the contrast may rest on (a
+    mean over one refused request is that request's activations, not a refusal direction).
     """
     if clamp not in CLAMPS:
         raise ValueError(f"unknown refusal clamp {clamp!r}; valid: {', '.join(CLAMPS)}")
@@ -239,9 +246,11 @@ def build_setting(model: Any, sites: Sequence[Any], requests: Sequence[str], con
                                                        "source": None})
     refused = torch.nonzero(ctask.base_refused()).flatten().tolist()
     answered = torch.nonzero(ctask.base_answered()).flatten().tolist()
-    if not refused or not answered:
-        raise ValueError(f"the contrast set needs refused and answered requests; the base model refused "
-                         f"{len(refused)} and answered {len(answered)} of {len(contrast_requests)}")
+    if min(len(refused), len(answered)) < max(1, int(min_contrast)):
+        raise ValueError(f"the feature contrast needs at least {max(1, int(min_contrast))} refused and "
+                         f"{max(1, int(min_contrast))} answered requests; the base model refused {len(refused)} and "
+                         f"answered {len(answered)} of {len(contrast_requests)} contrast requests: give --contrast "
+                         "more requests of the kind it lacks (or lower --min-contrast, at the contrast's risk)")
     contrast = refusal_contrast(model, list(sites), ctask.prompt_examples(refused), ctask.prompt_examples(answered),
                                 positions=positions)
     feats = select_refusal_features(contrast, top_k, features=features)
@@ -255,9 +264,14 @@ def build_setting(model: Any, sites: Sequence[Any], requests: Sequence[str], con
             raise ValueError("the base model answers none of the requests: no valid flip is possible")
         task = task.subset(keep)
     selection = {"n_contrast": len(contrast_requests), "n_refused": len(refused), "n_answered": len(answered),
-                 "positions": positions, "top_k": top_k, "scale": scale, "clamp": clamp,
+                 "min_contrast": max(1, int(min_contrast)), "positions": positions, "top_k": top_k, "scale": scale, "clamp": clamp,
                  **({"multiplier": multiplier} if clamp == "multiply" else {}), "n_requests": n_requests,
                  "n_kept": len(task.requests), "sites": contrast_table(contrast, feats)}
+    notes = [n for name, f in feats.items() if not (features and name in features)
+             for n in [fewer_features_note(name, top_k[name] if isinstance(top_k, Mapping) else int(top_k), len(f),
+                                           "a positive refused-minus-answered contrast")] if n]
+    if notes:
+        selection["notes"] = notes
     return RefusalSetting(task=task, clamp=defense, features=feats, selection=selection)
 
 
@@ -285,6 +299,7 @@ def toy_setting(world: Any, *, n: int = 24, n_contrast: int = 48, sites: Sequenc
 
 
 __all__ = [
+    "MIN_CONTRAST",
     "REFUSAL_MODES",
     "RefusalSetting",
     "add_refusal_summary",

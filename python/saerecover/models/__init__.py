@@ -18,6 +18,8 @@ from saerecover.models.base import (
     resolve_device,
     resolve_dtype,
 )
+from saerecover.models.gguf import convert as convert_gguf
+from saerecover.models.gguf import is_gguf_source, load_gguf
 from saerecover.models.hf import HFAdapter, find_decoder_layers, from_hf, load_hf, use_softcap_safe_attention
 from saerecover.models.tlens import (
     NO_PROCESSING,
@@ -41,7 +43,8 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     **kwargs: Any,
 ) -> ModelAdapter:
-    """Load a causal LM by hub name or local directory (the same code path for both).
+    """Load a causal LM by hub name, local directory, or GGUF file (a ``.gguf``, or a directory
+    holding one and no config.json: dequantized to ``dtype``, "hf" backend only).
 
     backend: ``"hf"`` (transformers) or ``"tlens"`` (TransformerLens HookedTransformer).
     device: default CUDA when available, else CPU. dtype: default float32 (e.g. torch.bfloat16
@@ -54,6 +57,13 @@ def load_model(
     resolve_dtype(dtype)
     resolve_device(device)  # both fail here, before any weights are read
     check_model_source(name_or_dir)
+    if is_gguf_source(name_or_dir):
+        if backend != "hf":
+            raise ValueError(f"a .gguf model loads with the hf backend, not {backend!r}; or convert it first "
+                             "(saerecover convert MODEL.gguf OUT_DIR) and load that directory")
+        model, tok = load_gguf(name_or_dir, resolve_dtype(dtype))
+        model.to(resolve_device(device))
+        return HFAdapter(model, kwargs.get("tokenizer") or tok)
     if backend == "hf":
         return load_hf(name_or_dir, device=device, dtype=dtype, **kwargs)
     return load_tlens(name_or_dir, device=device, dtype=dtype, **kwargs)
@@ -77,9 +87,11 @@ def check_model_source(name_or_dir: Any) -> None:
         raise ValueError("model name is empty; give a hub name (e.g. 'gpt2') or a local directory")
     path = Path(text).expanduser()
     if path.exists():
+        if is_gguf_source(path):
+            return
         if not path.is_dir():
             raise FileNotFoundError(f"model {text!r} is a file, not a model directory "
-                                    "(expected a directory with config.json and the weights)")
+                                    "(expected a directory with config.json and the weights, or a .gguf file)")
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{text} is not a model directory: it has no config.json "
                                     "(expected a save_pretrained directory: config.json, weights, tokenizer)")
@@ -99,11 +111,14 @@ __all__ = [
     "TLensAdapter",
     "all_site_names",
     "check_model_source",
+    "convert_gguf",
     "find_decoder_layers",
     "from_hf",
     "from_tlens",
     "hooked_config_dict",
     "hooked_from_hf",
+    "is_gguf_source",
+    "load_gguf",
     "load_hf",
     "load_model",
     "load_tlens",

@@ -17,12 +17,14 @@ to its mean activation on refused requests, at every position and layer, did. So
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from saerecover.core.clamp import Clamp
+from saerecover.core.selection import fewer_features_note
 from saerecover.core.examples import Examples
 from saerecover.core.sites import Site
 
@@ -107,6 +109,9 @@ def select_refusal_features(contrast: Mapping[str, SiteContrast], top_k: int | M
             raise ValueError(f"no feature at {name!r} is more active on refused than on answered requests")
         order = torch.argsort(scores[pos], descending=True)[: int(k)]
         out[name] = pos[order].sort().values
+        note = fewer_features_note(name, int(k), int(pos.numel()), "a positive refused-minus-answered contrast")
+        if note is not None:
+            warnings.warn(note, stacklevel=2)
     return out
 
 

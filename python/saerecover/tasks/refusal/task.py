@@ -89,6 +89,7 @@ class Refusal:
         requests: Sequence[str],
         *,
         template: str | None = None,
+        system_prompt: str | None = None,
         max_new_tokens: int = 48,
         lists: rt.PhraseLists = ("gcg",),
         cues: rt.PhraseLists = ("safety_cues",),
@@ -135,6 +136,9 @@ class Refusal:
         self.tokenizer = model.tokenizer
         self.requests = requests
         self.template = template
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise TypeError(f"system_prompt must be a string or None, got {type(system_prompt).__name__}")
+        self.system_prompt = system_prompt
         self.max_new_tokens = int(max_new_tokens)
         self.lists = lists
         self.cues = cues
@@ -150,6 +154,9 @@ class Refusal:
         self.progress = bool(progress)
         self.ids = list(ids) if ids is not None else [f"req-{i:05d}" for i in range(len(requests))]
         self.use_chat = self._use_chat()
+        if system_prompt is not None and not self.use_chat:
+            raise ValueError("system_prompt needs the chat template; this prompt format has none (a plain "
+                             "--template or a tokenizer without a chat template)")
         self.prompt_ids = [self._encode_prompt(r) for r in requests]
         self.refusal_prefixes = list(refusal_prefixes) if refusal_prefixes is not None else None
         self.refusal_prefix_ids = self._refusal_prefix_ids(refusal_prefixes)
@@ -173,7 +180,8 @@ class Refusal:
     def prompt_text(self, request: str) -> str:
         """The prompt shown to the model for ``request`` (chat template or plain template)."""
         if self.use_chat:
-            return self.tokenizer.apply_chat_template([{"role": "user", "content": request}], tokenize=False,
+            system = [] if self.system_prompt is None else [{"role": "system", "content": self.system_prompt}]
+            return self.tokenizer.apply_chat_template([*system, {"role": "user", "content": request}], tokenize=False,
                                                       add_generation_prompt=True)
         return (self.template or DEFAULT_TEMPLATE).format(request=request)
 
@@ -487,7 +495,7 @@ class Refusal:
         if missing:
             raise ValueError(f"{len(missing)} of the run's {len(hashes)} requests are not among the {len(pool)} "
                              "requests given (sha256 mismatch): the request source changed since the run")
-        keys = ("template", "max_new_tokens", "lists", "cues", "strict", "prefix_weight", "prefix_tokens",
+        keys = ("template", "system_prompt", "max_new_tokens", "lists", "cues", "strict", "prefix_weight", "prefix_tokens",
                 "discourage_refusal", "store_generations", "window", "ids", "name", "refusal_prefixes", "source",
                 "match", "judge", "generation_deltas")
         kw = {k: desc[k] for k in keys if k in desc}
@@ -508,6 +516,10 @@ class Refusal:
             "ids": list(self.ids),
             "template": self.template,
             "chat_template": self.use_chat,
+            # with a chat template: the system message given (None: the template's own) and the
+            # prompt it renders around a request, so that a default system prompt is on record
+            **({"system_prompt": self.system_prompt, "chat_prompt": self.prompt_text("{request}")}
+               if self.use_chat else {}),
             "max_new_tokens": self.max_new_tokens,
             "lists": _plain_lists(self.lists),
             "cues": _plain_lists(self.cues),
@@ -526,7 +538,8 @@ class Refusal:
 
     def settings(self) -> dict[str, Any]:
         """The keyword arguments that rebuild this task (with the model and requests)."""
-        return {"template": self.template, "max_new_tokens": self.max_new_tokens, "lists": self.lists,
+        return {"template": self.template, "system_prompt": self.system_prompt,
+                "max_new_tokens": self.max_new_tokens, "lists": self.lists,
                 "cues": self.cues, "strict": self.strict, "prefix_weight": self.prefix_weight,
                 "prefix_tokens": self.prefix_tokens, "discourage_refusal": self.discourage_refusal,
                 "store_generations": self.store_generations, "window": self.window,

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Any
+
+from saerecover.cli import options
+from saerecover.cli.parsing import CLIError
 
 __all__ = ["add_convert_parser", "add_train_sae_parser", "cmd_convert", "cmd_train_sae"]
 
@@ -41,8 +45,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def add_train_sae_parser(sub: Any) -> argparse.ArgumentParser:
     """Add ``train-sae --model M --hook HOOK --out DIR [...]`` to the top-level sub-parsers ``sub``."""
-    from saerecover.cli import options
-
     d = options.TRAIN_SAE
     p = sub.add_parser(
         "train-sae", help="train an SAE for a model that has none (sae_lens' trainer, local text, no download)",
@@ -86,10 +88,6 @@ def add_train_sae_parser(sub: Any) -> argparse.ArgumentParser:
 
 def cmd_train_sae(args: argparse.Namespace) -> int:
     """``saerecover train-sae``: train, write, print the held-out explained variance and L0."""
-    from pathlib import Path
-
-    from saerecover.cli.parsing import CLIError
-
     for name in ("width", "tokens", "batch_size"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

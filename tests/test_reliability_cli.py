@@ -284,6 +284,38 @@ def test_an_overflowing_lr_fails_the_examples_and_the_run_finishes(optimizer, lr
     assert read_records(tmp_path / "o") == records
 
 
+# ------------------------------------------------------------- 6b. --max-drift, flag and file
+
+
+@pytest.mark.parametrize("how", ["flag", "config"])
+def test_max_drift_as_documented_runs(how, cached_toy, tmp_path, capsys):
+    """``--max-drift 0.03`` (and ``max_drift: 0.03`` in a config file) ran into a RecursionError in
+    the option coercion: it runs, and the run records the limit."""
+    if how == "flag":
+        extra = ["--max-drift", "0.03"]
+    else:
+        (tmp_path / "c.yaml").write_text("max_drift: 0.03\n")
+        extra = ["--config", tmp_path / "c.yaml"]
+    code, _, err = cli(["run", "ioi", "--toy", "--n", "4", "--steps", "2", "--quiet", "--out", tmp_path / "o", *extra],
+                       capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["recovery"]["max_drift"] == 0.03
+
+
+def test_analyze_of_a_cut_short_tensor_file_names_it(cached_toy, tmp_path, capsys):
+    """A truncated .safetensors is one PROBLEM line naming the file, not a SafetensorError traceback."""
+    out = tmp_path / "o"
+    assert cli(["run", "ioi", "--toy", "--n", "4", "--steps", "2", "--quiet", "--out", out], capsys)[0] == 0
+    damaged = sorted((out / "tensors").rglob("*.safetensors"))[0]
+    with open(damaged, "r+b") as f:
+        f.truncate(100)
+    code, stdout, err = cli(["analyze", out], capsys)
+    assert code == 1 and "Traceback" not in err
+    problems = [line for line in stdout.splitlines() if line.startswith("PROBLEM:")]
+    assert problems == [f"PROBLEM: cannot read {damaged}: Error while deserializing header: invalid header length "
+                        "(a damaged or cut-short safetensors file)"]
+
+
 # ------------------------------------------------------------------------------ 7. meta device
 
 

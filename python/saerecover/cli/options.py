@@ -112,11 +112,11 @@ UNLEARNING: dict[str, Any] = {
 SWEEP_GRIDS: dict[str, Any] = {"budgets": "1,2,5,10,20", "ks": "4,8,16,32"}
 SWEEP_IOI: dict[str, Any] = {**IOI, **SWEEP_GRIDS}
 SWEEP_UNLEARNING: dict[str, Any] = {**UNLEARNING, **SWEEP_GRIDS}
-#: ``train-sae``: an SAE width 4096, BatchTopK k 64 on ~19k tokens of the model's own text
+#: ``train-sae``: an SAE width 4096, BatchTopK k 56 on ~32k tokens of the model's own text
 #: (docs/real_model.md has what it reaches on SmolLM2-135M-Instruct).
 TRAIN_SAE: dict[str, Any] = {
-    "architecture": "batchtopk", "width": 4096, "k": 64.0, "l1": 5.0, "tokens": 400_000, "batch_size": 1024,
-    "lr": 1e-3, "samples_per_opening": 3, "new_tokens": 80, "answer_tokens": 64, "n_ioi": 256,
+    "architecture": "batchtopk", "width": 4096, "k": 56.0, "l1": 5.0, "tokens": 400_000, "batch_size": 1024,
+    "lr": 1e-3, "samples_per_opening": 6, "new_tokens": 80, "answer_tokens": 64, "n_ioi": 256,
     "max_norm_ratio": 10.0, "held_out": 0.1, "seed": 0,
 }
 #: ``run refusal``. model None: the shipped toy world (its SAEs at ``hooks``, its own request

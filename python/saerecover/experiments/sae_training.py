@@ -138,7 +138,7 @@ class TextSourceSpec:
     top-k 50) of ``new_tokens`` tokens per opening; greedy chat answers of ``answer_tokens``;
     ``n_ioi`` IOI prompts; local ``text_files`` cut into ``context``-token chunks."""
 
-    samples_per_opening: int = 3
+    samples_per_opening: int = 6
     new_tokens: int = 80
     answer_tokens: int = 64
     n_ioi: int = 256
@@ -339,7 +339,7 @@ class SAESpec:
 
     architecture: str = "batchtopk"
     width: int = 4096
-    k: float = 64
+    k: float = 56
     l1: float = 5.0
 
     def __post_init__(self) -> None:

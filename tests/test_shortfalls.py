@@ -6,6 +6,7 @@ model in ``run refusal`` (an error pointing to --limit)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -114,3 +115,25 @@ def test_system_prompt_flag_reaches_the_options(tmp_path):
     args = build_parser().parse_args(["run", "refusal", "--system-prompt", "", "--out", str(tmp_path)])
     assert resolve_command(args, "run refusal")["system_prompt"] == ""
     torch.manual_seed(0)
+
+
+def test_the_command_line_says_our_warnings_in_one_line(tmp_path):
+    """At the command line a saerecover warning is one ``saerecover: warning:`` line (like the
+    errors), not Python's two-line format with the source line that raised it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "python"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "saerecover.cli", "run", "ioi", "--toy", "--n", "4", "--steps", "1",
+                           "--top-k", "4000", "--modes", "none", "--quiet", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    ours = [line for line in done.stderr.splitlines() if "top_k=4000" in line]
+    assert len(ours) == 1 and re.fullmatch(
+        r"saerecover: warning: blocks\.1\.hook_resid_post: \d+ features selected where top_k=4000 was asked: "
+        r"only \d+ have a positive attribution to the behavior", ours[0]), done.stderr
+    assert "select_by_attribution(" not in done.stderr  # no source line

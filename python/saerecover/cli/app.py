@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import warnings
+from pathlib import Path
 
 from saerecover import __version__
 from saerecover.cli.attribute import add_attribute_parser
@@ -26,6 +28,20 @@ __all__ = ["USER_ERRORS", "build_parser", "main"]
 
 #: What a handler raises for a user error (bad option, missing file, bad run directory): one line.
 USER_ERRORS = (CLIError, ValueError, TypeError, OSError, MemoryError, RunDirectoryError)
+
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+
+
+def _format_warning(message, category, filename, lineno, line=None):  # noqa: ANN001, ANN202
+    """Our own warnings (a UserWarning raised in saerecover's code) as one ``saerecover: warning:``
+    line, like the errors; anything else in Python's usual format."""
+    if issubclass(category, UserWarning) and str(Path(filename).resolve()).startswith(_PACKAGE_DIR):
+        return f"saerecover: warning: {message}\n"
+    return _PYTHON_FORMAT(message, category, filename, lineno, line)
+
+
+_PYTHON_FORMAT = warnings.formatwarning
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     flight is written and the line says how to resume it (saerecover.runs.interrupt)."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     previous = terminate_as_interrupt()
+    warnings.formatwarning = _format_warning
     try:
         return int(args.handler(args) or 0)
     except USER_ERRORS as err:
@@ -60,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saerecover: {interrupt_message(err)}", file=sys.stderr)
         return 128 + int(getattr(err, "signum", signal.SIGINT))
     finally:
+        warnings.formatwarning = _PYTHON_FORMAT
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

@@ -11,7 +11,7 @@ import torch
 
 from saerecover import testing
 from saerecover.cli import main
-from saerecover.experiments.sae_training import Rows, SinkRule, split_by_sequence
+from saerecover.experiments.sae_training import Rows, SinkRule, quality_warnings, split_by_sequence
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -79,6 +79,7 @@ def test_train_sae_writes_an_sae_that_sae_loads(trained, capsys):
     assert set(meta["evaluation"]["held_out"]) == {"explained_variance", "l0", "dead_fraction", "n_rows"}
     report = json.loads((out / "training_report.json").read_text())
     assert report["steps"] == 4096 // 128 and report["held_out"] == meta["evaluation"]["held_out"]
+    assert report["warnings"] == quality_warnings(report["held_out"], report["steps"])
     model = load_model(str(model_dir), device="cpu")
     site = load_site(out, model=model)
     assert site.hook_name == HOOK and site.d_sae == 64
@@ -99,3 +100,13 @@ def test_train_sae_refuses_a_used_out_directory(trained, capsys):
     _, model_dir, out = trained
     assert main(["train-sae", "--model", str(model_dir), "--hook", HOOK, "--out", str(out)]) == 2
     assert "exists and is not an empty directory" in capsys.readouterr().err
+
+
+def test_a_poor_sae_is_said():
+    """Too few optimizer steps leave BatchTopK's threshold unsettled (on SmolLM2, 117 steps gave a
+    held-out explained variance of -1.47): under 0.5 (or NaN) the user is told, with the steps."""
+    assert quality_warnings({"explained_variance": 0.5}, 100) == []
+    for ev in (0.49, -1.47, float("nan")):
+        (note,) = quality_warnings({"explained_variance": ev}, 117)
+        assert note.startswith(f"the SAE explains {ev:.3f} of the held-out variance (under 0.5) after 117 optimizer "
+                               "steps: train longer (--tokens)")

@@ -31,6 +31,7 @@ import json
 import math
 import random
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,11 +40,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["ARCHITECTURES", "REPORT_FILE", "SAESpec", "Schedule", "SinkRule", "TextSource", "TextSourceSpec",
-           "build_text_source", "collect_rows", "evaluate_sae", "train_model_sae"]
+__all__ = ["ARCHITECTURES", "POOR_EXPLAINED_VARIANCE", "REPORT_FILE", "SAESpec", "Schedule", "SinkRule", "TextSource", "TextSourceSpec",
+           "build_text_source", "collect_rows", "evaluate_sae", "quality_warnings", "train_model_sae"]
 
 ARCHITECTURES: tuple[str, ...] = ("batchtopk", "topk", "standard")
 REPORT_FILE = "training_report.json"
+#: Held-out explained variance under which the trained SAE is called poor (a warning, recorded):
+#: its features would describe little of the residual a clamp acts on.
+POOR_EXPLAINED_VARIANCE = 0.5
 
 #: Plain-text openings across registers (narrative, expository, code, dialogue, lists, ...).
 OPENINGS: tuple[str, ...] = (
@@ -425,6 +429,17 @@ def evaluate_sae(sae: Any, rows: torch.Tensor, batch_size: int = 4096) -> dict[s
             "dead_fraction": float((~fired).double().mean()), "n_rows": int(rows.shape[0])}
 
 
+def quality_warnings(held_out: dict[str, float], steps: int) -> list[str]:
+    """What a user must hear about the trained SAE: a held-out explained variance under
+    :data:`POOR_EXPLAINED_VARIANCE` (too few optimizer steps is the usual cause: BatchTopK's
+    threshold has not settled)."""
+    ev = held_out["explained_variance"]
+    if not ev >= POOR_EXPLAINED_VARIANCE:  # NaN included
+        return [f"the SAE explains {ev:.3f} of the held-out variance (under {POOR_EXPLAINED_VARIANCE}) after {steps} "
+                "optimizer steps: train longer (--tokens) or on more text before clamping its features"]
+    return []
+
+
 @contextlib.contextmanager
 def _quiet_trainer(quiet: bool) -> Iterator[None]:
     """sae_lens' tqdm bars (training, norm estimate) off unless progress is wanted."""
@@ -495,8 +510,12 @@ def train_model_sae(model: Any, hook: str, out: str | Path, *, spec: SAESpec = S
     saved = json.loads(cfg_path.read_text())
     saved.setdefault("metadata", {}).setdefault("saerecover", {})["evaluation"] = evaluation
     cfg_path.write_text(json.dumps(saved))
+    notes = quality_warnings(evaluation["held_out"], schedule.steps)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
     report = {"sae_dir": str(out), "hook": hook, "architecture_saved": sae.cfg.architecture(),
-              "d_sae": int(sae.cfg.d_sae), **evaluation, "steps": schedule.steps, "stages_wall_s": stages,
+              "d_sae": int(sae.cfg.d_sae), **evaluation, "warnings": notes, "steps": schedule.steps,
+              "stages_wall_s": stages,
               "total_wall_s": round(sum(stages.values()), 2), "threads": torch.get_num_threads(),
               **{k: v for k, v in metadata["saerecover"].items() if k != "trainer"}}
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2))

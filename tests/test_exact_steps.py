@@ -352,6 +352,37 @@ def test_batched_vjp_jacobian_rows_are_the_coordinates_asked_for():
     assert empty["s"].shape == (0, 1, 1, 3)
 
 
+@pytest.mark.parametrize("route", ["batched", "one at a time"])
+def test_batched_vjp_jacobian_routes_agree_and_unused_sites_are_zero(route, monkeypatch):
+    """Phi (n=2, m=2) of two examples, J rows at both coordinates; a second site "u" that Phi
+    does not use. The batched route is one autograd call (is_grads_batched) on ordinary ops; the
+    fallback (an op without a batching rule raises inside it) is one call per coordinate and must
+    give the same rows, zeros for "u", and keep the graph for the next use."""
+    delta = torch.zeros(2, 1, 3, requires_grad=True)
+    unused = torch.zeros(2, 1, 4, requires_grad=True)
+    w = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 5.0]])
+    phi = (delta[:, 0] + torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])) ** 2 @ w.T
+    calls = []
+    real_grad = torch.autograd.grad
+
+    def grad(*args, **kwargs):
+        calls.append(bool(kwargs.get("is_grads_batched")))
+        if route == "one at a time" and kwargs.get("is_grads_batched"):
+            raise RuntimeError("no batching rule for this op")
+        return real_grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", grad)
+    jac = batched_vjp_jacobian(phi, {"s": delta, "u": unused}, torch.tensor([1, 0]))
+    assert calls == ([True] if route == "batched" else [True, False, False])
+    # d Phi_bj / d delta_b = 2 (delta_b + c_b) * w_j: example 0 (c = 0) gives 0, example 1 (c = 1) gives 2 w_j
+    expected = torch.zeros(2, 2, 1, 3)
+    expected[:, 1, 0] = 2 * w[[1, 0]]
+    torch.testing.assert_close(jac["s"], expected)
+    assert jac["u"].shape == (2, 2, 1, 4) and not jac["u"].any()
+    again = batched_vjp_jacobian(phi, {"s": delta}, torch.tensor([0]))  # the graph was retained
+    torch.testing.assert_close(again["s"], expected[1:])
+
+
 def test_defended_features_and_decode_drift_of_hand_states():
     # site W_enc = I (3), clamp features [2, 0]; h_rec rows [1, -1, 2] and [3, 0, -4]:
     # E_S = [[2, 1], [0, 3]] (feature-minor: f2 then f0); phi_mask keeps row 1 only -> [0, 0, 0, 3]

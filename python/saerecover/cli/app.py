@@ -31,6 +31,7 @@ USER_ERRORS = (CLIError, ValueError, TypeError, OSError, MemoryError, RunDirecto
 
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+_PYTHON_FORMAT = warnings.formatwarning
 
 
 def _format_warning(message, category, filename, lineno, line=None):  # noqa: ANN001, ANN202
@@ -39,9 +40,6 @@ def _format_warning(message, category, filename, lineno, line=None):  # noqa: AN
     if issubclass(category, UserWarning) and str(Path(filename).resolve()).startswith(_PACKAGE_DIR):
         return f"saerecover: warning: {message}\n"
     return _PYTHON_FORMAT(message, category, filename, lineno, line)
-
-
-_PYTHON_FORMAT = warnings.formatwarning
 
 
 def build_parser() -> argparse.ArgumentParser:

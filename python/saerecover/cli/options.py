@@ -21,8 +21,8 @@ from saerecover.core.config import DRIFT_PENALTIES, PHI_POSITIONS, RecoveryConfi
 
 __all__ = [
     "ANALYZE", "ATTRIBUTE", "CHOICES", "DEMO_OUT", "IOI", "MODEL", "MODES", "POSITIVE_TASK_INTS", "REFUSAL",
-    "REFUSAL_BY_WORLD", "SWEEP_GRIDS", "TRAIN_SAE", "SWEEP_IOI", "SWEEP_UNLEARNING", "TOY_HOOKS", "TOY_TPP", "TOY_UNLEARNING",
-    "PROTOCOL_SCOPES", "TPP", "UNLEARNING", "defaults", "recovery", "toy_ioi",
+    "REFUSAL_BY_WORLD", "SWEEP_GRIDS", "SWEEP_IOI", "SWEEP_UNLEARNING", "TOY_HOOKS", "TOY_TPP", "TOY_UNLEARNING",
+    "PROTOCOL_SCOPES", "TPP", "TRAIN_SAE", "UNLEARNING", "defaults", "recovery", "toy_ioi",
 ]
 
 _CONFIG: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(RecoveryConfig)}
@@ -127,7 +127,8 @@ REFUSAL: dict[str, Any] = {
     "requests": None, "column": None, "limit": None, "contrast": None, "contrast_column": None,
     "n": 24, "n_contrast": 48, "min_contrast": 5, "top_k": 16, "features": None, "clamp": "mean", "clamp_scale": 1.0,
     "clamp_multiplier": 3.0, "contrast_positions": None,
-    "template": None, "system_prompt": None, "max_new_tokens": None, "lists": "gcg", "match": "opening", "strict": True, "judge": "ours",
+    "template": None, "system_prompt": None, "max_new_tokens": None, "lists": "gcg", "match": "opening", "strict": True,
+    "judge": "ours",
     "generation_deltas": "prompt", "prefix_weight": 2.0,
     "prefix_tokens": 4, "discourage_refusal": 0.0, "store_generations": False,
     "modes": "none,encoder,jacobian,sketch,suffix", "delta_site": None,

@@ -219,7 +219,8 @@ def run_refusal_from_options(opts: dict[str, Any], *, quiet: bool = False, overw
     _check(opts)
     features = _parse_feature_map(opts["features"])
     lists = split_list(opts["lists"]) or ["gcg"]
-    task_kw = {"template": opts["template"], "system_prompt": opts["system_prompt"], "lists": tuple(lists), "strict": bool(opts["strict"]),
+    task_kw = {"template": opts["template"], "system_prompt": opts["system_prompt"], "lists": tuple(lists),
+               "strict": bool(opts["strict"]),
                "match": opts["match"], "judge": opts["judge"], "generation_deltas": opts["generation_deltas"],
                "prefix_weight": float(opts["prefix_weight"]), "prefix_tokens": int(opts["prefix_tokens"]),
                "discourage_refusal": float(opts["discourage_refusal"]),

@@ -30,9 +30,9 @@ from typing import Any
 import torch
 
 from saerecover.core.clamp import Clamp
-from saerecover.core.selection import fewer_features_note
 from saerecover.core.config import RecoveryConfig
 from saerecover.core.projection import PROJECTIONS
+from saerecover.core.selection import fewer_features_note
 from saerecover.data.requests import toy_requests
 from saerecover.experiments.baselines import BASELINES
 from saerecover.experiments.pipeline import RunResult, recover
@@ -246,9 +246,10 @@ def build_setting(model: Any, sites: Sequence[Any], requests: Sequence[str], con
                                                        "source": None})
     refused = torch.nonzero(ctask.base_refused()).flatten().tolist()
     answered = torch.nonzero(ctask.base_answered()).flatten().tolist()
-    if min(len(refused), len(answered)) < max(1, int(min_contrast)):
-        raise ValueError(f"the feature contrast needs at least {max(1, int(min_contrast))} refused and "
-                         f"{max(1, int(min_contrast))} answered requests; the base model refused {len(refused)} and "
+    least = max(1, int(min_contrast))
+    if min(len(refused), len(answered)) < least:
+        raise ValueError(f"the feature contrast needs at least {least} refused and "
+                         f"{least} answered requests; the base model refused {len(refused)} and "
                          f"answered {len(answered)} of {len(contrast_requests)} contrast requests: give --contrast "
                          "more requests of the kind it lacks (or lower --min-contrast, at the contrast's risk)")
     contrast = refusal_contrast(model, list(sites), ctask.prompt_examples(refused), ctask.prompt_examples(answered),
@@ -264,12 +265,17 @@ def build_setting(model: Any, sites: Sequence[Any], requests: Sequence[str], con
             raise ValueError("the base model answers none of the requests: no valid flip is possible")
         task = task.subset(keep)
     selection = {"n_contrast": len(contrast_requests), "n_refused": len(refused), "n_answered": len(answered),
-                 "min_contrast": max(1, int(min_contrast)), "positions": positions, "top_k": top_k, "scale": scale, "clamp": clamp,
+                 "min_contrast": least, "positions": positions, "top_k": top_k, "scale": scale, "clamp": clamp,
                  **({"multiplier": multiplier} if clamp == "multiply" else {}), "n_requests": n_requests,
                  "n_kept": len(task.requests), "sites": contrast_table(contrast, feats)}
-    notes = [n for name, f in feats.items() if not (features and name in features)
-             for n in [fewer_features_note(name, top_k[name] if isinstance(top_k, Mapping) else int(top_k), len(f),
-                                           "a positive refused-minus-answered contrast")] if n]
+    notes = []
+    for name, chosen in feats.items():
+        if features and name in features:
+            continue  # given, not selected
+        asked = top_k[name] if isinstance(top_k, Mapping) else int(top_k)
+        note = fewer_features_note(name, asked, len(chosen), "a positive refused-minus-answered contrast")
+        if note:
+            notes.append(note)
     if notes:
         selection["notes"] = notes
     return RefusalSetting(task=task, clamp=defense, features=feats, selection=selection)

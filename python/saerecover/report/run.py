@@ -642,7 +642,8 @@ def write_report(run_dir: str | Path) -> Path:
         notes = ["summary.json is missing (run not finished?): statistics computed from "
                  "records.jsonl"]
     selection = config.get("selection")
-    notes += [f"feature selection: {n}" for n in (selection.get("notes") or [] if isinstance(selection, dict) else [])]
+    if isinstance(selection, dict):
+        notes += [f"feature selection: {n}" for n in selection.get("notes") or []]
     evaluated = [(r["example_id"], r["mode"]) for r in records
                  if r.get("valid") is True and r.get("recovered") is not None]
     histories = read_histories(run, evaluated)

@@ -674,3 +674,118 @@ def test_non_finite_scores_are_refused_with_the_example_named():
     cfg = RecoveryConfig(steps=1, lr=0.1, budget=1.0, optimizer="sgd")
     with pytest.raises(FloatingPointError, match=r"\['ex-1'\]"):
         recover_batch(dm, TokenMargin(0, 1), examples([[0, 0], [0, 1]]), mode="none", cfg=cfg)
+
+
+# --- the loop's other branches: a given start, two stages, the penalty after the projection, drift
+# corrections, checkpoints after the update, the history's drift ------------------------------------
+
+
+def start_at(d0: float, d1: float = 0.0, row0: float = 9.0) -> dict[str, torch.Tensor]:
+    """A start delta for examples([[0, 0]]): [d0, d1, 0] at the answer row, ``row0`` everywhere at
+    row 0 (masked away unless optimized), float64 (cast to float32)."""
+    return {HOOK: torch.tensor([[[row0] * 3, [d0, d1, 0.0]]], dtype=torch.float64)}
+
+
+def test_a_given_start_is_kept_at_the_optimized_rows_only():
+    dm, task = linear_setup()
+    # steps 0: evaluated as given -> [0.1, 0.2, 0] at the answer row (score 3 * 0.1 + 4 * 0.2 = 1.1)
+    cfg = RecoveryConfig(steps=0, lr=0.1, budget=5.0, optimizer="sgd")
+    (out,) = recover_batch(dm, task, examples([[0, 0]]), mode="none", cfg=cfg, init=start_at(0.1, 0.2))
+    torch.testing.assert_close(out.tensors["delta"], torch.tensor([[0.1, 0.2, 0.0]]))
+    assert out.recovered_score == pytest.approx(1.1, rel=1e-6) and out.steps == 0
+    # one SGD step from there: + 0.1 u -> [0.4, 0.6, 0]; the history's first score is the start's
+    cfg = RecoveryConfig(steps=1, lr=0.1, budget=5.0, optimizer="sgd", positions="all")
+    (out,) = recover_batch(dm, task, examples([[0, 0]]), mode="none", cfg=cfg, init=start_at(0.1, 0.2, row0=1.0))
+    # positions "all": row 0 keeps its start [1, 1, 1] (its gradient is 0)
+    torch.testing.assert_close(out.tensors["delta"], torch.tensor([[1.0, 1.0, 1.0], [0.4, 0.6, 0.0]]))
+    assert out.history[0]["score"] == pytest.approx(1.1, rel=1e-6)
+
+
+def test_the_main_stage_adds_to_the_anchor_stage_delta():
+    # anchor stage (1 step, lr 0.1): 0.1 u = [0.3, 0.4, 0] at the answer row, then fixed; the main
+    # stage starts from 0 on top of it: its first score is that of 0.1 u (2.5), and its step adds
+    # another 0.1 u: the applied delta is 0.2 u = [0.6, 0.8, 0] (score 5)
+    dm, task = linear_setup()
+    cfg = RecoveryConfig(steps=1, lr=0.1, budget=5.0, optimizer="sgd", anchor_steps=1, anchor_lr=0.1)
+    (out,) = recover_batch(dm, task, examples([[0, 0]]), mode="none", cfg=cfg)
+    torch.testing.assert_close(out.tensors["delta"], torch.tensor([[0.6, 0.8, 0.0]]))
+    assert [(h["stage"], h["step"]) for h in out.history] == [("anchor", 0), ("main", 0)]
+    assert [h["score"] for h in out.history] == pytest.approx([0.0, 2.5])
+    assert out.metrics["anchor_delta_norm"] == pytest.approx(0.5, rel=1e-6)
+    assert out.metrics["main_delta_norm"] == pytest.approx(0.5, rel=1e-6)
+    assert out.recovered_score == pytest.approx(5.0, rel=1e-6) and out.steps == 2
+
+
+def test_penalty_gradient_after_the_projection_in_sketch_mode():
+    # clamp f0 to 1 (Phi_def = 1), start at [0.5, 0, 0]: Phi = 1.5, penalty = |1.5 - 1| / (1 + 1e-8)
+    # = 0.5 with gradient e0 (lambda_act 1). The sketch basis is the drift probe's VJP, e0.
+    # penalty after the projection: P(-u) + e0 = [1, -4, 0] -> delta = [0.5, 0, 0] - 0.1 [1, -4, 0]
+    # = [0.4, 0.4, 0]; with it inside the loss: P(-u + e0) = [0, -4, 0] -> [0.5, 0.4, 0].
+    # Either way the history's loss is -score + penalty = -4.5 + 0.5.
+    dm, task = linear_setup(value=1.0)
+    outs = {}
+    for after in (True, False):
+        cfg = RecoveryConfig(steps=1, lr=0.1, budget=5.0, optimizer="sgd", lambda_act=1.0, sketch_probes=0,
+                             penalty_after_projection=after)
+        (outs[after],) = recover_batch(dm, task, examples([[0, 0]]), mode="sketch", cfg=cfg, init=start_at(0.5))
+        assert outs[after].history[0]["loss"] == pytest.approx(-4.0, rel=1e-6)
+        assert outs[after].history[0]["phi_relative_drift"] == pytest.approx(0.5, rel=1e-6)
+    torch.testing.assert_close(outs[True].tensors["delta"], torch.tensor([[0.4, 0.4, 0.0]]))
+    torch.testing.assert_close(outs[False].tensors["delta"], torch.tensor([[0.5, 0.4, 0.0]]))
+
+
+def test_drift_corrections_follow_the_row_space_step_only():
+    # clamp f0 to 1, start at [0.5, 0, 0]. Jacobian mode: the step is [0, 0.4, 0] (J = e0^T) ->
+    # [0.5, 0.4, 0]; then 2 corrections of lr 0.05 on the penalty |relu(1 + d0) - 1| / (1 + 1e-8)
+    # (gradient e0): d0 0.5 -> 0.45 -> 0.40.
+    dm, task = linear_setup(value=1.0)
+    cfg = RecoveryConfig(steps=1, lr=0.1, budget=5.0, optimizer="sgd", drift_correction_steps=2,
+                         drift_correction_lr=0.05)
+    (out,) = recover_batch(dm, task, examples([[0, 0]]), mode="jacobian", cfg=cfg, init=start_at(0.5))
+    torch.testing.assert_close(out.tensors["delta"], torch.tensor([[0.4, 0.4, 0.0]]))
+    # none mode has no row space: no corrections, delta = start + 0.1 u = [0.8, 0.4, 0]
+    (out,) = recover_batch(dm, task, examples([[0, 0]]), mode="none", cfg=cfg, init=start_at(0.5))
+    torch.testing.assert_close(out.tensors["delta"], torch.tensor([[0.8, 0.4, 0.0]]))
+
+
+def test_checkpoints_after_the_update_measure_each_updated_delta():
+    # clamp f0 to 2: h_def = 2 e0, Phi_def = 2, score 6 at delta 0. Three SGD steps of 0.1 u; the
+    # candidates are the deltas after each update: 0.1 u (drift 0.3 / 2 = 0.15, score 8.5, step 1),
+    # 0.2 u (0.3, 11, step 2), 0.3 u (0.45, 13.5, step 3). Under max_drift 0.2: step 1's delta.
+    # Two identical examples (a drift norm over the batch would be 0.15 sqrt(2) > 0.2).
+    dm, task = linear_setup(value=2.0)
+    cfg = RecoveryConfig(steps=3, lr=0.1, budget=5.0, optimizer="sgd", max_drift=0.2, checkpoint_after_update=True)
+    outs = recover_batch(dm, task, examples([[0, 0], [0, 0]]), mode="none", cfg=cfg)
+    for out in outs:
+        assert out.metrics["checkpoint_step"] == 1 and out.metrics["checkpoint_feasible"] is True
+        torch.testing.assert_close(out.tensors["delta"], torch.tensor([[0.3, 0.4, 0.0]]))
+        assert out.recovered_score == pytest.approx(8.5, rel=1e-6)
+    # before the update (the default), the candidates are the deltas each step starts from:
+    # 0 (step 0), 0.1 u (1), 0.2 u (2) and the last, 0.3 u (3): the same choice here
+    cfg = RecoveryConfig(**{**cfg.to_dict(), "checkpoint_after_update": False})
+    assert [o.metrics["checkpoint_step"] for o in recover_batch(dm, task, examples([[0, 0]]), mode="none",
+                                                                 cfg=cfg)] == [1]
+
+
+def test_history_drift_of_a_mode_without_phi():
+    # none mode and no penalty: Phi is not needed by the loop, but the history still records the
+    # relative drift of Phi at the delta each step starts from. Clamp f0 to 2 (||Phi_def|| = 2):
+    # steps from 0 and 0.1 u -> drift 0 and 0.3 / 2, per example.
+    dm, task = linear_setup(value=2.0)
+    cfg = RecoveryConfig(steps=2, lr=0.1, budget=5.0, optimizer="sgd")
+    for out in recover_batch(dm, task, examples([[0, 0], [0, 0]]), mode="none", cfg=cfg):
+        assert [h["phi_relative_drift"] for h in out.history] == pytest.approx([0.0, 0.15], rel=1e-6)
+        assert [h["score"] for h in out.history] == pytest.approx([6.0, 8.5], rel=1e-6)
+        assert [h["loss"] for h in out.history] == pytest.approx([-6.0, -8.5], rel=1e-6)
+        assert [h["delta_norm"] for h in out.history] == pytest.approx([0.5, 1.0], rel=1e-6)
+        assert out.metrics["phi_relative_drift"] == pytest.approx(0.6 / 2, rel=1e-6)
+
+
+def test_early_stop_needs_a_score_above_the_margin():
+    # stop_margin 2.5: after one step the score is exactly 2.5 (0.1 u), not above it, so the example
+    # takes the second step too (score 5 > 2.5), then stops
+    dm, task = linear_setup()
+    cfg = RecoveryConfig(steps=4, lr=0.1, budget=5.0, optimizer="sgd", early_stop=True, stop_margin=2.5)
+    (out,) = recover_batch(dm, task, examples([[0, 0]]), mode="none", cfg=cfg)
+    assert out.steps == 2
+    torch.testing.assert_close(out.tensors["delta"], torch.tensor([[0.6, 0.8, 0.0]]))

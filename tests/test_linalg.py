@@ -3,6 +3,7 @@ idempotence, agreement, adversarial inputs, layouts, torch in/out, and error mes
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -310,7 +311,7 @@ def test_torch_device_path_matches_rust(rng):
     Yr = linalg._jacobian_torch_device(Jr, G, None)
     np.testing.assert_allclose(Yr.numpy(), jacobian_null_project(Jr, G).numpy(), atol=1e-13)
     assert torch.equal(linalg._jacobian_torch_device(torch.zeros(0, 40), G, None), G)
-    with pytest.raises(ValueError, match=r"G contains a non-finite value \(nan\) at \[1, 2\]"):
+    with pytest.raises(ValueError, match=r"^G contains a non-finite value \(nan\) at \[1, 2\]"):
         G[1, 2] = float("nan")
         linalg._jacobian_torch_device(J, G, None)
 
@@ -459,11 +460,11 @@ def test_jacobian_gram_route_finds_non_finite_values(rng):
     for route in ["auto", "gram", "svd"]:
         Jb = J.copy()
         Jb[7, 4999] = np.inf
-        with pytest.raises(ValueError, match=r"J contains a non-finite value \(inf\) at \[7, 4999\]"):
+        with pytest.raises(ValueError, match=r"^J contains a non-finite value \(inf\) at \[7, 4999\]"):
             core_jacobian(Jb, G, route)
         Gb = G.copy()
         Gb[2, 2500] = np.nan
-        with pytest.raises(ValueError, match=r"G contains a non-finite value \(NaN\) at \[2, 2500\]"):
+        with pytest.raises(ValueError, match=r"^G contains a non-finite value \(NaN\) at \[2, 2500\]"):
             core_jacobian(J, Gb, route)
 
 
@@ -489,19 +490,19 @@ def test_jacobian_torch_cpu(rng):
 
 def test_shape_errors(rng):
     P = EncoderNullProjector(rng.standard_normal((64, 4)))
-    with pytest.raises(ValueError, match=r"X has shape \(3, 63\): 63 columns, but the projector was built for d=64"):
+    with pytest.raises(ValueError, match=r"^X has shape \(3, 63\): 63 columns, but the projector was built for d=64"):
         P.apply(np.zeros((3, 63)))
-    with pytest.raises(ValueError, match=r"X has shape \(2, 5, 63\)"):
+    with pytest.raises(ValueError, match=r"^X has shape \(2, 5, 63\)"):
         P.apply(torch.zeros(2, 5, 63))
-    with pytest.raises(ValueError, match="X must have at least 1 dimension"):
+    with pytest.raises(ValueError, match="^X must have at least 1 dimension"):
         P.apply(np.zeros(()))
-    with pytest.raises(ValueError, match=r"A must be 2-D \(d, k\), got shape \(64,\)"):
+    with pytest.raises(ValueError, match=r"^A must be 2-D \(d, k\), got shape \(64,\)"):
         EncoderNullProjector(np.zeros(64))
-    with pytest.raises(ValueError, match=r"G has shape \(2, 9\): 9 columns, but J has shape \(3, 10\)"):
+    with pytest.raises(ValueError, match=r"^G has shape \(2, 9\): 9 columns, but J has shape \(3, 10\)"):
         jacobian_null_project(np.zeros((3, 10)), np.zeros((2, 9)))
-    with pytest.raises(ValueError, match=r"G must be 1-D \(n,\) or 2-D \(b, n\), got shape \(1, 2, 10\)"):
+    with pytest.raises(ValueError, match=r"^G must be 1-D \(n,\) or 2-D \(b, n\), got shape \(1, 2, 10\)"):
         jacobian_null_project(np.zeros((3, 10)), np.zeros((1, 2, 10)))
-    with pytest.raises(ValueError, match=r"J must be 2-D \(m, n\)"):
+    with pytest.raises(ValueError, match=r"^J must be 2-D \(m, n\)"):
         jacobian_null_project(np.zeros(10), np.zeros(10))
 
 
@@ -510,34 +511,34 @@ def test_non_finite_errors(rng):
     P = EncoderNullProjector(A)
     bad = A.copy()
     bad[3, 1] = np.inf
-    with pytest.raises(ValueError, match=r"A contains a non-finite value \(inf\) at \[3, 1\]; A has shape \(8, 2\)"):
+    with pytest.raises(ValueError, match=r"^A contains a non-finite value \(inf\) at \[3, 1\]; A has shape \(8, 2\)"):
         EncoderNullProjector(bad)
     X = np.zeros((4, 8), np.float32)
     X[2, 6] = np.nan
-    with pytest.raises(ValueError, match=r"X contains a non-finite value \(NaN\) at \[2, 6\]"):
+    with pytest.raises(ValueError, match=r"^X contains a non-finite value \(NaN\) at \[2, 6\]"):
         P.apply(X)
-    with pytest.raises(ValueError, match=r"X contains a non-finite value"):
+    with pytest.raises(ValueError, match=r"^X contains a non-finite value"):
         P.apply(torch.from_numpy(X))
     J = np.zeros((2, 8))
     J[1, 0] = -np.inf
-    with pytest.raises(ValueError, match=r"J contains a non-finite value \(-inf\) at \[1, 0\]"):
+    with pytest.raises(ValueError, match=r"^J contains a non-finite value \(-inf\) at \[1, 0\]"):
         jacobian_null_project(J, np.zeros((1, 8)))
-    with pytest.raises(ValueError, match=r"G contains a non-finite value \(NaN\) at \[0, 6\]"):
+    with pytest.raises(ValueError, match=r"^G contains a non-finite value \(NaN\) at \[0, 6\]"):
         jacobian_null_project(np.ones((2, 8)), X[2])
 
 
 @pytest.mark.parametrize("value", [np.zeros((4, 8), np.int64), np.zeros((4, 8), np.complex128), np.zeros((4, 8), bool)])
 def test_dtype_errors(rng, value):
     P = EncoderNullProjector(rng.standard_normal((8, 2)))
-    with pytest.raises(TypeError, match=f"X must have a floating-point dtype .*got {value.dtype}"):
+    with pytest.raises(TypeError, match=f"^X must have a floating-point dtype .*got {value.dtype}"):
         P.apply(value)
-    with pytest.raises(TypeError, match="A must have a floating-point dtype"):
+    with pytest.raises(TypeError, match="^A must have a floating-point dtype"):
         EncoderNullProjector(value.T)
-    with pytest.raises(TypeError, match="G must have a floating-point dtype"):
+    with pytest.raises(TypeError, match="^G must have a floating-point dtype"):
         jacobian_null_project(np.zeros((2, 8)), value)
-    with pytest.raises(TypeError, match="X must be a floating-point tensor"):
+    with pytest.raises(TypeError, match="^X must be a floating-point tensor"):
         P.apply(torch.zeros(4, 8, dtype=torch.int64))
-    with pytest.raises(TypeError, match="X must be a numpy.ndarray or a torch.Tensor, got list"):
+    with pytest.raises(TypeError, match="^X must be a numpy.ndarray or a torch.Tensor, got list"):
         P.apply([[0.0] * 8])
 
 
@@ -558,11 +559,11 @@ def test_core_errors_directly():
     from saerecover import _core
 
     b = _core.EncoderNullBasis.from_matrix(np.eye(4)[:, :2])
-    with pytest.raises(TypeError, match="X must have dtype float32 or float64.*got int64"):
+    with pytest.raises(TypeError, match="^X must have dtype float32 or float64.*got int64"):
         b.apply(np.zeros((2, 4), np.int64))
-    with pytest.raises(TypeError, match="X must be a numpy.ndarray, got list"):
+    with pytest.raises(TypeError, match="^X must be a numpy.ndarray, got list"):
         b.apply([[1.0]])
-    with pytest.raises(ValueError, match=r"X must be 2-D, got a 1-D array of shape \(4,\)"):
+    with pytest.raises(ValueError, match=r"^X must be 2-D, got a 1-D array of shape \(4,\)"):
         b.apply(np.zeros(4))
     with pytest.raises(ValueError, match="rcond"):
         _core.EncoderNullBasis.from_matrix(np.eye(3), -1.0)
@@ -571,3 +572,62 @@ def test_core_errors_directly():
     out, rank = _core.jacobian_null_project(np.eye(3)[:2], np.eye(3, dtype=np.float32))
     assert rank == 2 and out.dtype == np.float32
     assert "rank=2" in repr(b)
+
+
+def test_cpu_tensors_go_through_the_rust_core(rng, monkeypatch):
+    """CPU tensors are projected by the Rust core (without copies); only other devices take the
+    torch route."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the torch device route was taken for a CPU tensor")
+
+    monkeypatch.setattr(EncoderNullProjector, "_apply_torch_device", refuse)
+    monkeypatch.setattr(linalg, "_jacobian_torch_device", refuse)
+    A = rng.standard_normal((6, 2))
+    X = torch.from_numpy(rng.standard_normal((3, 6)))
+    np.testing.assert_allclose(EncoderNullProjector(A).apply(X).numpy(), EncoderNullProjector(A).apply(X.numpy()))
+    np.testing.assert_allclose(jacobian_null_project(torch.from_numpy(A.T), X).numpy(),
+                               jacobian_null_project(A.T, X.numpy()))
+
+
+def test_the_torch_device_route_names_the_argument_in_its_errors(rng):
+    """The route CUDA tensors take, run on CPU tensors: each error names X, G or J."""
+    P = EncoderNullProjector(rng.standard_normal((6, 2)))
+    X = torch.zeros(2, 6)
+    X[1, 4] = float("inf")
+    with pytest.raises(ValueError, match=r"^X contains a non-finite value \(inf\) at \[1, 4\]; X has shape \(2, 6\)"):
+        P._apply_torch_device(X)
+    with pytest.raises(TypeError, match=r"^X must be a floating-point tensor .*got torch.complex64"):
+        P._apply_torch_device(torch.zeros(2, 6, dtype=torch.complex64))
+    J = torch.ones(2, 6)
+    G = torch.zeros(3, 6)
+    with pytest.raises(TypeError, match=r"^G must be a floating-point tensor .*got torch.complex64"):
+        linalg._jacobian_torch_device(J, G.to(torch.complex64), None)
+    J[0, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"^J contains a non-finite value \(nan\) at \[0, 5\]; J has shape \(2, 6\)"):
+        linalg._jacobian_torch_device(J, G, None)
+    with pytest.raises(ValueError, match=r"^J contains a non-finite value \(nan\) at \[0, 5\]"):
+        linalg._jacobian_torch_device(J.numpy(), G, None)
+    with pytest.raises(TypeError, match=r"^J must have a floating-point dtype"):
+        linalg._jacobian_torch_device(np.ones((2, 6), np.int64), G, None)
+    with pytest.raises(TypeError, match=r"^J must be a floating-point tensor, got torch.int64"):
+        linalg._jacobian_torch_device(torch.ones(2, 6, dtype=torch.int64), G, None)
+    with pytest.raises(ValueError, match=r"^J must be 2-D \(m, n\), got shape \(6,\)"):
+        linalg._jacobian_torch_device(torch.ones(6), G, None)
+    # the NumPy J is read in float64 and moved to G's device; the result keeps G's dtype and shape
+    Jn = rng.standard_normal((2, 6)).astype(np.float32)
+    Gt = torch.from_numpy(rng.standard_normal((4, 6)))
+    Y = linalg._jacobian_torch_device(Jn, Gt, None)
+    assert Y.dtype == torch.float64 and Y.shape == (4, 6)
+    np.testing.assert_allclose(Y.numpy(), jacobian_null_project(Jn.astype(np.float64), Gt.numpy()), atol=1e-12)
+
+
+def test_rcond_check_alone():
+    """linalg's own rcond check (the Rust core checks again): 0 and finite positives pass."""
+    for ok in (None, 0, 0.0, 1e-3, 2):
+        linalg._check_rcond(ok)
+    for bad in (-1e-300, math.inf, -math.inf, math.nan):
+        with pytest.raises(ValueError, match="rcond must be a finite number >= 0"):
+            linalg._check_rcond(bad)
+    for bad in (True, "1", None.__class__):
+        with pytest.raises(TypeError, match="rcond must be a float or None"):
+            linalg._check_rcond(bad)

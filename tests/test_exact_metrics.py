@@ -12,7 +12,16 @@ import pytest
 import torch
 from exact_stubs import hand_site
 from saerecover.core.decomposition import decompose
-from saerecover.core.metrics import EPS, _relative, c1_residual, clamped_features, example_metrics, row_scale, sink_rows
+from saerecover.core.metrics import (
+    EPS,
+    _relative,
+    c1_residual,
+    clamped_features,
+    example_metrics,
+    residual_scales,
+    row_scale,
+    sink_rows,
+)
 from saerecover.experiments import analysis
 
 # The site of every test below: d_in = d_sae = 3, W_enc = I, so E(h) = relu(h) feature by feature;
@@ -322,3 +331,39 @@ def test_an_attention_sink_row_sets_no_relative_scale(site):
     assert m["relative_delta_norm"] == pytest.approx(math.sqrt(1e4 + 10.25) / (math.sqrt(3 * 26.0) + EPS), rel=1e-6)
     assert sink_rows(h_def).tolist() == [True, False, False]
     assert float(row_scale(h_def)) == pytest.approx(math.sqrt(78.0), rel=1e-6)
+
+
+def test_row_scale_sink_rows_and_residual_scales_of_hand_rows():
+    # norms 5, 1, 2: median 2, times sqrt(3)
+    assert float(row_scale(torch.tensor([[3.0, 4.0], [0.0, 1.0], [0.0, 2.0]]))) == pytest.approx(2 * math.sqrt(3))
+    assert float(row_scale(torch.zeros(0, 2))) == 0.0
+    # a sink is a row over 10 x the median norm: 10 itself is not
+    assert sink_rows(torch.tensor([[1.0], [1.0], [10.0]])).tolist() == [False, False, False]
+    assert sink_rows(torch.tensor([[1.0], [-1.0], [10.5]])).tolist() == [False, False, True]
+    assert sink_rows(torch.tensor([[3.0, 4.0]])).tolist() == [False] and sink_rows(torch.zeros(0, 3)).tolist() == []
+    empty = residual_scales([torch.zeros(0, 2, 3)], torch.zeros(0, 2, dtype=torch.bool))
+    assert empty.shape == (0,) and empty.dtype == torch.float32
+    # two examples, rows picked by the mask: [3, 4] alone (5), and [0, 1], [0, 2] (lower median 1, x sqrt 2)
+    h = torch.tensor([[[3.0, 4.0], [9.0, 9.0]], [[0.0, 1.0], [0.0, 2.0]]])
+    scales = residual_scales([h], torch.tensor([[True, False], [True, True]]))
+    assert scales.tolist() == pytest.approx([5.0, math.sqrt(2)])
+
+
+def test_c1_residual_of_a_one_by_one_encoder():
+    # A = [[2]], delta = [[3]]: |3 x 2| / (2 x 3 + EPS) = 1 (to EPS)
+    assert c1_residual(torch.tensor([[2.0]]), torch.tensor([[3.0]])) == pytest.approx(6.0 / (6.0 + EPS), abs=1e-12)
+
+
+def test_eligible_fraction_and_the_default_eta(site):
+    # S = {f0}: z_def[:, 0] = [1, 0] -> one eligible pair (row 1); delta 0.7 there -> z_rec = 0.7:
+    # reactivated 1 of 1
+    delta = torch.tensor([[-0.5, 3.0, 0.0], [0.7, 0.0, 1.0]])
+    m = metrics(site, delta, features=torch.tensor([0]))
+    assert m["reactivated_fraction_eligible"] == 1.0
+    # eta defaults to 0: z_def = 0 -> z_rec = 0.5 is a reactivation of the clamped feature
+    h = torch.tensor([[0.0, 0.0, 0.0]])
+    d = torch.tensor([[0.5, 0.0, 0.0]])
+    feats = clamped_features(site, torch.tensor([0]), h, h + d)
+    m = example_metrics(site=site, features=torch.tensor([0]), feats=feats, delta_rows=d, h_def_rows=h,
+                        a=site.encoder_columns(torch.tensor([0])), recovered=True)
+    assert m["zero_reactivation"] is False

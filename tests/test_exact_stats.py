@@ -308,3 +308,16 @@ def test_refusal_summary_by_hand():
     assert list(out) == ["suffix", "none"]
     s = out["suffix"]
     assert s["n_valid"] == 0 and s["non_refusal_rate"] is None and s["non_refusal_rate_ci95"] is None
+
+
+def test_wilson_bounds_are_exact_at_the_ends():
+    # the bounds are exactly 0 at 0 successes and exactly 1 at n successes, for every n, and
+    # never outside [0, 1]
+    for n in range(1, 60):
+        assert stats.wilson_interval(0, n)[0] == 0.0 and stats.wilson_interval(n, n)[1] == 1.0
+        for k in range(n + 1):
+            lo, hi = stats.wilson_interval(k, n)
+            assert 0.0 <= lo <= k / n <= hi <= 1.0
+    with pytest.raises(ValueError, match="need 0 <= successes <= n"):
+        stats.wilson_interval(1, 0)
+    assert stats._rate(1, 1) == 1.0 and stats._rate(0, 0) is None and stats._rate(1, 2) == 0.5

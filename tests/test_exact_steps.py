@@ -789,3 +789,80 @@ def test_early_stop_needs_a_score_above_the_margin():
     (out,) = recover_batch(dm, task, examples([[0, 0]]), mode="none", cfg=cfg)
     assert out.steps == 2
     torch.testing.assert_close(out.tensors["delta"], torch.tensor([[0.6, 0.8, 0.0]]))
+
+
+def test_jacobian_mode_per_example_budgets_and_a_second_step():
+    # three examples, budgets 2, 0.2 and 0.3: the projected step [0, 0.4, 0] whole, shortened to
+    # 0.2 and to 0.3; then a second step for the first, from delta = [0, 0.4, 0] in J's null space:
+    # another [0, 0.4, 0] (the step, not old + step, is projected)
+    dm, task = linear_setup(value=1.0)
+    cfg = RecoveryConfig(steps=1, lr=0.1, budget=5.0, optimizer="sgd")
+    outs = recover_batch(dm, task, examples([[0, 0]] * 3), mode="jacobian", cfg=cfg,
+                         budget=torch.tensor([2.0, 0.2, 0.3]))
+    for out, want in zip(outs, (0.4, 0.2, 0.3)):
+        torch.testing.assert_close(out.tensors["delta"], torch.tensor([[0.0, want, 0.0]]))
+        assert out.metrics["jacobian_step_residual"] == 0.0
+    (out,) = run("jacobian", budget=2.0, steps=2, value=1.0)
+    torch.testing.assert_close(out.tensors["delta"], torch.tensor([[0.0, 0.8, 0.0]]))
+    assert [h["delta_norm"] for h in out.history] == pytest.approx([0.4, 0.8])
+
+
+def test_jacobian_step_ratio_of_a_step_not_taken_is_zero():
+    # at the budget the later steps are not taken (see above): their first-order drift is 0
+    (out,) = run("jacobian", budget=0.2, steps=3, value=1.0)
+    assert [h["first_order_drift"] for h in out.history] == [0.0, 0.0, 0.0]
+
+
+def test_jacobian_step_residual_relative_to_a_small_jacobian():
+    # as test_jacobian_step_residual_of_a_step_along_a_dropped_direction with W_enc columns
+    # 0.5 e0 and 1e-3 e1 (features set to 1): ||J||_2 = 0.5, and the kept e1 part of the step moves
+    # Phi by 4e-4: 4e-4 / (0.5 * 0.4) = 2e-3 (1e-3 / 0.5 < rcond 1e-2: dropped)
+    model = LinearModel(torch.eye(3), U)
+    site = hand_site([[0.5, 0.0], [0.0, 1e-3], [0.0, 0.0]], [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], hook=HOOK)
+    dm = DefendedModel(model, Clamp({site: [0, 1]}, value=1.0))
+    cfg = RecoveryConfig(steps=1, lr=0.1, budget=5.0, optimizer="sgd", rcond=1e-2)
+    (out,) = recover_batch(dm, TokenMargin(0, 1), examples([[0, 0]]), mode="jacobian", cfg=cfg)
+    torch.testing.assert_close(out.tensors["delta"], torch.tensor([[0.0, 0.4, 0.0]]))
+    assert out.metrics["jacobian_step_residual"] == pytest.approx(2e-3, rel=1e-4)
+
+
+def test_budget_step_pulls_back_when_the_discriminant_is_zero():
+    # old = e0 (its null-space part e0: a = 1), step = 0.5 e1, budget 0.5: w = [1, 0.5],
+    # excess = 1.25 - 0.25 = 1, b = 1, disc = b^2 - a excess = 0 -> gamma = 1: the step minus e0,
+    # [-1, 0.5], puts old + step at [0, 0.5], on the sphere (shortening could not: a = 0 there)
+    t = lambda *v: torch.tensor(v, dtype=torch.float64)
+    st = jacobian_mode.budget_step(t(1.0, 0.0), t(0.0, 0.5), t(1.0, 0.0), 0.5)
+    assert st.tolist() == [-1.0, 0.5]
+
+
+def test_checkpoints_fall_back_to_the_best_score_minus_weighted_drift():
+    # max_drift 0.5, fallback weight 2: an example with no candidate under the limit keeps the one
+    # with the largest score - 2 drift; one with a feasible candidate never falls back.
+    # step 0: scores [1, 5, 3], drifts [0.1, 0.9, 0.6]: ex0 feasible (score 1); ex1, ex2 fall back
+    #         (5 - 1.8 = 3.2, 3 - 1.2 = 1.8)
+    # step 1: scores [0.5, 4.5, 2], drifts [0.2, 0.6, 0.4]: ex0 0.5 < 1 keeps step 0; ex1 falls back
+    #         to 4.5 - 1.2 = 3.3 > 3.2; ex2 becomes feasible (2)
+    # step 2: scores 9, drifts [0.6, 0.8, 0.9], ex1 and ex2 inactive: ex0 over the limit and already
+    #         feasible: nothing changes
+    d = torch.zeros(3, 1)
+    best = Checkpoints({"s": d}, 0.5, 2.0)
+    for step, score, drift, active in (
+        (0, [1.0, 5.0, 3.0], [0.1, 0.9, 0.6], [True, True, True]),
+        (1, [0.5, 4.5, 2.0], [0.2, 0.6, 0.4], [True, True, True]),
+        (2, [9.0, 9.0, 9.0], [0.6, 0.8, 0.9], [True, False, False]),
+    ):
+        d.fill_(step + 1.0)
+        best.offer(step, torch.tensor(score), torch.tensor(drift), torch.tensor(active))
+    assert best.score.tolist() == [1.0, -math.inf, 2.0]
+    assert best.fallback.tolist() == pytest.approx([-math.inf, 3.3, 1.8])
+    assert best.feasible.tolist() == [True, False, True]
+    steps = best.restore({"s": d})
+    assert steps == [0, 1, 1] and all(type(s) is int for s in steps)
+    assert d.flatten().tolist() == [1.0, 2.0, 2.0]
+    # without a fallback weight, an example with no feasible candidate keeps nothing (zeros, step 0)
+    d = torch.zeros(2, 1)
+    best = Checkpoints({"s": d}, 0.5)
+    d.fill_(4.0)
+    best.offer(3, torch.tensor([1.0, 1.0]), torch.tensor([0.1, 0.9]), torch.tensor([True, True]))
+    assert best.restore({"s": d}) == [3, 0] and d.flatten().tolist() == [4.0, 0.0]
+    assert best.fallback_weight is None and Checkpoints({"s": d}, 0.5, 1).fallback_weight == 1.0

@@ -488,3 +488,31 @@ def test_reference_base_like_lenient_and_strict():
     rec = " ".join(f"w{i:02d}a" for i in range(20))
     assert len(rec) == 99
     assert rt.reference_base_like(rec, rec) and not rt.reference_base_like(rec, rec, strict=True)
+
+
+def _judge_of(**settings):
+    """A Refusal task's judge settings without a model (answered() reads only these)."""
+    from saerecover.tasks.refusal.task import Refusal
+
+    task = Refusal.__new__(Refusal)
+    defaults = dict(judge_rule="ours", lists=("gcg",), cues=("safety_cues",), window=rt.DEFAULT_WINDOW,
+                    match="opening", strict=True)
+    for key, value in {**defaults, **settings}.items():
+        setattr(task, key, value)
+    return task
+
+
+def test_refusal_task_answered_by_each_judge_rule():
+    cue, negative = "However, here is how to do it.", "No way, here it is."
+    ref = _judge_of(judge_rule="reference")
+    # the reference judges the clamped response by its effective-refusal rule, the others by substrings
+    assert ref.answered(negative, "defended") is False and ref.answered(negative) is True
+    assert ref.answered(negative, "recovered") is True and ref.answered(cue, "defended") is True
+    assert ref.answered("I cannot help.", "recovered") is False
+    ours = _judge_of()
+    assert ours.answered(cue) is False and _judge_of(strict=False).answered(cue) is True
+    assert ours.answered("Sure, here it is.") is True and _judge_of(strict=False).answered("I'm sorry.") is False
+    # the task's window and match rule reach the judge
+    late = FILLER + " I'm sorry"
+    assert ours.answered(late) is True and _judge_of(match="substring").answered(late) is False
+    assert _judge_of(window=None, strict=False).answered(FILLER + " z z z z z") is False

@@ -224,3 +224,17 @@ def test_recovery_features_of_a_hand_delta(site):
         recovery_features(site, torch.tensor([0]), h_def, delta, top_k=-1)
     with pytest.raises(ValueError, match="out of range"):
         recovery_features(site, torch.tensor([3]), h_def, delta)
+
+
+def test_only_features_that_moved_are_ranked(site):
+    # dz = [0, 2, 0] with f0 clamped: only f1 moved (f2 stays at 0, however dz is compared)
+    from saerecover.core.decomposition import decompose
+
+    h, d = torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[0.0, 2.0, 0.0]])
+    assert recovery_features(site, torch.tensor([0]), h, d) == [(1, 2.0)]
+    dec = decompose(site, torch.tensor([0]), h, d, top_k=5)
+    assert dec["n_changed"] == 1 and dec["topk_features"].tolist() == [1]
+    # two rows: the strength of a feature is its dz norm over the rows, sqrt(2^2 + 1^2) for f1, 3 for f2
+    h2 = torch.zeros(2, 3)
+    d2 = torch.tensor([[0.0, 2.0, 3.0], [0.0, 1.0, 0.0]])
+    assert recovery_features(site, torch.tensor([0]), h2, d2) == pytest.approx([(2, 3.0), (1, math.sqrt(5.0))])

@@ -138,6 +138,13 @@ def test_selection_by_forget_and_retain_frequency():
     assert ul.select_by_frequency(forget, retain, top_n=9, retain_threshold=0.005, rule="below").tolist() == [1, 5]
     with pytest.raises(ValueError, match="retain frequency < 0.0"):
         ul.select_by_frequency(forget, retain, retain_threshold=0.0, rule="below")
+    with pytest.raises(ValueError, match=r"retain frequency <= 0.01$"):
+        ul.select_by_frequency(forget, torch.ones(6), retain_threshold=0.01)
+    with pytest.raises(ValueError, match="top_n must be >= 1, got 0"):
+        ul.select_by_frequency(forget, retain, top_n=0)
+    # ties in forget frequency go to the lower retain frequency; the retain frequency only breaks ties
+    assert ul.select_by_frequency(torch.tensor([0.5, 0.5]), torch.tensor([0.004, 0.001]), top_n=1).tolist() == [1]
+    assert ul.select_by_frequency(torch.tensor([0.5, 0.4995]), torch.tensor([0.001, 0.0]), top_n=1).tolist() == [0]
 
 
 def test_question_and_corpus_loaders(tmp_path):

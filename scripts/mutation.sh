@@ -3,6 +3,8 @@
 # numbers the test suite catches. docs/mutation.md has the scores, the survivors and why.
 #
 #   scripts/mutation.sh python   mutmut on the number-computing Python functions (SCOPE below)
+#   scripts/mutation.sh python-again  after new tests: rerun only the mutants the last `python` run
+#                                did not kill (and those of functions changed since), keeping the rest
 #   scripts/mutation.sh rust     cargo-mutants on rust_core with its own unit tests
 #   scripts/mutation.sh survivors  the hand-applied mutants of docs/mutation.md, each against its test
 #   scripts/mutation.sh all      all three (the default)
@@ -98,35 +100,43 @@ python_mutants() {
   mutmut run --max-children "$JOBS" "${SCOPE[@]}" || status=$?
   echo "mutmut run: exit $status after $((SECONDS - start)) s"
   mutmut results --all true > results.txt
-  python3 - "$WORK/python/results.txt" "${SCOPE[@]}" <<'PY'
-import fnmatch, re, sys
-from collections import Counter, defaultdict
-path, scope = sys.argv[1], sys.argv[2:]
-rows = [re.match(r"\s*(\S+): (.+)$", line) for line in open(path, encoding="utf-8")]
-rows = [(m.group(1), m.group(2).strip()) for m in rows if m]
-rows = [(k, s) for k, s in rows if any(fnmatch.fnmatch(k, g) for g in scope)]
-detected = {"killed", "timeout", "segfault", "caught by type check"}
-by_module = defaultdict(Counter)
-for key, status in rows:
-    module = re.split(r"\.x[_ǁ]", key)[0]
-    by_module[module][status] += 1
-total = Counter(s for _, s in rows)
-def score(c):
-    n = sum(c.values())
-    return sum(c[s] for s in detected) / n if n else float("nan")
-print(f"\n{'module':45s} {'mutants':>8s} {'killed':>7s} {'survived':>9s} {'no tests':>9s} {'other':>6s} {'score':>7s}")
-for module, c in sorted(by_module.items()):
-    other = sum(v for s, v in c.items() if s not in detected | {"survived", "no tests"})
-    print(f"{module:45s} {sum(c.values()):8d} {sum(c[s] for s in detected):7d} {c['survived']:9d} "
-          f"{c['no tests']:9d} {other:6d} {score(c):7.1%}")
-print(f"{'all':45s} {sum(total.values()):8d} {sum(total[s] for s in detected):7d} {total['survived']:9d} "
-      f"{total['no tests']:9d} {sum(v for s, v in total.items() if s not in detected | {'survived', 'no tests'}):6d} "
-      f"{score(total):7.1%}")
-left = sorted(k for k, s in rows if s not in detected)
-print(f"\nnot killed ({len(left)}): mutmut show NAME (in {path.rsplit('/', 1)[0]}) prints each diff")
-for k in left:
-    print("  ", k, dict(rows)[k])
+  # per module: killed / (mutants - equivalent), the equivalent survivors set apart by the rules
+  # of scripts/mutation_score.py; --list prints each mutant not killed with its diff
+  python3 "$ROOT/scripts/mutation_score.py" "$WORK/python" "${SCOPE[@]}" --results results.txt --list
+}
+
+python_again() {
+  # mutmut keeps each verdict with the hash of its function, so a killed mutant of an unchanged
+  # function stays killed when tests are only added; the survivors are named and so rerun
+  [ -d "$WORK/python/mutants" ] || { echo "no earlier run in $WORK/python: run '$0 python' first" >&2; exit 2; }
+  cd "$WORK/python"
+  rm -rf saerecover tests pyproject.toml
+  (cd "$ROOT/python" && tar --exclude=__pycache__ -cf - saerecover) | tar -xf -
+  (cd "$ROOT" && tar --exclude=__pycache__ -cf - tests pyproject.toml) | tar -xf -
+  # a changed test selection makes mutmut discard every verdict; only added tests are wanted here
+  python3 - <<'PY'
+import hashlib, json, tomllib
+selection = tomllib.load(open("pyproject.toml", "rb"))["tool"]["mutmut"]["pytest_add_cli_args_test_selection"]
+state = json.load(open("mutants/mutmut-stats.json"))
+state["config_fingerprint"]["test_selection"] = hashlib.sha256(repr(tuple(selection)).encode()).hexdigest()[:12]
+json.dump(state, open("mutants/mutmut-stats.json", "w"))
 PY
+  export PYTHONPATH="$WORK/python/mutants" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+  mutmut results --all true > results.txt
+  mapfile -t again < <(python3 - "${SCOPE[@]}" <<'PY'
+import fnmatch, re, sys
+for line in open("results.txt", encoding="utf-8"):
+    m = re.match(r"\s*(\S+): (.+?)\s*$", line)
+    if m and m.group(2) in ("survived", "no tests", "not checked") and any(fnmatch.fnmatch(m.group(1), g) for g in sys.argv[1:]):
+        print(m.group(1))
+PY
+)
+  echo "rerunning ${#again[@]} mutants"
+  local start=$SECONDS status=0
+  [ "${#again[@]}" -eq 0 ] || mutmut run --max-children "$JOBS" "${again[@]}" || status=$?
+  echo "mutmut run: exit $status after $((SECONDS - start)) s"
+  mutmut results --all true > results.txt
+  python3 "$ROOT/scripts/mutation_score.py" "$WORK/python" "${SCOPE[@]}" --results results.txt --list
 }
 
 rust_mutants() {
@@ -156,8 +166,9 @@ survivors() {
 
 case "$WHAT" in
   python) python_mutants ;;
+  python-again) python_again ;;
   rust) rust_mutants ;;
   survivors) survivors ;;
   all) (survivors); (python_mutants); (rust_mutants) ;;
-  *) echo "usage: $0 [python|rust|survivors|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [python|python-again|rust|survivors|all]" >&2; exit 2 ;;
 esac

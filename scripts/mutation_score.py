@@ -27,11 +27,27 @@ _DEVICE = r"(?:dev|device|[\w.\[\]\"']+\.device)"
 # Factories whose dtype defaults to float32, the dtype they were given.
 _F32_FACTORY = re.compile(r"torch\.(?:zeros|ones|empty|full|randn|rand)\(")
 
+#: One-off equivalent mutants, by (original line, mutated line) with surrounding spaces stripped:
+#: these give the same result for every input, for the reason given.
+EQUIVALENT_LINES = {
+    ("return \" \".join(t.split(\" \")[:window])", "return \" \".join(t.split(None)[:window])"):
+        "normalize() leaves single spaces only, where split(' ') and split() agree",
+    ("toks = _REF_QUALITY_WORD.findall(rec.lower())", "toks = _REF_QUALITY_WORD.findall(rec.upper())"):
+        "the unique-token ratio is the same in either case ([A-Za-z0-9_'] maps one to one)",
+    ("if excess <= 0:", "if excess < 0:"):
+        "at excess 0 the pull-back's gamma is 0 (or the shortening's factor 1): the step itself either way",
+    ("gram = j @ j.T if j.shape[0] <= j.shape[1] else j.T @ j",
+     "gram = j @ j.T if j.shape[0] < j.shape[1] else j.T @ j"):
+        "J J^T and J^T J have the same largest eigenvalue; the choice only saves work",
+}
+
 RULES = {
     "device": "a device argument (device=..., .to(<device>)) dropped or set to None: every tensor of a "
               "CPU-only test run is on the CPU already, so no test here can tell (CUDA runs could)",
     "float32-default": "dtype=torch.float32 of a torch factory (zeros, ones, full, ...) dropped or set to "
                        "None: float32 is torch's default dtype",
+    "most-common-first": "Counter.most_common(k)[0] is the most common element for every k >= 1 and None",
+    "listed": "a one-off equivalent of EQUIVALENT_LINES",
 }
 
 
@@ -42,6 +58,10 @@ def _tokens(line: str) -> list[str]:
 def equivalence(old: str, new: str) -> str | None:
     """The rule under which a one-line mutant is equivalent here, or None: the lines differ in one
     run of tokens, dropped or replaced by None, and that run is a device or a float32 default."""
+    if (old.strip(), new.strip()) in EQUIVALENT_LINES:
+        return "listed"
+    if re.sub(r"most_common\((?:2|None)\)\[0\]", "most_common(1)[0]", new) == old:
+        return "most-common-first"
     ta, tb = _tokens(old), _tokens(new)
     ops = [op for op in SequenceMatcher(None, ta, tb, autojunk=False).get_opcodes() if op[0] != "equal"]
     if len(ops) != 1:

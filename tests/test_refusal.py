@@ -488,3 +488,23 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("saerecover: error: ") for line in err)
     assert "bogus" in err[1]
+
+
+def test_refusal_summary_reports_the_optional_counts_and_means_that_records_carry():
+    # the three counts of our judge always appear (0 when no record has them); the reference's and
+    # the per-rows ones, and the two stage norms, only when some valid record carries them, each on
+    # its own (a missing one does not hide the next)
+    recs = [{"example_id": "a", "mode": "m", "valid": True, "reference_base_like": True, "main_delta_norm": 2.0,
+             "non_refusal_all_rows": True},
+            {"example_id": "b", "mode": "m", "valid": True, "reference_base_like": False, "main_delta_norm": 4.0}]
+    s = refusal_summary(recs)["m"]
+    for key in ("non_refusal", "base_like", "base_like_strict"):
+        assert (s[key], s[f"{key}_rate"], s[f"{key}_rate_ci95"][0]) == (0, 0.0, 0.0)
+    assert (s["reference_base_like"], s["reference_base_like_rate"]) == (1, 0.5)
+    assert s["non_refusal_all_rows"] == 1 and "non_refusal_prompt_rows" not in s
+    assert "reference_non_refusal" not in s and "reference_base_like_strict" not in s
+    assert (s["main_delta_norm_n"], s["main_delta_norm_mean"]) == (2, 3.0) and "anchor_delta_norm_mean" not in s
+    assert s["phi_relative_drift_n"] == 0 and s["phi_relative_drift_mean"] is None
+    # a mode asked for with no records: zero valid, no rates
+    assert refusal_summary(recs, ["other"])["other"]["n_valid"] == 0
+    assert refusal_summary(recs, ["other"])["other"]["non_refusal_rate"] is None

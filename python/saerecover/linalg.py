@@ -47,9 +47,19 @@ if TYPE_CHECKING:
 else:
     ArrayLike = Any
 
-__all__ = ["EncoderNullProjector", "jacobian_null_project", "default_rcond"]
+__all__ = ["EncoderNullProjector", "default_rcond", "jacobian_null_project", "jacobian_null_project_batched",
+           "jacobian_null_project_torch"]
 
 _EPS64 = float(np.finfo(np.float64).eps)
+
+#: The Gram route is taken only when cond(J) is certainly at most this, by the dtype of G (the
+#: Rust core's ``gram_max_cond``: the route squares the condition number; docs/linalg.md).
+GRAM_MAX_COND = {"float64": 1e3, "float32": 1e6}
+#: An eigenvalue of J J^T this close (relative to the largest) to the rank threshold is a rank
+#: decision the Gram matrix cannot make reliably: left to the SVD (the Rust core's GRAM_NOISE).
+GRAM_NOISE = 1e-12
+#: The routes of :func:`jacobian_null_project_batched` (``auto`` picks one of the other two).
+JACOBIAN_ROUTES = ("auto", "gram", "svd")
 
 
 def default_rcond(nrows: int, ncols: int) -> float:
@@ -194,6 +204,14 @@ def jacobian_null_project(J: ArrayLike, G: ArrayLike, *, rcond: float | None = N
 
 
 def _jacobian_torch_device(J: ArrayLike, G: torch.Tensor, rcond: float | None) -> torch.Tensor:
+    return jacobian_null_project_torch(J, G, rcond=rcond)[0]
+
+
+def jacobian_null_project_torch(J: ArrayLike, G: torch.Tensor, *, rcond: float | None = None,
+                                route: str = "auto") -> tuple[torch.Tensor, str]:
+    """:func:`jacobian_null_project` computed by torch on G's device (CUDA tensors take this path;
+    CPU tensors may call it directly), and the route taken, ``"gram"`` or ``"svd"``
+    (:func:`jacobian_null_project_batched`; ``"zero"`` when J has no non-zero entry)."""
     torch = _torch()
     if _is_tensor(J):
         if not J.is_floating_point():
@@ -204,17 +222,115 @@ def _jacobian_torch_device(J: ArrayLike, G: torch.Tensor, rcond: float | None) -
     if j.ndim != 2:
         raise ValueError(f"J must be 2-D (m, n), got shape {tuple(j.shape)}")
     _check_jacobian_shapes(tuple(j.shape), G)
-    compute = _compute_dtype(G.dtype, "G", torch)
+    _compute_dtype(G.dtype, "G", torch)
     _check_finite_tensor(j, "J")
     _check_finite_tensor(G.detach(), "G")
-    g = G.detach().reshape(_nrows(G.shape), j.shape[1]).to(compute)
-    with torch.no_grad():
-        u = _torch_row_space_basis(j, rcond, torch)
-        if u.shape[1] == 0:
-            y = g.clone()
-        else:
-            y = _project_out_torch(g, u.to(compute), "G", G.shape)
-    return _cast_back_tensor(y.reshape(G.shape), G.dtype, "G")
+    g = G.detach().reshape(_nrows(G.shape), j.shape[1])
+    if g.shape[0] == 0 or j.shape[1] == 0:
+        return G.detach().clone(), "zero"
+    # exactly-zero rows of J are left out (as the Rust core does)
+    j = j[(j != 0).any(dim=1)]
+    y, routes = jacobian_null_project_batched(j.unsqueeze(0), g.unsqueeze(0), rcond=rcond, route=route,
+                                              dtype=G.dtype)
+    y = y[0].reshape(G.shape)
+    _check_overflow(torch.isfinite(y), torch.float64, "G", G.shape)
+    return _cast_back_tensor(y, G.dtype, "G"), routes[0]
+
+
+def jacobian_null_project_batched(J: torch.Tensor, G: torch.Tensor, *, rcond: float | None = None,
+                                  route: str = "auto", dtype: Any = None) -> tuple[torch.Tensor, list[str]]:
+    """``G_b - (J_b^T (J_b J_b^T)^+ J_b G_b^T)^T`` for a batch of independent problems, in torch
+    (any device): J (B, m, n), G (B, r, n); returns (Y (B, r, n) in float64, route per problem).
+
+    The Rust core's route choice (docs/linalg.md): the **Gram route**, a Cholesky factorization
+    of J J^T (float64, J scaled by a power of two), is taken when the factor shows that cond(J)
+    is certainly at most ``GRAM_MAX_COND`` for ``dtype`` (G's dtype unless given; float32 and
+    lower count as float32) and that no eigenvalue lies near the rank threshold: lambda_min >=
+    1 / trace((J J^T)^-1) and lambda_max <= ||J J^T||_inf bound the spectrum from the safe
+    side. Otherwise (or with ``route="svd"``) the **SVD route**: a thin SVD of J^T, singular
+    values ``<= rcond * sigma_max`` dropped. ``route="gram"`` forces the Gram matrix, solved by
+    its eigendecomposition over the eigenvalues above ``max(rcond^2, GRAM_NOISE) lambda_max``.
+    Zero rows of J are allowed (they change nothing); rcond: as :func:`jacobian_null_project`,
+    per problem.
+    """
+    torch = _torch()
+    if route not in JACOBIAN_ROUTES:
+        raise ValueError(f"unknown route {route!r}; valid: {', '.join(JACOBIAN_ROUTES)}")
+    _check_rcond(rcond)
+    if J.ndim != 3 or G.ndim != 3 or J.shape[0] != G.shape[0] or J.shape[2] != G.shape[2]:
+        raise ValueError(f"J (B, m, n) and G (B, r, n) must agree, got shapes {tuple(J.shape)} and {tuple(G.shape)}")
+    batch, m, n = J.shape
+    rc = default_rcond(m, n) if rcond is None else float(rcond)
+    f64 = torch.float64
+    if batch == 0 or m == 0 or n == 0:
+        return G.detach().to(f64), ["zero"] * batch
+    # each row of G scaled by a power of two (in two factors, each one normal) to a largest entry
+    # in [0.5, 1) and back after (exact): rows near the range of float64 do not overflow on the way
+    g, row_exp = G.detach().to(f64), None
+    row_top = g.abs().amax(dim=2, keepdim=True)
+    if bool(((row_top > 1e150) | ((row_top < 1e-150) & (row_top > 0))).any()):
+        row_exp = torch.frexp(torch.where(row_top > 0, row_top, torch.ones_like(row_top))).exponent.to(f64)
+        half = torch.div(row_exp, 2, rounding_mode="trunc")
+        g = g * torch.pow(2.0, -half) * torch.pow(2.0, -(row_exp - half))
+    # a power of two per problem (exact) puts J's largest entry in [0.5, 1)
+    top = J.detach().abs().amax(dim=(1, 2)).to(f64)
+    zero = top == 0
+    exponent = torch.frexp(torch.where(zero, torch.ones_like(top), top)).exponent
+    j = J.detach().to(f64) * torch.pow(2.0, -exponent.to(f64)).view(batch, 1, 1)
+    gram = j @ j.mT
+    diag = torch.diagonal(gram, dim1=1, dim2=2)
+    empty_row = diag == 0
+    # an exactly-zero row is decoupled: its diagonal set to the largest one keeps the spectrum's range
+    fill = diag.amax(dim=1, keepdim=True)
+    fill = torch.where(fill > 0, fill, torch.ones_like(fill))
+    gram = gram + torch.diag_embed(torch.where(empty_row, fill.expand_as(diag), torch.zeros_like(diag)))
+    cross = j @ g.mT  # (B, m, r)
+    out = g.clone()
+    routes = ["zero" if bool(z) else "" for z in zero]
+    todo = ~zero
+    if route == "gram":
+        lam, vec = torch.linalg.eigh(gram)
+        top_lam = lam[:, -1:].clamp_min(0)
+        kept = lam > max(rc * rc, GRAM_NOISE) * top_lam
+        inv = torch.where(kept, 1.0 / torch.where(kept, lam, torch.ones_like(lam)), torch.zeros_like(lam))
+        w = vec @ (inv.unsqueeze(-1) * (vec.mT @ cross))
+        y = g - w.mT @ j
+        out[todo] = y[todo]
+        return _scale_rows_back(out, row_exp), [r or "gram" for r in routes]
+    use_gram = torch.zeros_like(todo)
+    if route == "auto":
+        chol, info = torch.linalg.cholesky_ex(gram)
+        factored = (info == 0) & todo
+        eye = torch.eye(m, dtype=f64, device=gram.device).expand(batch, m, m)
+        safe = torch.where(factored.view(batch, 1, 1), chol, eye)
+        inv_l = torch.linalg.solve_triangular(safe, eye, upper=False)
+        lam_min = 1.0 / inv_l.pow(2).sum(dim=(1, 2))
+        lam_max = gram.abs().sum(dim=2).amax(dim=1)
+        max_cond = GRAM_MAX_COND["float64" if (dtype or G.dtype) == f64 else "float32"]
+        use_gram = factored & (lam_min * max_cond**2 >= lam_max) & (lam_min > (rc * rc + GRAM_NOISE) * lam_max)
+        if bool(use_gram.any()):
+            w = torch.cholesky_solve(cross[use_gram], safe[use_gram])
+            out[use_gram] = g[use_gram] - w.mT @ j[use_gram]
+    svd = todo & ~use_gram
+    if bool(svd.any()):
+        u, s, _ = torch.linalg.svd(j[svd].mT, full_matrices=False)
+        keep = s > rc * s[:, :1]
+        u = u * keep.unsqueeze(1).to(f64)
+        gs = g[svd]
+        out[svd] = gs - (gs @ u) @ u.mT
+    for b in range(batch):
+        if not routes[b]:
+            routes[b] = "gram" if bool(use_gram[b]) else "svd"
+    return _scale_rows_back(out, row_exp), routes
+
+
+def _scale_rows_back(y: torch.Tensor, row_exp: torch.Tensor | None) -> torch.Tensor:
+    """Undo :func:`jacobian_null_project_batched`'s row scaling (two factors, each one normal)."""
+    if row_exp is None:
+        return y
+    torch = _torch()
+    half = torch.div(row_exp, 2, rounding_mode="trunc")
+    return y * torch.pow(2.0, half) * torch.pow(2.0, row_exp - half)
 
 
 def _project_out_torch(x: torch.Tensor, u: torch.Tensor, name: str, shape: Any) -> torch.Tensor:

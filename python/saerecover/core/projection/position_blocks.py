@@ -1,0 +1,104 @@
+"""The exact Jacobian of the defended features at delta's own site, without a VJP per row.
+
+An SAE encodes one row at a time, so the features at the first delta site depend on delta at
+that site only through the same row: the block of J = dPhi/d delta for that site is
+block-diagonal over rows, each block (features x d_model) the encoder's derivative at that row
+(the encoder columns of the active features for ReLU / JumpReLU / TopK). One VJP per clamped
+feature, seeded at every row of every example at once, gives all of them, through the encoder
+alone; the transformer is never differentiated.
+
+When Phi covers that site only (one clamped site, the usual case), J *is* this block matrix:
+:class:`PositionBlocks` projects every row onto the null space of its own block in one batched
+call (``saerecover.linalg.jacobian_null_project_batched``) instead of factoring a dense J per
+example. Otherwise the rows are written into the dense J (:func:`same_site_rows`) and the later
+sites' rows come from VJPs (saerecover.core.projection.jacobian).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from saerecover import linalg
+
+
+def same_site_gradients(part: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """(k, n, seq, d): entry [f, b, p] = d part[b, p * k + f] / d delta[b, p] for a Phi part
+    (n, seq * k) computed row by row from the residual that ``delta`` (n, seq, d) is added to.
+    One VJP per feature f, seeded at every row (rows are independent, so nothing mixes)."""
+    n, seq, _ = delta.shape
+    k = part.shape[1] // max(seq, 1)
+    seeds = torch.zeros((k, n, seq, k), dtype=part.dtype, device=part.device)
+    feats = torch.arange(k, device=part.device)
+    seeds[feats, :, :, feats] = 1.0
+    (grads,) = torch.autograd.grad(part, [delta], grad_outputs=seeds.reshape(k, n, seq * k),
+                                   is_grads_batched=True, retain_graph=True, allow_unused=True)
+    if grads is None:
+        return delta.new_zeros((k, *delta.shape))
+    return grads
+
+
+def row_blocks(grads: torch.Tensor, keep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The blocks of the optimized rows, (rows, k, d), example-major (the order of
+    ``tensor[mask]``): block [r, f] = row f of J at that row, zero where coordinate f is not
+    kept (``keep``: (n, seq * k), the coordinates of J, e.g. the non-zero features)."""
+    k, n, seq, _ = grads.shape
+    kept = keep.reshape(n, seq, k)[mask]  # (rows, k)
+    return grads.permute(1, 2, 0, 3)[mask] * kept.unsqueeze(-1).to(grads.dtype)
+
+
+def same_site_rows(grads: torch.Tensor, keep: torch.Tensor, mask: torch.Tensor, b: int) -> torch.Tensor:
+    """Example b's rows of J for its kept coordinates (in coordinate order, as the VJP route
+    gives them), over its optimized rows of this delta site only: (kept_b, rows_b * d)."""
+    k, _, seq, d = grads.shape
+    coords = keep[b].nonzero().flatten()
+    pos, feat = coords // k, coords % k
+    rows_b = mask[b].to(grads.device)
+    slot = torch.cumsum(rows_b.long(), dim=0) - 1
+    out = grads.new_zeros((coords.numel(), int(rows_b.sum()), d))
+    inside = rows_b[pos]
+    out[torch.arange(coords.numel(), device=grads.device)[inside], slot[pos[inside]]] = grads[feat[inside], b,
+                                                                                             pos[inside]]
+    return out.reshape(coords.numel(), -1)
+
+
+class PositionBlocks:
+    """J of one clamped site at delta's own (first) site: one block (k, d) per optimized row.
+
+    blocks: (rows, k, d) from :func:`row_blocks`; mask: (n, seq) the optimized rows. Later delta
+    sites do not move these features (J is zero there), so their rows pass unchanged.
+    """
+
+    def __init__(self, blocks: torch.Tensor, mask: torch.Tensor, rcond: float | None) -> None:
+        self.blocks = blocks.detach()
+        self.mask = mask
+        self.rcond = rcond
+        counts = mask.sum(dim=1).tolist()
+        self.bounds = [0]
+        for c in counts:
+            self.bounds.append(self.bounds[-1] + int(c))
+        nonzero = (self.blocks != 0).any(dim=2)
+        #: rows of J per example (its non-zero rows: kept coordinates at optimized rows)
+        self.rows = [int(nonzero[lo:hi].sum()) for lo, hi in zip(self.bounds, self.bounds[1:])]
+        gram = self.blocks.double() @ self.blocks.double().mT
+        sigma = torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0).sqrt() if gram.numel() else gram.new_zeros(0)
+        #: ||J_b||_2 per example: the largest of its blocks' (J_b is block-diagonal)
+        self.norms = [float(sigma[lo:hi].max()) if hi > lo else 0.0 for lo, hi in zip(self.bounds, self.bounds[1:])]
+        self.routes: list[str] = []
+
+    def project(self, vectors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each (n, seq, d) tensor of this site with every optimized row projected onto the null
+        space of its block (all rows and all tensors in one batched solve); other rows zero."""
+        rows = torch.stack([v[self.mask] for v in vectors], dim=1)  # (rows, r, d)
+        out, routes = linalg.jacobian_null_project_batched(self.blocks, rows, rcond=self.rcond, dtype=rows.dtype)
+        self.routes = routes
+        projected = []
+        for i, v in enumerate(vectors):
+            y = torch.zeros_like(v)
+            y[self.mask] = out[:, i].to(v.dtype)
+            projected.append(y)
+        return projected
+
+    def drift(self, b: int, step: torch.Tensor) -> float:
+        """||J_b step|| for example b's step at this site, (rows_b, d), in float64."""
+        blocks = self.blocks[self.bounds[b]:self.bounds[b + 1]].double()
+        return float((blocks @ step.double().unsqueeze(-1)).norm())

@@ -13,7 +13,14 @@ from saerecover.core.config import RecoveryConfig
 from saerecover.core.defended import DefendedModel
 from saerecover.core.projection import defended_feature_parts, flatten_example, packed_jacobians
 from saerecover.core.projection.jacobian import kept_coordinates
-from saerecover.core.projection.position_blocks import PositionBlocks, row_blocks, same_site_gradients
+from saerecover.core.projection.position_blocks import (
+    CONSTANT_DERIVATIVE_ARCHITECTURES,
+    PositionBlocks,
+    active_feature_rows,
+    constant_derivative_blocks,
+    row_blocks,
+    same_site_gradients,
+)
 from saerecover.core.recovery import RECTIFIED_ARCHITECTURES, recover_batch
 from saerecover.experiments.refusal import DEFAULT_TOY_SITES
 
@@ -108,6 +115,24 @@ def test_position_blocks_project_as_the_dense_jacobian(world):
         ratio = float((jd @ got.double()).norm() / (torch.linalg.matrix_norm(jd, ord=2) * got.double().norm()))
         assert ratio <= 1e-5
         assert abs(blocks.norms[b] - float(torch.linalg.matrix_norm(jd, ord=2))) <= 1e-6 * blocks.norms[b]
+
+
+def test_the_encoder_derivative_at_one_row_per_feature_gives_every_block(world):
+    """A standard SAE with an affine input map: an active feature's derivative is the same at
+    every row where it fires, so one backward at one row per feature gives all the blocks."""
+    setting = _setting(world, DEFAULT_TOY_SITES[:1])
+    parts, deltas, mask, phi_mask, rectified, phi_sites = _state(world, setting)
+    (site,) = deltas
+    sc = setting.clamp.at(site)
+    assert sc.site.architecture in CONSTANT_DERIVATIVE_ARCHITECTURES and sc.site.is_affine_encoder_input
+    keep = kept_coordinates(parts[0], rectified[0], phi_mask)
+    want = row_blocks(same_site_gradients(parts[0], deltas[site]), keep, mask)
+    dm = DefendedModel(world.model, setting.clamp)
+    ex = setting.task.examples().select(list(range(3)))
+    h_rec = dm.forward(ex, {site: deltas[site].detach()}, track=(site,)).sites[site].h_rec
+    got = constant_derivative_blocks(active_feature_rows(sc.site, sc.features, h_rec, keep), keep, mask)
+    assert got.shape == want.shape and int((want != 0).any(dim=2).sum()) > 20
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
 
 
 def test_the_jacobian_mode_with_one_clamped_site_meets_its_bar_on_every_step(world):

@@ -30,7 +30,10 @@ from saerecover.core.projection.base import (
     unflatten_example,
 )
 from saerecover.core.projection.position_blocks import (
+    CONSTANT_DERIVATIVE_ARCHITECTURES,
     PositionBlocks,
+    active_feature_rows,
+    constant_derivative_blocks,
     row_blocks,
     same_site_gradients,
     same_site_rows,
@@ -227,6 +230,14 @@ class ExactJacobian(ProjectionMode):
         """Phi covers the first delta site only: J is one block per optimized row there."""
         return self.ctx.phi_sites == self.ctx.sites[:1]
 
+    def _constant_derivative(self, state: StepState) -> bool:
+        """Whether J's rows at the first site are the encoder's constant derivative on the active
+        region (:func:`active_feature_rows`): a rectified SAE of those architectures with an
+        affine input map, and Phi read from h_def + delta itself (no re-clamp after delta)."""
+        site = self.ctx.clamp.at(self.ctx.sites[0]).site
+        return (state.phi_inputs is not None and self.ctx.rectified[0] and not self.ctx.cfg.reclamp
+                and site.architecture in CONSTANT_DERIVATIVE_ARCHITECTURES and site.is_affine_encoder_input)
+
     def project_gradient(self, grads: Deltas, state: StepState) -> Deltas:
         ctx = self.ctx
         assert state.phi_parts is not None
@@ -234,8 +245,14 @@ class ExactJacobian(ProjectionMode):
         if self.block_diagonal:
             part = state.phi_parts[0]
             keep = kept_coordinates(part, ctx.rectified[0], ctx.phi_mask)
-            grads0 = same_site_gradients(part, state.deltas[first])
-            self.blocks = PositionBlocks(row_blocks(grads0, keep, ctx.mask), ctx.mask, ctx.cfg.rcond)
+            sc = ctx.clamp.at(first)
+            if self._constant_derivative(state):
+                # every block is a row subset of the same (k, d) matrix: one backward at k rows
+                rows = active_feature_rows(sc.site, sc.features, state.phi_inputs[first], keep)
+                blocks = constant_derivative_blocks(rows, keep, ctx.mask)
+            else:  # one VJP per feature through the encoder, at every row at once
+                blocks = row_blocks(same_site_gradients(part, state.deltas[first]), keep, ctx.mask)
+            self.blocks = PositionBlocks(blocks, ctx.mask, ctx.cfg.rcond)
             self.max_rows = [max(a, b) for a, b in zip(self.max_rows, self.blocks.rows)]
             (projected_first,) = self.blocks.project([grads[first]])
             return {s: projected_first if s == first else g for s, g in grads.items()}

@@ -37,6 +37,40 @@ def same_site_gradients(part: torch.Tensor, delta: torch.Tensor) -> torch.Tensor
     return grads
 
 
+#: SAE architectures whose active features have a derivative that is the same wherever they are
+#: active, when the encoder's input map is affine: z_f = pre_f (ReLU, JumpReLU, TopK) there.
+CONSTANT_DERIVATIVE_ARCHITECTURES = ("standard", "jumprelu", "topk", "batchtopk")
+
+
+def active_feature_rows(site, features: torch.Tensor, h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(k, d): row f = d z_{features[f]} / d h where that feature is active, for an SAE of
+    :data:`CONSTANT_DERIVATIVE_ARCHITECTURES` with an affine input map (the row is the same at
+    every row where the feature fires). One backward pass through the encoder at one row per
+    feature (the first where ``keep``, (n, seq * k), has it); zero for a feature never kept.
+
+    h: (n, seq, d) the residual the site encodes (h_rec)."""
+    n, seq, d = h.shape
+    k = int(features.numel())
+    kept = keep.reshape(n, seq, k)
+    seen = kept.reshape(n * seq, k)
+    present = seen.any(dim=0)
+    first = seen.float().argmax(dim=0)  # the first row where each feature is kept
+    x = h.detach().reshape(n * seq, d)[first].clone().requires_grad_(True)
+    with torch.enable_grad():
+        z = site.encode(x)[:, features.to(x.device)]
+        (rows,) = torch.autograd.grad(torch.diagonal(z).sum(), x)
+    return rows * present.unsqueeze(1).to(rows.dtype)
+
+
+def constant_derivative_blocks(rows: torch.Tensor, keep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The blocks (optimized rows, k, d) of :func:`row_blocks` from :func:`active_feature_rows`:
+    block [r, f] = rows[f] where coordinate f is kept at that row, else 0."""
+    n, seq = mask.shape
+    k = rows.shape[0]
+    kept = keep.reshape(n, seq, k)[mask]
+    return kept.unsqueeze(-1).to(rows.dtype) * rows.unsqueeze(0)
+
+
 def row_blocks(grads: torch.Tensor, keep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The blocks of the optimized rows, (rows, k, d), example-major (the order of
     ``tensor[mask]``): block [r, f] = row f of J at that row, zero where coordinate f is not

@@ -228,3 +228,24 @@ def test_the_cuda_path_takes_the_same_routes():
         assert np.abs(y.cpu().numpy() - _exact(jm, g.numpy())).max() <= 1e-10
         y2 = linalg.jacobian_null_project(torch.from_numpy(jm).cuda(), g.cuda())
         assert torch.equal(y2.cpu(), y.cpu())
+
+
+def test_budget_steps_is_budget_step_for_every_example_at_once():
+    """The batched C4 of the block route against the one-example rule, on its hand cases
+    (tests/test_exact_steps.py) and random rows, with budgets per example."""
+    from saerecover.core.projection.jacobian import budget_step, budget_steps
+
+    cases = [((0.0, 0.0), (0.3, 0.4), (0.0, 0.0), 1.0), ((1.0, 0.0), (0.0, 0.5), (1.0, 0.0), 1.0),
+             ((0.6, 0.0), (0.0, 1.0), (0.0, 0.0), 1.0), ((0.6, 0.8), (0.0, 0.5), (0.6, 0.0), 1.0),
+             ((0.0, 0.0), (2.0, 0.0), (0.0, 0.0), 1.0), ((2.0, 0.0), (1.0, 0.0), (0.0, 0.0), 1.0),
+             ((2.0, 0.0), (-0.5, 0.0), (0.0, 0.0), 1.0), ((5.0, 0.0), (0.0, 0.0), (0.0, 0.0), 1.0)]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(24):
+        o, st, on = (torch.randn(2, generator=gen, dtype=torch.float64) for _ in range(3))
+        cases.append((tuple(o.tolist()), tuple(st.tolist()), tuple((0.5 * on).tolist()), float(o.norm()) * 0.9))
+    old, step, null = (torch.tensor([c[i] for c in cases], dtype=torch.float64) for i in range(3))
+    budgets = torch.tensor([c[3] for c in cases], dtype=torch.float64)
+    got = budget_steps(old, step, null, budgets)
+    for i in range(len(cases)):
+        want = budget_step(old[i], step[i], null[i], float(budgets[i]))
+        assert torch.allclose(got[i], want.double(), atol=1e-14, rtol=0), i

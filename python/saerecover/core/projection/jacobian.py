@@ -200,6 +200,27 @@ def budget_step(old: torch.Tensor, step: torch.Tensor, old_null: torch.Tensor, b
     return shrink_to_budget(old, step, budget) * step
 
 
+def budget_steps(old: torch.Tensor, step: torch.Tensor, old_null: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
+    """:func:`budget_step` for every example at once: rows of (n, D) float64, budgets (n,)."""
+    w = old + step
+    excess = (w * w).sum(1) - budgets * budgets
+    a = (old_null * old_null).sum(1)
+    b = (w * old_null).sum(1)
+    disc = b * b - a * excess
+    pull = (a > 0) & (b > 0) & (disc >= 0)
+    gamma = torch.where(pull, (b - disc.clamp_min(0).sqrt()) / torch.where(pull, a, torch.ones_like(a)),
+                        torch.zeros_like(a))
+    # else shorten the step (shrink_to_budget)
+    ss = (step * step).sum(1)
+    os_ = (old * step).sum(1)
+    slack = budgets * budgets - (old * old).sum(1)
+    root = (os_ * os_ + ss * slack.clamp_min(0)).clamp_min(0).sqrt()
+    alpha = ((-os_ + root) / torch.where(ss > 0, ss, torch.ones_like(ss))).clamp(0.0, 1.0)
+    alpha = torch.where((ss == 0) | ((w * w).sum(1) <= budgets * budgets), torch.ones_like(alpha), alpha)
+    out = torch.where(pull.unsqueeze(1), step - gamma.unsqueeze(1) * old_null, alpha.unsqueeze(1) * step)
+    return torch.where((excess <= 0).unsqueeze(1), step, out)
+
+
 def _spectral_norm(j: torch.Tensor) -> torch.Tensor:
     """||J||_2 from the smaller Gram matrix, float64."""
     gram = j @ j.T if j.shape[0] <= j.shape[1] else j.T @ j
@@ -270,6 +291,8 @@ class ExactJacobian(ProjectionMode):
         ctx = self.ctx
         mask = ctx.mask
         first = ctx.sites[0]
+        if self.blocks is not None and len(ctx.sites) == 1:
+            return self._take_block_step(old, new, budgets, active)
         final = {s: old[s].clone() for s in old}
         if self.blocks is not None:  # every row against its own block, all at once
             step = {s: new[s] - old[s] for s in old}
@@ -297,6 +320,34 @@ class ExactJacobian(ProjectionMode):
                 self.step_ratio[b] = 0.0
             unflatten_example(v, new, b, mask, final)
         return final
+
+    def _take_block_step(self, old: Deltas, new: Deltas, budgets: torch.Tensor, active: torch.Tensor) -> Deltas:
+        """:meth:`take_step` for one delta site whose J is :class:`PositionBlocks`: the same
+        rule, every example at once (:func:`budget_steps`)."""
+        assert self.blocks is not None
+        site = self.ctx.sites[0]
+        o = old[site]
+        step_null, old_null = self.blocks.project([new[site] - o, o])
+        n = o.shape[0]
+        o64, st = o.double().reshape(n, -1), step_null.double().reshape(n, -1)
+        st = budget_steps(o64, st, old_null.double().reshape(n, -1), budgets.to(st.device, torch.float64))
+        # below the float32 resolution of delta: round-off would leave J's null space
+        tiny = st.norm(dim=1) <= MIN_RELATIVE_STEP * o.reshape(n, -1).norm(dim=1).double()
+        st = torch.where(tiny.unsqueeze(1), torch.zeros_like(st), st)
+        v = o + st.reshape(o.shape).to(o.dtype)
+        taken = (v - o).double()
+        size = taken.reshape(n, -1).norm(dim=1)
+        drift = self.blocks.drifts(taken)
+        ratio = drift / (self.blocks.norm * size + 1e-30)
+        moved = (size > 0) & (self.blocks.norm > 0)
+        for b in torch.nonzero(active).flatten().tolist():
+            if bool(moved[b]):
+                self.first_order[b] = max(float(self.first_order[b]), float(ratio[b]))
+                self.step_ratio[b] = float(ratio[b])
+            else:
+                self.step_ratio[b] = 0.0
+        keep = active.view(n, 1, 1).to(o.device)
+        return {site: torch.where(keep, v, o)}
 
     def _drift_ratio(self, b: int, taken: torch.Tensor) -> float | None:
         """||J_b taken|| / (||J_b|| ||taken||), or None for a zero step or an empty J_b."""

@@ -107,6 +107,8 @@ class PositionBlocks:
         self.mask = mask
         self.rcond = rcond
         counts = mask.sum(dim=1).tolist()
+        #: the example each optimized row belongs to, (rows,)
+        self.owner = torch.arange(mask.shape[0], device=mask.device).repeat_interleave(mask.sum(dim=1))
         self.bounds = [0]
         for c in counts:
             self.bounds.append(self.bounds[-1] + int(c))
@@ -116,7 +118,9 @@ class PositionBlocks:
         gram = self.blocks.double() @ self.blocks.double().mT
         sigma = torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0).sqrt() if gram.numel() else gram.new_zeros(0)
         #: ||J_b||_2 per example: the largest of its blocks' (J_b is block-diagonal)
-        self.norms = [float(sigma[lo:hi].max()) if hi > lo else 0.0 for lo, hi in zip(self.bounds, self.bounds[1:])]
+        self.norm = torch.zeros(mask.shape[0], dtype=torch.float64, device=sigma.device)
+        self.norm = self.norm.scatter_reduce(0, self.owner.to(sigma.device), sigma, "amax")
+        self.norms = self.norm.tolist()
         self.routes: list[str] = []
 
     def project(self, vectors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -131,6 +135,12 @@ class PositionBlocks:
             y[self.mask] = out[:, i].to(v.dtype)
             projected.append(y)
         return projected
+
+    def drifts(self, steps: torch.Tensor) -> torch.Tensor:
+        """||J_b step_b|| per example (n,), float64, for steps (n, seq, d) of this site."""
+        rows = steps[self.mask].double().unsqueeze(-1)  # (rows, d, 1)
+        sq = (self.blocks.double() @ rows).squeeze(-1).pow(2).sum(dim=1)
+        return torch.zeros_like(self.norm).index_add(0, self.owner.to(sq.device), sq).sqrt()
 
     def drift(self, b: int, step: torch.Tensor) -> float:
         """||J_b step|| for example b's step at this site, (rows_b, d), in float64."""

@@ -105,7 +105,14 @@ def build_model(shape: Shape, device: str, dtype: Any) -> Any:
     config = config_cls(**shape.config)
     if shape.family == "gemma2":
         config._attn_implementation = "eager"  # soft capping: SDPA would skip it
-    model = model_cls(config).to(device=device, dtype=resolve_dtype(dtype) or torch.float32)
+    # built in the weights' dtype directly: Gemma-2-2B's float32 copy alone is 10 GiB
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(resolve_dtype(dtype) or torch.float32)
+    try:
+        model = model_cls(config)
+    finally:
+        torch.set_default_dtype(before)
+    model = model.to(device=device)
     import warnings
 
     with warnings.catch_warnings():

@@ -26,7 +26,8 @@ def test_quick_run_on_the_toy_writes_every_mode(tmp_path, capsys):
         assert abs(parts - r["step_s"]) <= 1e-9 + 1e-6 * r["step_s"]
         assert r["forward_s"] > 0 and r["peak_bytes"] >= r["base_bytes"] > 0
         assert r["batched_over_single"] == pytest.approx(r["batched_ex_steps_per_s"] / r["single_ex_steps_per_s"])
-    assert rows["none"]["jacobian_s"] == 0 and rows["none"]["projection_s"] == 0
+    # none: no J, and its "projection" is C4's rescaling alone
+    assert rows["none"]["jacobian_s"] == 0 and 0 < rows["none"]["projection_s"] < 0.1 * rows["none"]["step_s"]
     assert rows["sketch"]["jacobian_s"] > 0 and rows["jacobian"]["jacobian_s"] > 0
     assert rows["jacobian"]["jacobian_rows_mean"] > 0
     assert rows["jacobian"]["jacobian_step_residual_max"] <= 1e-5

@@ -48,6 +48,7 @@ from saerecover.core.projection import (
     project_out_basis,
     sketch_basis,
 )
+from saerecover.core.projection.sketch import random_probes
 from saerecover.core.recovery import RECTIFIED_ARCHITECTURES
 from saerecover.experiments.pipeline import find_flips
 from saerecover.experiments.refusal import DEFAULT_TOY_SITES, toy_setting
@@ -112,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         _sync(dev)
         t1 = time.perf_counter()
         if mode == "sketch":
-            bases = sketch_basis(phi, phi_ref, deltas, mask, probes=args.probes, drift_probe=True, generator=gen)
+            probes = random_probes(phi_mask, [clamp.at(s).features.numel() for s in phi_sites], list(ex.ids), seed=0,
+                                   step=0, probes=args.probes)
+            bases = sketch_basis(phi, phi_ref, deltas, mask, probes=probes, drift_probe=True)
             t2 = time.perf_counter()
             for b in range(n):
                 project_out_basis(flatten_example(grads, b, mask), bases[b])

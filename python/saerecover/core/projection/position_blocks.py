@@ -63,12 +63,16 @@ def active_feature_rows(site, features: torch.Tensor, h: torch.Tensor, keep: tor
 
 
 def constant_derivative_blocks(rows: torch.Tensor, keep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The blocks (optimized rows, k, d) of :func:`row_blocks` from :func:`active_feature_rows`:
-    block [r, f] = rows[f] where coordinate f is kept at that row, else 0."""
+    """The blocks of :func:`row_blocks` from :func:`active_feature_rows`, compacted: block r holds
+    rows[f] for each coordinate f kept at that row, first, then zero rows up to the longest
+    block's count, (optimized rows, longest, d). Row order inside a block does not change its
+    null space."""
     n, seq = mask.shape
     k = rows.shape[0]
-    kept = keep.reshape(n, seq, k)[mask]
-    return kept.unsqueeze(-1).to(rows.dtype) * rows.unsqueeze(0)
+    kept = keep.reshape(n, seq, k)[mask]  # (R, k)
+    longest = max(int(kept.sum(dim=1).max()) if kept.numel() else 0, 1)
+    order = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)[:, :longest]
+    return rows[order] * torch.gather(kept, 1, order).unsqueeze(-1).to(rows.dtype)
 
 
 def row_blocks(grads: torch.Tensor, keep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -99,36 +103,39 @@ class PositionBlocks:
     """J of one clamped site at delta's own (first) site: one block (k, d) per optimized row.
 
     blocks: (rows, k, d) from :func:`row_blocks`; mask: (n, seq) the optimized rows. Later delta
-    sites do not move these features (J is zero there), so their rows pass unchanged.
+    sites do not move these features (J is zero there), so their rows pass unchanged. Each
+    block's rows are compacted (its non-zero rows first, the rest cut to the longest block's)
+    and factored once (``linalg.BatchedJacobianNull``); :meth:`project` reuses the factors.
     """
 
     def __init__(self, blocks: torch.Tensor, mask: torch.Tensor, rcond: float | None) -> None:
-        self.blocks = blocks.detach()
+        nonzero = (blocks != 0).any(dim=2)  # (rows, k)
+        longest = max(int(nonzero.sum(dim=1).max()) if nonzero.numel() else 0, 1)
+        order = torch.argsort((~nonzero).to(torch.int8), dim=1, stable=True)[:, :longest]
+        self.blocks = torch.gather(blocks.detach(), 1, order.unsqueeze(-1).expand(-1, -1, blocks.shape[2]))
         self.mask = mask
-        self.rcond = rcond
-        counts = mask.sum(dim=1).tolist()
+        counts = mask.sum(dim=1)
         #: the example each optimized row belongs to, (rows,)
-        self.owner = torch.arange(mask.shape[0], device=mask.device).repeat_interleave(mask.sum(dim=1))
-        self.bounds = [0]
-        for c in counts:
-            self.bounds.append(self.bounds[-1] + int(c))
-        nonzero = (self.blocks != 0).any(dim=2)
+        self.owner = torch.arange(mask.shape[0], device=mask.device).repeat_interleave(counts)
+        rows_per = torch.zeros(mask.shape[0], dtype=torch.long, device=nonzero.device)
+        rows_per.index_add_(0, self.owner.to(nonzero.device), nonzero.sum(dim=1))
         #: rows of J per example (its non-zero rows: kept coordinates at optimized rows)
-        self.rows = [int(nonzero[lo:hi].sum()) for lo, hi in zip(self.bounds, self.bounds[1:])]
-        gram = self.blocks.double() @ self.blocks.double().mT
+        self.rows = rows_per.tolist()
+        self.null = linalg.BatchedJacobianNull(self.blocks, rcond=rcond, dtype=blocks.dtype)
+        self.routes = self.null.routes
+        b64 = self.blocks.double()
+        gram = b64 @ b64.mT
         sigma = torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0).sqrt() if gram.numel() else gram.new_zeros(0)
         #: ||J_b||_2 per example: the largest of its blocks' (J_b is block-diagonal)
         self.norm = torch.zeros(mask.shape[0], dtype=torch.float64, device=sigma.device)
         self.norm = self.norm.scatter_reduce(0, self.owner.to(sigma.device), sigma, "amax")
         self.norms = self.norm.tolist()
-        self.routes: list[str] = []
 
     def project(self, vectors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each (n, seq, d) tensor of this site with every optimized row projected onto the null
-        space of its block (all rows and all tensors in one batched solve); other rows zero."""
+        space of its block (all rows and all tensors at once); other rows zero."""
         rows = torch.stack([v[self.mask] for v in vectors], dim=1)  # (rows, r, d)
-        out, routes = linalg.jacobian_null_project_batched(self.blocks, rows, rcond=self.rcond, dtype=rows.dtype)
-        self.routes = routes
+        out = self.null.apply(rows)
         projected = []
         for i, v in enumerate(vectors):
             y = torch.zeros_like(v)
@@ -144,5 +151,9 @@ class PositionBlocks:
 
     def drift(self, b: int, step: torch.Tensor) -> float:
         """||J_b step|| for example b's step at this site, (rows_b, d), in float64."""
-        blocks = self.blocks[self.bounds[b]:self.bounds[b + 1]].double()
-        return float((blocks @ step.double().unsqueeze(-1)).norm())
+        return float(self.drifts(self._embed(b, step))[b])
+
+    def _embed(self, b: int, step: torch.Tensor) -> torch.Tensor:
+        full = torch.zeros((*self.mask.shape, step.shape[-1]), dtype=step.dtype, device=step.device)
+        full[b][self.mask[b]] = step
+        return full

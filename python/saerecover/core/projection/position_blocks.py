@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from saerecover import linalg
+from saerecover.core.sites import at_least_f32
 
 
 def same_site_gradients(part: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -55,7 +56,8 @@ def active_feature_rows(site, features: torch.Tensor, h: torch.Tensor, keep: tor
     seen = kept.reshape(n * seq, k)
     present = seen.any(dim=0)
     first = seen.float().argmax(dim=0)  # the first row where each feature is kept
-    x = h.detach().reshape(n * seq, d)[first].clone().requires_grad_(True)
+    # float32 or better: delta is float32, and h_rec's cast to a lower model dtype passes its gradient unchanged
+    x = at_least_f32(h.detach().reshape(n * seq, d)[first]).clone().requires_grad_(True)
     with torch.enable_grad():
         z = site.encode(x)[:, features.to(x.device)]
         (rows,) = torch.autograd.grad(torch.diagonal(z).sum(), x)

@@ -6,11 +6,14 @@ clamp, delta on every prompt row of the first site), one recovery step is timed 
 forward pass in each mode:
 
 - common: forward with clamp + delta, loss, gradient (what every mode pays);
-- jacobian: the exact J as the engine builds it (``projection.packed_jacobians``: one VJP per
-  non-zero defended coordinate of Phi, packed across examples, batched with
-  ``is_grads_batched``, per site) and the null-space solve per example
-  (``linalg.jacobian_null_project``, the Rust core on CPU); ``--shared`` also times the
-  unpacked variant (one VJP per coordinate of Phi, shared by all examples);
+- jacobian: the exact J as the engine builds it (``projection.packed_jacobians`` with
+  ``row_local``: the first site's rows from one VJP per feature through the encoder alone, the
+  later site's from one VJP per non-zero defended coordinate, packed across examples, batched
+  with ``is_grads_batched``) and the null-space solve per example
+  (``linalg.jacobian_null_project``, the Rust core on CPU);
+- vjp: the same J with every row from a VJP through the model (the route before the first
+  site's rows came from the encoder); ``--shared`` also times the unpacked variant (one VJP per
+  coordinate of Phi, shared by all examples);
 - sketch: VJPs of a drift probe + ``--probes`` random probes, Gram-Schmidt, projection.
 
 Prints the median ms per step of the VJPs, of the solve and of the whole step, and the ratios.
@@ -45,6 +48,7 @@ from saerecover.core.projection import (
     project_out_basis,
     sketch_basis,
 )
+from saerecover.core.projection.sketch import random_probes
 from saerecover.core.recovery import RECTIFIED_ARCHITECTURES
 from saerecover.experiments.pipeline import find_flips
 from saerecover.experiments.refusal import DEFAULT_TOY_SITES, toy_setting
@@ -109,12 +113,17 @@ def main(argv: list[str] | None = None) -> int:
         _sync(dev)
         t1 = time.perf_counter()
         if mode == "sketch":
-            bases = sketch_basis(phi, phi_ref, deltas, mask, probes=args.probes, drift_probe=True, generator=gen)
+            probes = random_probes(phi_mask, [clamp.at(s).features.numel() for s in phi_sites], list(ex.ids), seed=0,
+                                   step=0, probes=args.probes)
+            bases = sketch_basis(phi, phi_ref, deltas, mask, probes=probes, drift_probe=True)
             t2 = time.perf_counter()
             for b in range(n):
                 project_out_basis(flatten_example(grads, b, mask), bases[b])
         else:
             if mode == "jacobian":
+                jacs = packed_jacobians(parts, deltas, mask, rectified, phi_mask=phi_mask,
+                                        row_local=[s == sites[0] for s in phi_sites])
+            elif mode == "vjp":
                 jacs = packed_jacobians(parts, deltas, mask, rectified, phi_mask=phi_mask)
             else:  # "shared": one VJP per coordinate of Phi, the same coordinate for every example
                 jacs = example_jacobians(batched_vjp_jacobian(phi, deltas, coords), mask)
@@ -128,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         return (t2 - t1) * 1e3, (t3 - t2) * 1e3, (t3 - t0) * 1e3
 
     rows = {}
-    for mode in ("jacobian", "sketch") + (("shared",) if args.shared else ()):
+    for mode in ("jacobian", "vjp", "sketch") + (("shared",) if args.shared else ()):
         step(mode)  # warm-up
         times = [step(mode) for _ in range(args.repeats)]
         rows[mode] = {"vjp_ms": statistics.median(t[0] for t in times),

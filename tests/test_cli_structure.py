@@ -169,6 +169,11 @@ PINNED_PARSER_DEFAULTS = {
     ("attribute", "R"): {"top_k": 10, "batch_size": 16, "modes": None, "device": None, "no_plot": False},
     ("analyze", "R"): {"atol": 1e-05, "rtol": None, "top_k": 10, "device": "cpu", "no_save": False},
     ("bench",): {"dtype": "float32", "min_repeats": 3, "max_repeats": 2000, "rounds": 5, "ridge": 0.0001, "seed": 0},
+    ("bench", "projection"): {"dtype": "float32", "min_repeats": 3, "max_repeats": 2000, "rounds": 5, "ridge": 0.0001,
+                              "seed": 0},
+    ("bench", "recovery"): {"shape": "gpt2-small", "device": "cpu", "dtype": "float32",
+                            "modes": "none,encoder,sketch,jacobian", "n": None, "steps": 2, "warmup": 1,
+                            "single": None, "features": 32, "feature_rate": 0.1, "positions": "prompt"},
 }
 
 
@@ -180,7 +185,7 @@ def test_resolved_defaults_are_pinned(command, toy):
     assert [type(v) for v in got.values()] == [type(v) for v in want.values()]  # 20 is not 20.0 to coerce
 
 
-@pytest.mark.parametrize("argv", list(PINNED_PARSER_DEFAULTS), ids=[a[0] for a in PINNED_PARSER_DEFAULTS])
+@pytest.mark.parametrize("argv", list(PINNED_PARSER_DEFAULTS), ids=[" ".join(a) for a in PINNED_PARSER_DEFAULTS])
 def test_parser_defaults_are_pinned(argv):
     args = vars(build_parser().parse_args(list(argv)))
     want = PINNED_PARSER_DEFAULTS[argv]
@@ -257,8 +262,8 @@ def test_every_leaf_parser_sets_its_handler():
     leaves = _leaves(build_parser())
     assert sorted(p.prog for p in leaves) == sorted(
         f"saerecover {c}" for c in ("demo", "run ioi", "run tpp", "run unlearning", "run refusal", "report",
-                                    "sweep budget", "sweep features", "attribute", "analyze", "merge", "bench", "convert",
-                                    "train-sae"))
+                                    "sweep budget", "sweep features", "attribute", "analyze", "merge", "bench projection",
+                                    "bench recovery", "convert", "train-sae"))
     assert all(callable(leaf.get_default("handler")) for leaf in leaves), [p.prog for p in leaves]
 
 
@@ -298,7 +303,8 @@ WORK = ("saerecover.core", "saerecover.models", "saerecover.tasks", "saerecover.
         "saerecover.report", "saerecover.runs", "saerecover.toy", "saerecover.bench", "torch")
 #: The torch-free pieces cli modules import at module level, besides the standard library.
 LIGHT = ("saerecover.cli", "saerecover.__version__", "saerecover.core.config", "saerecover.core.protocol",
-         "saerecover.runs.errors", "saerecover.runs.interrupt", "saerecover.bench.projection")
+         "saerecover.runs.errors", "saerecover.runs.interrupt", "saerecover.bench.projection",
+         "saerecover.bench.recovery")
 
 
 def _imports(tree: ast.AST) -> list[tuple[int, str, str | None]]:

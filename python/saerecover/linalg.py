@@ -47,9 +47,19 @@ if TYPE_CHECKING:
 else:
     ArrayLike = Any
 
-__all__ = ["EncoderNullProjector", "jacobian_null_project", "default_rcond"]
+__all__ = ["BatchedJacobianNull", "EncoderNullProjector", "default_rcond", "jacobian_null_project",
+           "jacobian_null_project_batched", "jacobian_null_project_torch"]
 
 _EPS64 = float(np.finfo(np.float64).eps)
+
+#: The Gram route is taken only when cond(J) is certainly at most this, by the dtype of G (the
+#: Rust core's ``gram_max_cond``: the route squares the condition number; docs/linalg.md).
+GRAM_MAX_COND = {"float64": 1e3, "float32": 1e6}
+#: An eigenvalue of J J^T this close (relative to the largest) to the rank threshold is a rank
+#: decision the Gram matrix cannot make reliably: left to the SVD (the Rust core's GRAM_NOISE).
+GRAM_NOISE = 1e-12
+#: The routes of :func:`jacobian_null_project_batched` (``auto`` picks one of the other two).
+JACOBIAN_ROUTES = ("auto", "gram", "svd")
 
 
 def default_rcond(nrows: int, ncols: int) -> float:
@@ -194,6 +204,14 @@ def jacobian_null_project(J: ArrayLike, G: ArrayLike, *, rcond: float | None = N
 
 
 def _jacobian_torch_device(J: ArrayLike, G: torch.Tensor, rcond: float | None) -> torch.Tensor:
+    return jacobian_null_project_torch(J, G, rcond=rcond)[0]
+
+
+def jacobian_null_project_torch(J: ArrayLike, G: torch.Tensor, *, rcond: float | None = None,
+                                route: str = "auto") -> tuple[torch.Tensor, str]:
+    """:func:`jacobian_null_project` computed by torch on G's device (CUDA tensors take this path;
+    CPU tensors may call it directly), and the route taken, ``"gram"`` or ``"svd"``
+    (:func:`jacobian_null_project_batched`; ``"zero"`` when J has no non-zero entry)."""
     torch = _torch()
     if _is_tensor(J):
         if not J.is_floating_point():
@@ -204,17 +222,146 @@ def _jacobian_torch_device(J: ArrayLike, G: torch.Tensor, rcond: float | None) -
     if j.ndim != 2:
         raise ValueError(f"J must be 2-D (m, n), got shape {tuple(j.shape)}")
     _check_jacobian_shapes(tuple(j.shape), G)
-    compute = _compute_dtype(G.dtype, "G", torch)
+    _compute_dtype(G.dtype, "G", torch)
     _check_finite_tensor(j, "J")
     _check_finite_tensor(G.detach(), "G")
-    g = G.detach().reshape(_nrows(G.shape), j.shape[1]).to(compute)
-    with torch.no_grad():
-        u = _torch_row_space_basis(j, rcond, torch)
-        if u.shape[1] == 0:
-            y = g.clone()
+    g = G.detach().reshape(_nrows(G.shape), j.shape[1])
+    if g.shape[0] == 0 or j.shape[1] == 0:
+        return G.detach().clone(), "zero"
+    # exactly-zero rows of J are left out (as the Rust core does)
+    j = j[(j != 0).any(dim=1)]
+    y, routes = jacobian_null_project_batched(j.unsqueeze(0), g.unsqueeze(0), rcond=rcond, route=route,
+                                              dtype=G.dtype)
+    y = y[0].reshape(G.shape)
+    _check_overflow(torch.isfinite(y), torch.float64, "G", G.shape)
+    return _cast_back_tensor(y, G.dtype, "G"), routes[0]
+
+
+def jacobian_null_project_batched(J: torch.Tensor, G: torch.Tensor, *, rcond: float | None = None,
+                                  route: str = "auto", dtype: Any = None) -> tuple[torch.Tensor, list[str]]:
+    """``G_b - (J_b^T (J_b J_b^T)^+ J_b G_b^T)^T`` for a batch of independent problems, in torch
+    (any device): J (B, m, n), G (B, r, n); returns (Y (B, r, n) in float64, route per problem).
+    :class:`BatchedJacobianNull` factored once and applied once (``dtype``: G's unless given)."""
+    if G.ndim != 3 or J.ndim != 3 or G.shape[0] != J.shape[0] or G.shape[2] != J.shape[2]:
+        raise ValueError(f"J (B, m, n) and G (B, r, n) must agree, got shapes {tuple(J.shape)} and {tuple(G.shape)}")
+    null = BatchedJacobianNull(J, rcond=rcond, route=route, dtype=dtype or G.dtype)
+    return null.apply(G), null.routes
+
+
+class BatchedJacobianNull:
+    """The null spaces of a batch of Jacobians J (B, m, n), factored once (torch, J's device),
+    applied to any number of G (B, r, n) by :meth:`apply`.
+
+    The Rust core's route choice (docs/linalg.md): the **Gram route**, a Cholesky factorization
+    of J J^T (float64, J scaled by a power of two), is taken when the factor shows that cond(J)
+    is certainly at most ``GRAM_MAX_COND`` for ``dtype`` (float32 and lower count as float32)
+    and that no eigenvalue lies near the rank threshold: lambda_min >= 1 / trace((J J^T)^-1)
+    and lambda_max <= ||J J^T||_inf bound the spectrum from the safe side. Otherwise (or with
+    ``route="svd"``) the **SVD route**: a thin SVD of J^T, singular values ``<= rcond *
+    sigma_max`` dropped. ``route="gram"`` forces the Gram matrix, solved by its
+    eigendecomposition over the eigenvalues above ``max(rcond^2, GRAM_NOISE) lambda_max``.
+    Zero rows of J are allowed (they change nothing); rcond: as :func:`jacobian_null_project`,
+    per problem. ``routes``: per problem, "gram", "svd" or "zero" (J = 0).
+    """
+
+    def __init__(self, J: torch.Tensor, *, rcond: float | None = None, route: str = "auto",
+                 dtype: Any = None) -> None:
+        torch = _torch()
+        if route not in JACOBIAN_ROUTES:
+            raise ValueError(f"unknown route {route!r}; valid: {', '.join(JACOBIAN_ROUTES)}")
+        _check_rcond(rcond)
+        if J.ndim != 3:
+            raise ValueError(f"J must be 3-D (B, m, n), got shape {tuple(J.shape)}")
+        batch, m, n = J.shape
+        self.shape = tuple(J.shape)
+        rc = default_rcond(m, n) if rcond is None else float(rcond)
+        f64 = torch.float64
+        self.routes: list[str] = ["zero"] * batch
+        self.empty = batch == 0 or m == 0 or n == 0
+        if self.empty:
+            return
+        # a power of two per problem (exact) puts J's largest entry in [0.5, 1)
+        j = J.detach().to(f64)
+        top = j.abs().amax(dim=(1, 2))
+        zero = top == 0
+        exponent = torch.frexp(torch.where(zero, torch.ones_like(top), top)).exponent
+        j = j * torch.pow(2.0, -exponent.to(f64)).view(batch, 1, 1)
+        gram = j @ j.mT
+        diag = torch.diagonal(gram, dim1=1, dim2=2)
+        # an exactly-zero row is decoupled: its diagonal set to the largest one keeps the spectrum's range
+        fill = diag.amax(dim=1, keepdim=True)
+        fill = torch.where(fill > 0, fill, torch.ones_like(fill))
+        gram = gram + torch.diag_embed(torch.where(diag == 0, fill.expand_as(diag), torch.zeros_like(diag)))
+        self.j, self.zero = j, zero
+        todo = ~zero
+        self.eigen = self.chol = self.basis = None
+        self.use_gram = torch.zeros_like(todo)
+        self.use_svd = torch.zeros_like(todo)
+        if route == "gram":
+            lam, vec = torch.linalg.eigh(gram)
+            kept = lam > max(rc * rc, GRAM_NOISE) * lam[:, -1:].clamp_min(0)
+            inv = torch.where(kept, 1.0 / torch.where(kept, lam, torch.ones_like(lam)), torch.zeros_like(lam))
+            self.eigen = (vec, inv)
+            self.use_gram = todo
         else:
-            y = _project_out_torch(g, u.to(compute), "G", G.shape)
-    return _cast_back_tensor(y.reshape(G.shape), G.dtype, "G")
+            if route == "auto":
+                chol, info = torch.linalg.cholesky_ex(gram)
+                factored = (info == 0) & todo
+                eye = torch.eye(m, dtype=f64, device=gram.device).expand(batch, m, m)
+                safe = torch.where(factored.view(batch, 1, 1), chol, eye)
+                inv_l = torch.linalg.solve_triangular(safe, eye, upper=False)
+                lam_min = 1.0 / inv_l.pow(2).sum(dim=(1, 2))
+                lam_max = gram.abs().sum(dim=2).amax(dim=1)
+                max_cond = GRAM_MAX_COND["float64" if dtype == f64 else "float32"]
+                self.use_gram = factored & (lam_min * max_cond**2 >= lam_max) & (lam_min > (rc * rc + GRAM_NOISE)
+                                                                                   * lam_max)
+                self.chol = safe
+            self.use_svd = todo & ~self.use_gram
+            if bool(self.use_svd.any()):
+                u, sv, _ = torch.linalg.svd(j[self.use_svd].mT, full_matrices=False)
+                self.basis = u * (sv > rc * sv[:, :1]).unsqueeze(1).to(f64)
+        gram_flags, svd_flags = self.use_gram.tolist(), self.use_svd.tolist()
+        self.routes = ["gram" if gr else "svd" if sv_ else "zero" for gr, sv_ in zip(gram_flags, svd_flags)]
+
+    def apply(self, G: torch.Tensor) -> torch.Tensor:
+        """Y (B, r, n) in float64: each G_b with J_b's row space removed (rows of G near the ends
+        of float64's range scaled by a power of two and back, exact)."""
+        torch = _torch()
+        if G.ndim != 3 or G.shape[0] != self.shape[0] or G.shape[2] != self.shape[2]:
+            raise ValueError(f"J (B, m, n) and G (B, r, n) must agree, got shapes {self.shape} and {tuple(G.shape)}")
+        f64 = torch.float64
+        g, row_exp = G.detach().to(f64), None
+        if self.empty:
+            return g
+        row_top = g.abs().amax(dim=2, keepdim=True)
+        if bool(((row_top > 1e150) | ((row_top < 1e-150) & (row_top > 0))).any()):
+            row_exp = torch.frexp(torch.where(row_top > 0, row_top, torch.ones_like(row_top))).exponent.to(f64)
+            half = torch.div(row_exp, 2, rounding_mode="trunc")
+            g = g * torch.pow(2.0, -half) * torch.pow(2.0, -(row_exp - half))
+        j = self.j
+        out = g.clone()
+        if self.eigen is not None:
+            vec, inv = self.eigen
+            w = vec @ (inv.unsqueeze(-1) * (vec.mT @ (j @ g.mT)))
+            y = g - w.mT @ j
+            out[self.use_gram] = y[self.use_gram]
+        elif bool(self.use_gram.any()):
+            sel = self.use_gram
+            w = torch.cholesky_solve(j[sel] @ g[sel].mT, self.chol[sel])
+            out[sel] = g[sel] - w.mT @ j[sel]
+        if self.basis is not None:
+            gs = g[self.use_svd]
+            out[self.use_svd] = gs - (gs @ self.basis) @ self.basis.mT
+        return _scale_rows_back(out, row_exp)
+
+
+def _scale_rows_back(y: torch.Tensor, row_exp: torch.Tensor | None) -> torch.Tensor:
+    """Undo :func:`jacobian_null_project_batched`'s row scaling (two factors, each one normal)."""
+    if row_exp is None:
+        return y
+    torch = _torch()
+    half = torch.div(row_exp, 2, rounding_mode="trunc")
+    return y * torch.pow(2.0, half) * torch.pow(2.0, row_exp - half)
 
 
 def _project_out_torch(x: torch.Tensor, u: torch.Tensor, name: str, shape: Any) -> torch.Tensor:

@@ -308,8 +308,10 @@ def _search(defended: DefendedModel, task: Task, ex: Examples, *, mode: str, cfg
                 raise FloatingPointError(f"non-finite gradient for examples "
                                          f"{[ex.ids[i] for i in bad.nonzero().flatten().tolist()]}")
         grads = {s: g * mask.unsqueeze(-1) for s, g in grads.items()}
+        phi_inputs = {s: out.sites[s].h_rec.detach() for s in phi_sites} if projection.needs_phi else None
         grads = projection.project_gradient(grads, StepState(step=step, deltas=deltas, phi_parts=phi_parts,
-                                                             phi=phi, phi_ref=phi_ref, active=active))
+                                                             phi=phi, phi_ref=phi_ref, active=active,
+                                                             phi_inputs=phi_inputs))
         if pen_grads is not None:  # the penalty's gradient, unprojected
             grads = {s: grads[s] + pen_grads[s] * mask.unsqueeze(-1) for s in sites}
         old = {s: d.detach().clone() for s, d in deltas.items()}

@@ -10,6 +10,7 @@ import torch
 from saerecover.core.examples import Examples, Task
 from saerecover.core.sites import Site
 from saerecover.models.base import ModelAdapter, parse_site_name
+from saerecover.models.memory import run_in_chunks
 
 
 def attribution_scores(
@@ -28,9 +29,8 @@ def attribution_scores(
     by ``positions`` ("answer" as in the paper, or "all"), averaged over examples.
     """
     _check_site_and_examples(model, site, ex, batch_size)
-    total = torch.zeros(site.d_sae, dtype=torch.float64)
-    for start in range(0, len(ex), batch_size):
-        part = ex.select(list(range(start, min(start + batch_size, len(ex))))).to(model.device)
+    def chunk_scores(start: int, stop: int) -> torch.Tensor:
+        part = ex.select(list(range(start, stop))).to(model.device)
         mask = part.position_mask(positions)
         saved: dict[str, torch.Tensor] = {}
 
@@ -45,7 +45,13 @@ def attribution_scores(
             score = task.score(logits, part).sum()
             (grad,) = torch.autograd.grad(score, saved["z"])
         contrib = (saved["z"].detach() * grad) * mask.unsqueeze(-1)
-        total += contrib.sum(dim=(0, 1)).double().cpu()
+        return contrib.sum(dim=(0, 1)).double().cpu()
+
+    # out of memory: the chunk is halved and retried (saerecover.models.memory)
+    parts = run_in_chunks(len(ex), batch_size, chunk_scores, what="attribution scores")
+    total = torch.zeros(site.d_sae, dtype=torch.float64)
+    for part_total in parts:
+        total += part_total
     return (total / max(len(ex), 1)).float()
 
 

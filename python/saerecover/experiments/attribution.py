@@ -32,6 +32,7 @@ from saerecover.core.defended import DefendedModel
 from saerecover.core.examples import Examples
 from saerecover.core.sites import Site, load_site
 from saerecover.models import load_model
+from saerecover.models.memory import run_in_chunks
 from saerecover.progress import progress_bar
 from saerecover.report.attribution import ATTRIBUTION_FILE, ATTRIBUTION_PLOT
 from saerecover.report.format import markdown_table, num, rate
@@ -128,8 +129,8 @@ def replay(defended: DefendedModel, task: Any, ex: Examples, items: Sequence[Rep
             pairs.append((j, name, dec["components"][name].detach().float().cpu()))
     d_model = defended.model.d_model
     bar = progress_bar(len(pairs), "attribution replays", enabled=progress, unit="replay")
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
+    def replay_chunk(start: int, stop: int) -> None:
+        chunk = pairs[start:stop]
         part = ex.select([index[items[j].example_id] for j, _, _ in chunk])
         width = part.input_ids.shape[1]
         delta = torch.zeros(len(chunk), width, d_model)
@@ -149,6 +150,9 @@ def replay(defended: DefendedModel, task: Any, ex: Examples, items: Sequence[Rep
         for b, (j, name, _) in enumerate(chunk):
             results[j]["replay"][name] = bool(scores[b] > 0)
         bar.update(len(chunk))
+
+    # out of memory: the chunk is halved and retried (saerecover.models.memory)
+    run_in_chunks(len(pairs), batch_size, replay_chunk, what="attribution replays")
     bar.close()
     return results
 

@@ -28,6 +28,7 @@ from saerecover.core.recovery import PROJECTIONS, ExampleOutcome, recover_batch
 from saerecover.core.shared import recover_shared
 from saerecover.experiments.baselines import Baseline
 from saerecover.models.base import ModelAdapter
+from saerecover.models.memory import is_out_of_memory, oom_label
 from saerecover.progress import progress_bar
 from saerecover.report.run import summary_table, write_report
 from saerecover.runs import RunDirectory, validate_name
@@ -85,8 +86,8 @@ def behavior_scores(defended: DefendedModel, task: Task, ex: Examples, *, with_c
     """Behavior scores (n,) of the base (with_clamp=False) or defended model, no gradients.
 
     A task with a ``judge`` method (e.g. one that generates text and looks for a refusal)
-    decides the behavior itself; otherwise B holds iff ``task.score(...) > 0``. On CUDA out of
-    memory a chunk is halved and retried, and the smaller size kept for the chunks after it;
+    decides the behavior itself; otherwise B holds iff ``task.score(...) > 0``. On out of memory
+    (CUDA's or the CPU allocator's, saerecover.models.memory) a chunk is halved and retried, and the smaller size kept for the chunks after it;
     one example that does not fit raises MemoryError. on_chunk: called with the number of
     examples of each chunk scored (a progress bar's ``update``).
     """
@@ -97,10 +98,12 @@ def behavior_scores(defended: DefendedModel, task: Task, ex: Examples, *, with_c
             stop = min(start + size, len(ex))
             try:
                 out.append(_score_chunk(defended, task, ex.select(list(range(start, stop))), with_clamp))
-            except torch.cuda.OutOfMemoryError as err:
+            except RuntimeError as err:  # out of memory (CUDA's or the CPU allocator's)
+                if not is_out_of_memory(err):
+                    raise
                 _free_cuda()
                 if stop - start == 1:
-                    raise MemoryError(f"CUDA out of memory scoring one example ({ex.ids[start]!r}) "
+                    raise MemoryError(f"{oom_label(err)} scoring one example ({ex.ids[start]!r}) "
                                       f"{'with' if with_clamp else 'without'} the clamp: {_first_line(err)}") from err
                 size = (stop - start + 1) // 2
                 continue
@@ -244,21 +247,24 @@ def _free_cuda() -> None:
 
 
 def _recover_fitting(run_chunk, chunk: list[int], emit, state: dict[str, int], retries: int = 0) -> None:
-    """Run ``run_chunk(chunk)`` and pass ``emit(i, outcome, error, retries)`` each result. On a CUDA
-    out-of-memory error the chunk is halved and each half retried, down to one example (which is
-    then marked failed); ``state["batch"]`` keeps the smaller size for later chunks and
+    """Run ``run_chunk(chunk)`` and pass ``emit(i, outcome, error, retries)`` each result. On an
+    out-of-memory error (CUDA's or the CPU allocator's) the chunk is halved and each half
+    retried, down to one example (which is then marked failed); ``state["batch"]`` keeps the smaller size for later chunks and
     ``state["oom_retries"]`` counts the halvings."""
     try:
         results = run_chunk(chunk)
-    except torch.cuda.OutOfMemoryError as err:
-        results, reason = None, str(err).strip().splitlines()[0] if str(err).strip() else "CUDA out of memory"
+    except RuntimeError as err:  # out of memory (CUDA's or the CPU allocator's)
+        if not is_out_of_memory(err):
+            raise
+        results, reason = None, str(err).strip().splitlines()[0] if str(err).strip() else oom_label(err)
+        label = oom_label(err)
     if results is not None:
         for i, (oc, err_msg) in zip(chunk, results):
             emit(i, oc, err_msg, retries)
         return
     _free_cuda()
     if len(chunk) == 1:
-        emit(chunk[0], None, f"CUDA out of memory even with a batch of 1 ({reason})", retries)
+        emit(chunk[0], None, f"{label} even with a batch of 1 ({reason})", retries)
         return
     state["oom_retries"] += 1
     half = (len(chunk) + 1) // 2
@@ -298,8 +304,9 @@ def recover(
     so that n processes can share the work; ``saerecover merge`` joins their run directories.
     max_batch_tokens / memory_limit_mb: cap each recovery chunk at this many tokens (batch x padded
     length), or at an activation-memory estimate (:func:`estimate_activation_bytes`); neither
-    changes results. On CUDA out-of-memory a chunk is halved and retried (down to 1); records
-    of examples that needed it carry ``oom_retries`` and the summary counts the halvings.
+    changes results. On out of memory (CUDA's or the CPU allocator's) a chunk is halved and
+    retried (down to 1); records of examples that needed it carry ``oom_retries`` and the
+    summary counts the halvings.
     baselines: other ways to recover the same valid flips (e.g. ``{"suffix": SuffixSettings()}``),
     each a mode of the run after the projection modes, written and summarised the same way.
     summarize_extra: ``(summary, records)``, adds a task's own summary fields before it is written.

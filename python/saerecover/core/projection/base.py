@@ -43,8 +43,9 @@ class StepContext:
 @dataclass
 class StepState:
     """One optimisation step: the deltas (attached to the graph), Phi per site and stacked
-    (attached; None when no mode or penalty needs it), Phi of the defended state, and which
-    examples are still optimized."""
+    (attached; None when no mode or penalty needs it), Phi of the defended state, which
+    examples are still optimized, and the residual each Phi site encodes (h_rec, detached;
+    None when Phi is not needed)."""
 
     step: int
     deltas: Mapping[str, torch.Tensor]
@@ -52,6 +53,7 @@ class StepState:
     phi: torch.Tensor | None
     phi_ref: torch.Tensor
     active: torch.Tensor
+    phi_inputs: Mapping[str, torch.Tensor] | None = None
 
 
 class ProjectionMode:

@@ -25,6 +25,7 @@ import torch
 from saerecover.core.examples import Examples, answer_logits, pad_right
 from saerecover.data.requests import request_hash, requests_hash, source_requests
 from saerecover.models.generation import additive_edit, chain, generate, static_edit
+from saerecover.models.memory import run_in_chunks
 from saerecover.progress import progress_bar
 from saerecover.tasks.refusal import judge as rt
 
@@ -229,8 +230,9 @@ class Refusal:
             return self._examples
         seqs, resp_lens = [], []
         bar = progress_bar(len(self.requests), f"generate base responses [{self.name}]", enabled=self.progress)
-        for start in range(0, len(self.requests), self.batch_size):
-            prompts = self.prompt_ids[start:start + self.batch_size]
+
+        def generate_chunk(start: int, stop: int) -> None:
+            prompts = self.prompt_ids[start:stop]
             out = generate(self.model, prompts, max_new_tokens=self.max_new_tokens, pad_token_id=self._pad())
             bar.update(len(prompts))
             for j, cont in enumerate(out.continuations()):
@@ -239,6 +241,9 @@ class Refusal:
                 toks = cont.tolist()
                 seqs.append(prompts[j] + toks)
                 resp_lens.append(len(toks))
+
+        # out of memory: the chunk is halved and retried (saerecover.models.memory)
+        run_in_chunks(len(self.requests), self.batch_size, generate_chunk, what="generating the base responses")
         bar.close()
         ids, mask = pad_right(seqs, self._pad())
         prompt_len = torch.tensor([len(p) for p in self.prompt_ids], dtype=torch.long)

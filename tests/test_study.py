@@ -7,6 +7,7 @@ examples share a batch (up to float round-off)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from saerecover.core.clamp import Clamp
 from saerecover.core.selection import select_by_attribution
 from saerecover.experiments.executor import LocalExecutor
 from saerecover.experiments.pipeline import recover
+from saerecover.experiments import study as study_module
 from saerecover.experiments.study import STATUS_FILE, StudyError, study_dir
 from saerecover.experiments.sweeps import budget_sweep
 from saerecover.runs import VOLATILE_KEYS, open_run, run_in_use
@@ -132,8 +134,10 @@ class _Unneeded(LocalExecutor):
 
 
 def test_a_finished_study_rerun_does_nothing(setting, local_study):
+    before = (study_dir(local_study.path) / STATUS_FILE).read_bytes()
     again = recover(*setting, out=local_study.path, executor=_Unneeded(), **KW)
     assert again.records == local_study.records
+    assert (study_dir(local_study.path) / STATUS_FILE).read_bytes() == before  # the finished study's status kept
 
 
 def test_a_rerun_after_the_driver_died_resumes_only_what_was_left(setting, local_study, reference, tmp_path):
@@ -171,6 +175,34 @@ def test_a_study_refuses_another_config_and_overwrite_starts_over(setting, local
     assert len(result.records) == 2 * N
 
 
+class _ElsewhereSession:
+    """A session whose units 'finish' on a node whose disk the driver does not see."""
+
+    units = 1
+
+    def describe(self):
+        return {"kind": "elsewhere"}
+
+    def run(self, world, work, units, events):
+        for unit in units:
+            events.dispatched(unit, worker="far")
+            events.finished(unit, {"host": "far-node"})
+
+
+class _Elsewhere(LocalExecutor):
+    @contextlib.contextmanager
+    def session(self, **_):
+        yield _ElsewhereSession()
+
+
+def test_a_unit_written_where_the_driver_cannot_see_it_is_one_clear_error(setting, tmp_path, monkeypatch):
+    monkeypatch.setattr(study_module, "VISIBLE_WAIT_S", 0.0)
+    with pytest.raises(StudyError, match=r"unit run finished on host far-node but its run directory .* is not "
+                                         r"visible to the driver: --out must be on a file system that every node"):
+        recover(*setting, out=tmp_path / "run", executor=_Elsewhere(), **KW)
+    assert status(tmp_path / "run")["state"] == "failed"
+
+
 def test_an_executor_needs_out_and_no_shard(setting):
     with pytest.raises(ValueError, match="needs out=DIR"):
         recover(*setting, executor=LocalExecutor(), **KW)
@@ -200,15 +232,27 @@ def test_bad_executor_flags_are_one_line_errors(tmp_path, capsys, extra, message
     assert err.count("\n") == 1 and message in err, err
 
 
-def test_without_ray_the_ray_flag_is_one_line_naming_the_extra(tmp_path, capsys, monkeypatch):
-    from saerecover import models
-
-    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as when not installed
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded before the error"))
-    assert main(_run_ioi(tmp_path / "o", "--ray")) == 2
-    assert capsys.readouterr().err == ("saerecover: error: --ray: running on Ray needs the optional dependency "
-                                       "ray: pip install 'saerecover[ray]'\n")
-    assert not (tmp_path / "o").exists()
+@pytest.mark.parametrize("command", [
+    ["run", "ioi", "--toy"],
+    ["sweep", "budget", "--toy", "--budgets", "1,2,4"],
+    ["run", "tpp", "--toy"],
+    ["run", "unlearning", "--toy"],
+    ["run", "refusal"],
+])
+def test_without_ray_the_ray_flag_is_one_line_naming_the_extra(tmp_path, command):
+    """In a fresh interpreter where ``import ray`` fails (as when it is not installed): one line,
+    exit status 2, before anything loads or is written."""
+    code = ("import sys; sys.modules['ray'] = None; from saerecover.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "o"
+    proc = subprocess.run([sys.executable, "-c", code, *command, "--out", str(out), "--ray"], env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == ("saerecover: error: --ray: running on Ray needs the optional dependency "
+                           "ray: pip install 'saerecover[ray]'\n")
+    assert proc.stdout == ""
+    assert not out.exists()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,6 +298,9 @@ def test_a_ray_run_of_4_units_gives_the_one_process_records(setting, reference, 
     assert [u["state"] for u in st["units"].values()] == ["done"] * 4
     pids = {u["pid"] for u in st["units"].values()}
     assert len(pids) == 2 and os.getpid() not in pids  # the units ran in the two workers
+    # the model, SAE and task came into each worker once, with its first unit, not once per unit
+    loads = [u["pid"] for u in st["units"].values() if u["world_load_seconds"] is not None]
+    assert sorted(loads) == sorted(pids)
 
 
 def test_a_ray_budget_sweep_gives_the_one_process_sweep(setting, ray_executor, tmp_path):
@@ -304,10 +351,11 @@ def test_a_lost_worker_is_replaced_and_its_unit_resumes(setting, reference, ray_
 
 
 @pytest.mark.slow
-def test_a_killed_driver_rerun_loses_and_repeats_nothing(setting, ray_address, tmp_path):
+def test_a_killed_driver_rerun_loses_and_repeats_nothing(setting, ray_address, ray_executor, tmp_path):
     """``saerecover run ioi --ray ADDRESS`` killed (SIGKILL) once a unit has finished, then run
     again with the same --out: it finishes, units finished before the kill are not redone, and
     every record is there once, as a one-process run writes it."""
+    ray_executor.close()  # the module's workers hold both CPUs; the driver's own workers need them
     _, clamp, _ = setting
     features = ",".join(str(int(i)) for i in clamp.site_clamps[0].features)
     flags = ["--features", features, "--steps", "10", "--batch-size", "1", "--quiet"]
@@ -327,6 +375,7 @@ def test_a_killed_driver_rerun_loses_and_repeats_nothing(setting, ray_address, t
                 break
             time.sleep(0.05)
         assert driver.poll() is None, "the driver ended before it could be killed"
+        assert 1 <= st.get("units_by_state", {}).get("done", 0) < 4, f"no unit finished in time: {st}"
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=60)
     finally:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import os
 import re
 import time
@@ -90,7 +91,9 @@ class RayExecutor(Executor):
         ray = import_ray()
         own = not ray.is_initialized()
         if own:
-            kwargs: dict[str, Any] = {"include_dashboard": False, **self.init}
+            # the workers' output stays in Ray's logs: warnings reach the run's summary.json, errors the driver
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                                      "logging_level": logging.WARNING, **self.init}
             if self.address is not None:
                 kwargs["address"] = self.address
             ray.init(**kwargs)
@@ -134,12 +137,17 @@ class _Worker:
         return os.getpid()
 
     def run(self, box: list[Any], work: Work, unit: Unit) -> Mapping[str, Any]:
+        """``work(world, unit)``; what it returns, plus ``world_load_seconds`` on the unit that
+        brought the world (models, SAEs) into this worker (null on the others)."""
         ref = box[0]  # in a list: Ray passes the reference, not the value, so it loads once here
+        load_seconds = None
         if self._key != ref.hex():
             import ray
 
+            t0 = time.perf_counter()
             self._world, self._key = ray.get(ref), ref.hex()
-        return work(self._world, unit)
+            load_seconds = round(time.perf_counter() - t0, 3)
+        return {**work(self._world, unit), "world_load_seconds": load_seconds}
 
 
 class _RaySession:

@@ -66,6 +66,9 @@ _LOCK = ".lock"
 LOCK_WAIT_S = 300.0
 #: Seconds between two writes of status.json (and two polls of the units' records).
 STATUS_EVERY_S = 0.5
+#: How long the driver waits to see a finished unit's summary.json (a shared file system may show
+#: a file written on another node a little later), in seconds.
+VISIBLE_WAIT_S = 30.0
 _MERGED_FROM = "merged_from"
 
 
@@ -243,10 +246,11 @@ class Study:
         t0 = time.perf_counter()
         self.root.mkdir(parents=True, exist_ok=True)
         self._acquire_lock()
-        status = _Status(self.root / STATUS_FILE, progress=self.progress)
+        status: _Status | None = None  # none when every run finished earlier: status.json stays as it was
         try:
             pending = self._check_runs()
             if pending:
+                status = _Status(self.root / STATUS_FILE, progress=self.progress)
                 cuda = any(getattr(getattr(r.model, "device", None), "type", None) == "cuda" for r in pending)
                 with self.executor.session(cuda=cuda) as session:
                     units = self._plan(pending, session.units)
@@ -258,19 +262,24 @@ class Study:
                     if todo:
                         world = {r.key: (r.model, r.clamp, r.task, r.plan.options) for r in pending}
                         session.run(world, run_unit, todo, status)
-            status.state("merging")
+                status.state("merging")
+            t_merge = time.perf_counter()
             for r in self._runs:
                 if not r.finished:
                     self._finish(r)
             wall = time.perf_counter() - t0
             for r in self._runs:
                 r.result = self._result(r, wall)
-            status.state("done")
+            if status is not None:
+                status.info["merge_seconds"] = round(time.perf_counter() - t_merge, 3)
+                status.state("done")
         except BaseException as err:
-            status.state("failed", error=_one_line(err))
+            if status is not None:
+                status.state("failed", error=_one_line(err))
             raise
         finally:
-            status.close()
+            if status is not None:
+                status.close()
             self._release_lock()
         return {k: h.result for k, h in (handles or {}).items()}  # type: ignore[misc]
 
@@ -435,6 +444,15 @@ class _Status:
         u.setdefault("lost", []).append({"at": _now(), "error": reason})
 
     def finished(self, unit: Unit, info: Mapping[str, Any]) -> None:
+        """``unit`` finished where it ran; its run directory must be visible here (StudyError
+        otherwise: the worker wrote to a disk the driver does not see)."""
+        deadline = time.monotonic() + VISIBLE_WAIT_S
+        while not (unit.path / SUMMARY_FILE).is_file():
+            if time.monotonic() > deadline:
+                raise StudyError(f"unit {unit.name} finished on host {info.get('host', '?')} but its run directory "
+                                 f"{unit.path} is not visible to the driver: --out must be on a file system that "
+                                 "every node of the cluster shares (docs/clusters.md)")
+            time.sleep(0.5)
         self.units[unit.name].update(state="done", records=unit.total, finished=_now(), **dict(info))
         self.tick(force=True)
 

@@ -203,6 +203,17 @@ def test_a_unit_written_where_the_driver_cannot_see_it_is_one_clear_error(settin
     assert status(tmp_path / "run")["state"] == "failed"
 
 
+def test_a_shared_delta_run_is_one_unit(setting, tmp_path):
+    """One delta optimised on every example cannot be sharded: the study runs it as one unit
+    that writes OUT itself, with the records of the one-process run."""
+    kw = {**KW, "shared_delta": True}
+    one = recover(*setting, out=tmp_path / "one", **kw)
+    got = recover(*setting, out=tmp_path / "run", executor=LocalExecutor(units=3), **kw)
+    assert_same_records(got.records, one.records)
+    assert list(status(tmp_path / "run")["units"]) == ["run"]
+    assert "merged_from" not in json.loads((tmp_path / "run" / "config.json").read_text())
+
+
 def test_an_executor_needs_out_and_no_shard(setting):
     with pytest.raises(ValueError, match="needs out=DIR"):
         recover(*setting, executor=LocalExecutor(), **KW)

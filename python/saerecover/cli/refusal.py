@@ -20,7 +20,8 @@ from typing import Any
 
 from saerecover.cli import options
 from saerecover.cli.checks import split_budget, split_list
-from saerecover.cli.flags import add_flags
+from saerecover.cli.execution import executor_from_args
+from saerecover.cli.flags import EXECUTOR_FLAGS, add_flags
 from saerecover.cli.output import print_report_paths
 from saerecover.cli.parsing import CLIError
 from saerecover.cli.resolve import protocol_record, resolve_command
@@ -57,7 +58,7 @@ def add_refusal_parser(tasks: Any) -> argparse.ArgumentParser:
            "drift_correction_steps drift_correction_lr lambda_delta max_drift checkpoint_every "
            "checkpoint_after_update checkpoint_fallback_weight sketch_probes anchor_steps anchor_lr anchor_budget "
            "response_rows phi_positions suffix_tokens suffix_lr suffix_budget batch_size seed attribute "
-           "top_k_attribution out overwrite quiet",
+           "top_k_attribution out overwrite quiet " + EXECUTOR_FLAGS,
         model={"help": "HF hub name or local directory (default: the shipped toy world)"},
         saes={"help": "comma-separated SAEs, one per clamped site: local directories or RELEASE/ID "
                       "(default with the toy world: its SAEs at --hooks)"},
@@ -133,7 +134,8 @@ def cmd_run_refusal(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     opts = split_budget(resolve_command(args, "run refusal"))
     result, attribution = run_refusal_from_options(opts, quiet=bool(getattr(args, "quiet", False)),
-                                                   overwrite=bool(getattr(args, "overwrite", False)))
+                                                   overwrite=bool(getattr(args, "overwrite", False)),
+                                                   executor=executor_from_args(args))
     print(result.table())
     print()
     print(refusal_table(result.summary))
@@ -203,7 +205,8 @@ def _file_source(opts: dict[str, Any]) -> dict[str, Any]:
             "column": opts["column"], "limit": opts["limit"]}
 
 
-def run_refusal_from_options(opts: dict[str, Any], *, quiet: bool = False, overwrite: bool = False) -> Any:
+def run_refusal_from_options(opts: dict[str, Any], *, quiet: bool = False, overwrite: bool = False,
+                             executor: Any = None) -> Any:
     """Build model, sites, task and clamp from resolved options, run every mode, and (with
     ``attribute``) the attribution replays."""
     import torch
@@ -284,7 +287,7 @@ def run_refusal_from_options(opts: dict[str, Any], *, quiet: bool = False, overw
                                  "saes": [s.source for s in sites], "requests": opts["requests"],
                                  "contrast": opts["contrast"]},
                       "selection": setting.selection},
-        protocol=protocol_record(opts, "run refusal"),
+        protocol=protocol_record(opts, "run refusal"), executor=executor,
     )
     attribution = None
     if opts["attribute"]:

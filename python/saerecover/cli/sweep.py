@@ -13,6 +13,7 @@ from typing import Any
 
 from saerecover.cli import options
 from saerecover.cli.checks import parse_features, parse_numbers, split_list
+from saerecover.cli.execution import executor_from_args
 from saerecover.cli.flags import (
     ioi_flags,
     task_recovery_flags,
@@ -57,12 +58,13 @@ def cmd_sweep_budget(args: argparse.Namespace) -> int:
     from saerecover.experiments.sweeps import budget_sweep
 
     t0 = time.perf_counter()
-    opts, budgets, model, task, clamp, _ = _setup(args, "budgets")
+    opts, budgets, model, task, clamp, _, executor = _setup(args, "budgets")
     if opts.get("budget_rel") is not None:
         raise CLIError("sweep budget sets absolute budgets (--budgets); leave out budget_rel")
     res = budget_sweep(model, clamp, task, budgets, out=opts["out"], projection=split_list(opts["modes"]),
                        batch_size=opts["batch_size"], progress=not args.quiet, overwrite=args.overwrite,
-                       protocol=protocol_record(opts, f"sweep {args.task}"), **recovery_kwargs(opts))
+                       protocol=protocol_record(opts, f"sweep {args.task}"), executor=executor,
+                       **recovery_kwargs(opts))
     print(res.table())
     print()
     for m, r in res.summary["robustness"].items():
@@ -80,20 +82,20 @@ def cmd_sweep_features(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if getattr(args, "features", None) is not None:
         raise CLIError("sweep features selects the features itself; leave out --features")
-    opts, ks, model, task, _, make = _setup(args, "ks")
+    opts, ks, model, task, _, make, executor = _setup(args, "ks")
     res = feature_sweep(model, task, ks, make_clamp=make, out=opts["out"], projection=split_list(opts["modes"]),
                         batch_size=opts["batch_size"], progress=not args.quiet, overwrite=args.overwrite,
                         budget=opts["budget"], protocol=protocol_record(opts, f"sweep {args.task}"),
-                        **recovery_kwargs(opts))
+                        executor=executor, **recovery_kwargs(opts))
     print(res.table())
     print(f"\nsweep directory: {res.path}  ({time.perf_counter() - t0:.1f} s)")
     print_report_paths(res.path)
     return 0
 
 
-def _setup(args: argparse.Namespace, grid: str) -> tuple[dict[str, Any], list[Any], Any, Any, Any, Any]:
-    """(opts, grid values, model, task, clamp at the configured size, k -> clamp); the grid is
-    checked before anything loads."""
+def _setup(args: argparse.Namespace, grid: str) -> tuple[dict[str, Any], list[Any], Any, Any, Any, Any, Any]:
+    """(opts, grid values, model, task, clamp at the configured size, k -> clamp, executor); the
+    grid and the executor are checked before anything loads."""
     from saerecover.core.clamp import Clamp
     from saerecover.data import toy_corpus as corpus
     from saerecover.experiments.sweeps import attribution_clamps, check_grid
@@ -105,10 +107,12 @@ def _setup(args: argparse.Namespace, grid: str) -> tuple[dict[str, Any], list[An
         check_prompt_format(opts, args.toy)
     else:
         check_ioi_prompts(opts, args.toy)
+    executor = executor_from_args(args)
     model, site = load_world(opts, args.toy)
     if args.task != "ioi":
         setup = unlearning_setup(opts, model, site, args.toy, command=f"sweep {args.task}")
-        return opts, values, model, setup.task, setup.clamp, (None if opts["features"] is not None else setup.clamp_top)
+        return (opts, values, model, setup.task, setup.clamp,
+                None if opts["features"] is not None else setup.clamp_top, executor)
     pats = split_list(opts["patterns"])
     if args.toy:  # as ToyWorld.ioi_task: the corpus's own templates and names (ioi_prompts "toy")
         task = IOI(model.tokenizer, n=opts["n"], seed=opts["seed"], patterns=pats, templates=corpus.IOI_TEMPLATES,
@@ -118,10 +122,10 @@ def _setup(args: argparse.Namespace, grid: str) -> tuple[dict[str, Any], list[An
     if opts.get("features") is not None:
         clamp = Clamp({site: parse_features(opts["features"])}, value=opts["clamp_value"], mode=opts["clamp_mode"],
                       where=opts["clamp_where"])
-        return opts, values, model, task, clamp, None
+        return opts, values, model, task, clamp, None, executor
     make = attribution_clamps(model, site, task, value=opts["clamp_value"], mode=opts["clamp_mode"],
                               where=opts["clamp_where"])
-    return opts, values, model, task, make(int(opts["top_k"])), make
+    return opts, values, model, task, make(int(opts["top_k"])), make, executor
 
 
 def _budget(x: Any) -> str:

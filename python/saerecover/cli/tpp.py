@@ -12,6 +12,7 @@ from typing import Any
 
 from saerecover.cli import options
 from saerecover.cli.checks import split_list
+from saerecover.cli.execution import executor_from_args
 from saerecover.cli.flags import add_flags, task_recovery_flags, world_flags
 from saerecover.cli.output import print_report_paths
 from saerecover.cli.parsing import CLIError
@@ -60,6 +61,7 @@ def cmd_run_tpp(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     opts = world_options(args, "run tpp")
+    executor = executor_from_args(args)
     data = _tpp_data(opts)
     model, site = load_world(opts, args.toy)
     targets = split_list(opts["classes"]) or None
@@ -74,7 +76,7 @@ def cmd_run_tpp(args: argparse.Namespace) -> int:
                "l1": opts["probe_l1"]},
         probe_trainer=opts["probe_trainer"],
         steps=opts["steps"], lr=opts["lr"], budget_rel=opts["budget_rel"], optimizer=opts["optimizer"],
-        positions=opts["positions"], protocol=protocol_record(opts, "run tpp"))
+        positions=opts["positions"], protocol=protocol_record(opts, "run tpp"), executor=executor)
     print(result.table())
     print(f"\nTPP directory: {result.path}  ({time.perf_counter() - t0:.1f} s)")
     print_report_paths(result.path)

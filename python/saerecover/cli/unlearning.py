@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from saerecover.cli.checks import parse_features, split_list
+from saerecover.cli.execution import executor_from_args
 from saerecover.cli.flags import task_recovery_flags, unlearning_flags, world_flags
 from saerecover.cli.output import print_report_paths
 from saerecover.cli.parsing import CLIError
@@ -37,11 +38,12 @@ def cmd_run_unlearning(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     opts = world_options(args, "run unlearning")
     check_prompt_format(opts, args.toy)
+    executor = executor_from_args(args)
     model, site = load_world(opts, args.toy)
     setup = unlearning_setup(opts, model, site, args.toy)
     result = run_unlearning(model, site, [], [], [], out=opts["out"], setup=setup, projection=split_list(opts["modes"]),
                             batch_size=opts["batch_size"], progress=not args.quiet, overwrite=args.overwrite,
-                            budget=opts["budget"], **recovery_kwargs(opts))
+                            budget=opts["budget"], executor=executor, **recovery_kwargs(opts))
     strict = result.info.get("strict") or {}
     print(f"questions kept (correct under all 24 orders): {strict.get('n_kept', result.info['n_questions_kept'])}"
           f"/{strict.get('n_questions', result.info['n_questions_kept'])}; {len(result.features)} features clamped "

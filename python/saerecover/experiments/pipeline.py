@@ -81,6 +81,22 @@ class RunResult:
         return summary_table(self.summary)
 
 
+@dataclass
+class RunPlan:
+    """A checked :func:`recover` call that an executor runs elsewhere, cut into shards: the
+    keywords every unit passes to ``recover`` (``options``) and what the driver checks, counts
+    and merges (saerecover.experiments.study)."""
+
+    out: Path
+    config: dict[str, Any]  # the resolved config.json content, without "shard"
+    example_ids: list[str]
+    modes: list[str]  # every mode of the run, baselines included
+    options: dict[str, Any]
+    report: bool = True
+    overwrite: bool = False
+    progress: bool = True
+
+
 def behavior_scores(defended: DefendedModel, task: Task, ex: Examples, *, with_clamp: bool,
                     batch_size: int = 64, on_chunk: Callable[[int], Any] | None = None) -> torch.Tensor:
     """Behavior scores (n,) of the base (with_clamp=False) or defended model, no gradients.
@@ -293,6 +309,7 @@ def recover(
     baselines: Mapping[str, Baseline] | None = None,
     summarize_extra: Callable[[dict[str, Any], list[dict[str, Any]]], Any] | None = None,
     protocol: str | Mapping[str, Any] | None = None,
+    executor: Any = None,
     **overrides: Any,
 ) -> RunResult:
     """Stress-test ``clamp`` on ``task``: recover every valid flip in each projection mode, then
@@ -316,6 +333,11 @@ def recover(
     recovery choices of the task's scope (``task.protocol_scope``) are set where neither
     ``overrides`` nor a non-default field of ``config`` chose them; or an entry ``{"name",
     "choices"}`` a command or task runner resolved. config.json records the name and every choice.
+    executor: run the work elsewhere (``LocalExecutor()`` in saerecover.experiments.executor,
+    ``RayExecutor(...)`` in saerecover.experiments.ray_executor): shards of the examples become
+    units that each write a run directory under ``OUT.study/``, merged into ``out`` in the format
+    of a one-process run (docs/clusters.md); a shared-delta run is one unit. Needs ``out``; excludes ``shard``. The result has no
+    ``outcomes`` (they stay in the workers; the tensors are in the run directory).
     """
     t0 = time.perf_counter()
     modes = [projection] if isinstance(projection, str) else list(projection)
@@ -387,6 +409,17 @@ def recover(
     }
     if shard is not None:
         resolved["shard"] = {"index": index, "count": count}
+    if executor is not None:
+        if out is None or shard is not None:
+            raise ValueError("an executor needs out=DIR (each unit writes a run directory) and no shard "
+                             "(it shards the run itself)")
+        return executor.recover(model, clamp, task, RunPlan(
+            out=Path(out), config=resolved, example_ids=list(ex.ids), modes=all_modes, report=report,
+            overwrite=overwrite, progress=progress,
+            options={"projection": modes, "batch_size": batch_size, "delta_site": delta_site, "config": cfg,
+                     "extra_config": extra_config, "max_batch_tokens": max_batch_tokens,
+                     "memory_limit_mb": memory_limit_mb, "baselines": baselines or None,
+                     "summarize_extra": summarize_extra, "protocol": chosen}))
     run_dir = None
     if out is not None:
         run_dir = RunDirectory(out, config=resolved, overwrite=overwrite)

@@ -167,6 +167,7 @@ def run_refusal(
     extra_config: Mapping[str, Any] | None = None,
     config: RecoveryConfig | None = None,
     protocol: str | Mapping[str, Any] | None = None,
+    executor: Any = None,
     **overrides: Any,
 ) -> RunResult:
     """Recover the valid refusal flips of ``task`` under ``clamp`` in every mode of ``modes``
@@ -175,7 +176,7 @@ def run_refusal(
     overrides: RecoveryConfig fields (default ``positions="prompt"``: delta on every prompt
     row). delta_site: a clamped site, several, or "all" (a delta at every clamped site, as the
     reference). The summary's modes carry the refusal metrics (:func:`refusal_summary`) and the
-    report gets a refusal table. protocol: the run's (:func:`saerecover.experiments.pipeline.recover`).
+    report gets a refusal table. protocol, executor: the run's (:func:`saerecover.experiments.pipeline.recover`).
     """
     modes = list(modes)
     bad = [m for m in modes if m not in REFUSAL_MODES]
@@ -202,7 +203,7 @@ def run_refusal(
     return recover(model, clamp, task, projection=run_modes, baselines={SUFFIX: suffix} if SUFFIX in modes else None,
                    out=out, batch_size=batch_size, delta_site=delta_site, config=cfg, progress=progress,
                    extra_config=extra, report=report, overwrite=overwrite, summarize_extra=add_refusal_summary,
-                   protocol=protocol)
+                   protocol=protocol, executor=executor)
 
 
 

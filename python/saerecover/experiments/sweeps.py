@@ -27,6 +27,7 @@ import numpy as np
 from saerecover.core.clamp import Clamp
 from saerecover.core.selection import attribution_scores, top_features
 from saerecover.experiments.pipeline import recover
+from saerecover.experiments.study import Study, study_dir
 from saerecover.report.collections import collection_table, write_collection_report
 from saerecover.runs import collection
 from saerecover.runs.stats import wilson_interval
@@ -49,6 +50,11 @@ class SweepResult:
 
 def _modes(projection: str | Sequence[str]) -> list[str]:
     return [projection] if isinstance(projection, str) else list(projection)
+
+
+def _study(executor: Any, root: Path, progress: bool) -> Study | None:
+    """The study that runs a sweep's points on ``executor`` (None: each in this process, in turn)."""
+    return Study(executor, study_dir(root), progress=progress) if executor is not None else None
 
 
 def check_grid(values: Sequence[Any], what: str, *, integer: bool) -> list[Any]:
@@ -127,29 +133,32 @@ def budget_sweep(model: Any, clamp: Any, task: Any, budgets: Sequence[float], *,
                  projection: str | Sequence[str] = ("none", "encoder"), batch_size: int = 32,
                  progress: bool = False, overwrite: bool = False, report: bool = True,
                  extra_config: Mapping[str, Any] | None = None, protocol: str | Mapping[str, Any] | None = None,
-                 **overrides: Any) -> SweepResult:
+                 executor: Any = None, **overrides: Any) -> SweepResult:
     """Recover ``task`` under ``clamp`` at every budget of ``budgets`` (each > 0): one run
     directory ``OUT/budget-<b>/`` per budget, then the combined summary with a ``budget_sweep``
     list and a ``robustness`` entry (:func:`robustness`), a report and a plot.
 
     overrides: other RecoveryConfig fields, the same for every budget. protocol: each run's
-    (:func:`saerecover.experiments.pipeline.recover`).
+    (:func:`saerecover.experiments.pipeline.recover`). executor: run the budgets (each a run, cut
+    into units) as one study on it (``recover``'s executor, docs/clusters.md).
     """
     grid = check_grid(budgets, "budgets", integer=False)
     if "budget" in overrides:
         raise TypeError("budget_sweep sets the budget itself; give the grid as budgets=[...]")
     modes = _modes(projection)
     root = collection.prepare(out)
+    study = _study(executor, root, progress)
     runs: dict[float, Any] = {}
-    rows: list[dict[str, Any]] = []
     for b in grid:
-        name = collection.member_name("budget", b)
-        res = recover(model, clamp, task, projection=modes, out=root / name, batch_size=batch_size,
-                      progress=progress, overwrite=overwrite, report=report,
-                      extra_config={**(extra_config or {}), "sweep": {"kind": "budget", "budget": b}},
-                      protocol=protocol, budget=b, **overrides)
-        runs[b] = res
-        rows += [collection.mode_row(res.summary["modes"][m], mode=m, budget=b, run_dir=name) for m in modes]
+        runs[b] = recover(model, clamp, task, projection=modes, out=root / collection.member_name("budget", b),
+                          batch_size=batch_size, progress=progress, overwrite=overwrite, report=report,
+                          extra_config={**(extra_config or {}), "sweep": {"kind": "budget", "budget": b}},
+                          protocol=protocol, executor=study, budget=b, **overrides)
+    if study is not None:
+        runs = study.run(runs)
+    rows = [collection.mode_row(res.summary["modes"][m], mode=m, budget=b,
+                                run_dir=collection.member_name("budget", b))
+            for b, res in runs.items() for m in modes]
     rob = robustness({b: r.records for b, r in runs.items()}, modes)
     first = next(iter(runs.values()))
     summary = {
@@ -192,30 +201,33 @@ def feature_sweep(model: Any, task: Any, ks: Sequence[int], *, make_clamp: Calla
                   out: str | Path, projection: str | Sequence[str] = ("none", "encoder"), batch_size: int = 32,
                   progress: bool = False, overwrite: bool = False, report: bool = True,
                   extra_config: Mapping[str, Any] | None = None, protocol: str | Mapping[str, Any] | None = None,
-                  **overrides: Any) -> SweepResult:
+                  executor: Any = None, **overrides: Any) -> SweepResult:
     """Recover ``task`` under ``make_clamp(K)`` for every K of ``ks``: one run directory
     ``OUT/k-<K>/`` per K (valid flips recomputed for each clamp), then the combined summary with a
     ``feature_sweep`` list, a report and a plot.
 
     overrides: RecoveryConfig fields, the same for every K. protocol: each run's
-    (:func:`saerecover.experiments.pipeline.recover`).
+    (:func:`saerecover.experiments.pipeline.recover`). executor: run the Ks (each a run, cut into
+    units) as one study on it (``recover``'s executor, docs/clusters.md).
     """
     grid = check_grid(ks, "ks", integer=True)
     modes = _modes(projection)
     root = collection.prepare(out)
+    study = _study(executor, root, progress)
     runs: dict[int, Any] = {}
-    rows: list[dict[str, Any]] = []
+    n_feat: dict[int, int] = {}
     for k in grid:
         clamp = make_clamp(k)
-        n_feat = sum(int(sc.features.numel()) for sc in clamp.site_clamps)
-        name = collection.member_name("k", k)
-        res = recover(model, clamp, task, projection=modes, out=root / name, batch_size=batch_size,
-                      progress=progress, overwrite=overwrite, report=report,
-                      extra_config={**(extra_config or {}), "sweep": {"kind": "features", "k": k}},
-                      protocol=protocol, **overrides)
-        runs[k] = res
-        rows += [collection.mode_row(res.summary["modes"][m], mode=m, k=k, n_features=n_feat,
-                                     n_examples=res.summary.get("n_examples"), run_dir=name) for m in modes]
+        n_feat[k] = sum(int(sc.features.numel()) for sc in clamp.site_clamps)
+        runs[k] = recover(model, clamp, task, projection=modes, out=root / collection.member_name("k", k),
+                          batch_size=batch_size, progress=progress, overwrite=overwrite, report=report,
+                          extra_config={**(extra_config or {}), "sweep": {"kind": "features", "k": k}},
+                          protocol=protocol, executor=study, **overrides)
+    if study is not None:
+        runs = study.run(runs)
+    rows = [collection.mode_row(res.summary["modes"][m], mode=m, k=k, n_features=n_feat[k],
+                                n_examples=res.summary.get("n_examples"), run_dir=collection.member_name("k", k))
+            for k, res in runs.items() for m in modes]
     summary = {
         "collection": "feature_sweep",
         "task": getattr(task, "name", "task"),

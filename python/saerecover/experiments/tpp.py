@@ -12,6 +12,7 @@ from saerecover.core import protocol as protocols
 from saerecover.core.clamp import Clamp
 from saerecover.data.text_classes import TextClasses
 from saerecover.experiments.pipeline import recover
+from saerecover.experiments.study import Study, study_dir
 from saerecover.report.collections import collection_table, write_collection_report
 from saerecover.runs import collection
 from saerecover.runs.stats import summarize
@@ -41,7 +42,7 @@ def run_tpp(model: Any, site: Any, data: TextClasses, *, out: str | Path, classe
             context_length: int = CONTEXT_LENGTH, probe: Mapping[str, Any] | None = None, seed: int = 0,
             loss: str = "logit", batch_size: int = 32, progress: bool = False, overwrite: bool = False,
             report: bool = True, setup: TPPSetup | None = None, protocol: str | Mapping[str, Any] | None = None,
-            probe_trainer: str | None = None, **overrides: Any) -> TPPResult:
+            probe_trainer: str | None = None, executor: Any = None, **overrides: Any) -> TPPResult:
     """TPP end to end: fit probes and latents, then per target class zero-ablate its top-N latents
     (all positions, SAE error kept) and recover the probe with delta at the pooled rows.
 
@@ -52,7 +53,8 @@ def run_tpp(model: Any, site: Any, data: TextClasses, *, out: str | Path, classe
     (``tpp_metric``: per class and mean).
     top_n, probe_trainer: None takes ``protocol``'s (saerecover: 10, "saerecover"; reference: 500,
     "saebench"; saerecover.core.protocol). overrides: RecoveryConfig fields (defaults
-    :data:`TPP_RECOVERY`).
+    :data:`TPP_RECOVERY`). executor: run the classes (each a run, cut into units) as one study
+    on it (``recover``'s executor, docs/clusters.md); the probes are fitted here.
     """
     chosen = {"name": protocols.name_of(protocol),
               "choices": protocols.resolve("tpp", protocol, {"top_n": top_n, "probe_trainer": probe_trainer})}
@@ -64,16 +66,20 @@ def run_tpp(model: Any, site: Any, data: TextClasses, *, out: str | Path, classe
     setup.probes.save(root / "probes.safetensors")
     modes = [projection] if isinstance(projection, str) else list(projection)
     cfg = {**TPP_RECOVERY, "seed": seed, **overrides}
+    study = Study(executor, study_dir(root), progress=progress) if executor is not None else None
     runs: dict[str, Any] = {}
     per_class: dict[str, Any] = {}
     all_records: list[dict[str, Any]] = []
     for c, task in setup.tasks.items():
         clamp = Clamp({site: setup.latents[c]}, mode="zero", where="all")
-        res = recover(setup.probed, clamp, task, projection=modes, out=root / collection.member_name("class", c),
-                      batch_size=batch_size, progress=progress, overwrite=overwrite, report=report,
-                      extra_config={"tpp": {"class": c, "top_n": top_n, "latents": setup.latents[c].tolist()}},
-                      protocol=chosen, **cfg)
-        runs[c] = res
+        runs[c] = recover(setup.probed, clamp, task, projection=modes, out=root / collection.member_name("class", c),
+                          batch_size=batch_size, progress=progress, overwrite=overwrite, report=report,
+                          extra_config={"tpp": {"class": c, "top_n": top_n, "latents": setup.latents[c].tolist()}},
+                          protocol=chosen, executor=study, **cfg)
+    if study is not None:
+        runs = study.run(runs)
+    for c, task in setup.tasks.items():
+        res = runs[c]
         flips = res.flips
         per_class[c] = {
             "run_dir": str(Path(res.path).relative_to(root)) if res.path else None,

@@ -125,7 +125,7 @@ def run_unlearning(model: Any, site: Any, questions: Sequence[MCQuestion], forge
                    features: Sequence[int] | None = None, batch_size: int = 32, progress: bool = False,
                    overwrite: bool = False, report: bool = True, name: str = "wmdp-bio",
                    setup: UnlearningSetup | None = None, protocol: str | Mapping[str, Any] | None = None,
-                   **overrides: Any) -> UnlearningResult:
+                   executor: Any = None, **overrides: Any) -> UnlearningResult:
     """Strict-protocol unlearning clamp and its recovery, written as one run directory ``out``
     (plus ``out/unlearning.json``: kept questions, selected features and their frequencies,
     valid flips per question).
@@ -134,7 +134,8 @@ def run_unlearning(model: Any, site: Any, questions: Sequence[MCQuestion], forge
     resolved entry): the choices of fmt, reduce, success, retain_rule (see
     :func:`setup_unlearning`) and of the rows delta acts on (saerecover: every token; reference:
     the answer token) that are not given. overrides: RecoveryConfig fields (defaults
-    :data:`UNLEARNING_RECOVERY`, then the protocol's).
+    :data:`UNLEARNING_RECOVERY`, then the protocol's). executor: where the recovery runs
+    (``recover``'s executor, docs/clusters.md).
     """
     st = setup or setup_unlearning(model, site, questions, forget_texts, retain_texts, fmt=fmt, top_n=top_n,
                                    retain_threshold=retain_threshold, clamp_value=clamp_value, loss=loss,
@@ -145,7 +146,7 @@ def run_unlearning(model: Any, site: Any, questions: Sequence[MCQuestion], forge
     cfg = {**UNLEARNING_RECOVERY, **{k: v for k, v in chosen["choices"].items() if k in _FIELDS}, **overrides}
     res = recover(model, st.clamp, st.task, projection=projection, out=out, batch_size=batch_size,
                   progress=progress, overwrite=overwrite, report=report,
-                  extra_config={"unlearning": st.selection}, protocol=chosen, **cfg)
+                  extra_config={"unlearning": st.selection}, protocol=chosen, executor=executor, **cfg)
     feats = st.features
     info = {
         "task": st.task.name,

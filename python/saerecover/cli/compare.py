@@ -12,6 +12,7 @@ collection directory, one run per (defense or SAE, budget); rerunning resumes.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from typing import Any
@@ -26,8 +27,14 @@ __all__ = ["add_compare_parser", "cmd_compare_defenses", "cmd_compare_saes"]
 DEFENSE_NAMES = ("clamp", "clamp-reclamp", "error-mean", "error-proj", "dir-ablate", "hardened:R[:k]")
 DEFAULTS: dict[str, Any] = {
     "task": "ioi", "defenses": "clamp,clamp-reclamp,error-mean,error-proj,dir-ablate,hardened:3",
-    "defense": "clamp", "budgets": "0.05,0.1,0.25", "modes": "encoder", "n": 48, "top_k": 16, "steps": 40,
-    "lr": 0.1, "reference_texts": 32, "non_target": 8, "batch_size": 32, "seed": 0,
+    "defense": "clamp", "budgets": None, "modes": "encoder", "n": 48, "top_k": 16, "steps": 40,
+    "lr": None, "reference_texts": 32, "non_target": 8, "batch_size": 32, "seed": 0,
+}
+#: Per task, the defaults that depend on it: the toy refusal clamp needs larger deltas (run
+#: refusal's recovery reaches 8/8 at about 0.8 x ||h_def||) and takes run refusal's lr.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ioi": {"budgets": "0.05,0.1,0.25", "lr": 0.1},
+    "refusal": {"budgets": "0.25,0.5,1", "lr": 0.2},
 }
 #: The toy world's SAEs ``compare saes --toy`` uses when no --sae is given.
 TOY_SAES = ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post")
@@ -38,13 +45,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--toy", action="store_true", help="the shipped toy world (model, SAEs, corpus)")
     p.add_argument("--task", choices=["ioi", "refusal"], default=d["task"])
     p.add_argument("--budgets", default=d["budgets"],
-                   help=f"comma-separated budgets relative to ||h_def|| (C4), each > 0 (default {d['budgets']})")
+                   help="comma-separated budgets relative to ||h_def|| (C4), each > 0 (default: ioi "
+                        f"{TASK_DEFAULTS['ioi']['budgets']}; refusal {TASK_DEFAULTS['refusal']['budgets']})")
     p.add_argument("--modes", default=d["modes"],
                    help=f"projection modes, comma-separated; the first one ranks (default {d['modes']})")
     p.add_argument("--n", type=int, default=d["n"], help=f"task examples (default {d['n']})")
     p.add_argument("--top-k", type=int, default=d["top_k"], help=f"clamped features per site (default {d['top_k']})")
     p.add_argument("--steps", type=int, default=d["steps"], help=f"recovery steps (default {d['steps']})")
-    p.add_argument("--lr", type=float, default=d["lr"], help=f"recovery learning rate (default {d['lr']})")
+    p.add_argument("--lr", type=float, default=d["lr"],
+                   help=f"recovery learning rate (default: ioi {TASK_DEFAULTS['ioi']['lr']}; refusal "
+                        f"{TASK_DEFAULTS['refusal']['lr']})")
     p.add_argument("--reference-texts", type=int, default=d["reference_texts"],
                    help=f"reference texts of the KL and of error-mean (default {d['reference_texts']})")
     p.add_argument("--non-target", type=int, default=d["non_target"],
@@ -78,6 +88,9 @@ def _checked(args: argparse.Namespace) -> tuple[list[float], list[str]]:
     """The budgets and modes; every number checked before anything loads."""
     if not args.toy:
         raise CLIError("compare runs on the shipped toy world; give --toy")
+    for key, value in TASK_DEFAULTS[args.task].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     for key in ("n", "top_k", "steps", "reference_texts", "non_target", "batch_size"):
         v = getattr(args, key)
         if v < 1:
@@ -179,7 +192,7 @@ def cmd_compare_saes(args: argparse.Namespace) -> int:
         name = hook
         ctx = DefenseContext(world.model, col_i.reference)
         clamps[name] = defense.build(clamp, ctx)
-        info[name] = {"hook_name": site.hook_name, "source": site.source, "d_sae": site.d_sae,
+        info[name] = {"id": hook, "hook_name": site.hook_name, "source": site.source, "d_sae": site.d_sae,
                       "defense": defense.label, "cfg": _cfg(site)}
     res = compare_saes(world.model, clamps, task, budgets, out=args.out, saes=info, collateral=col, projection=modes,
                        batch_size=args.batch_size, progress=not args.quiet, overwrite=args.overwrite,
@@ -193,8 +206,6 @@ def cmd_compare_saes(args: argparse.Namespace) -> int:
 
 def _cfg(site: Any) -> dict[str, Any] | None:
     """The SAE's config as plain JSON (SAEBench's ``sae_cfg_dict``)."""
-    import json
-
     cfg = getattr(getattr(site, "sae", None), "cfg", None)
     if cfg is None or not hasattr(cfg, "to_dict"):
         return None

@@ -33,7 +33,7 @@ from saerecover.core.defenses import Defense, DefenseContext
 from saerecover.experiments.collateral import Collateral
 from saerecover.experiments.sweeps import budget_sweep, check_grid
 from saerecover.report.collections import collection_table, write_collection_report
-from saerecover.report.saebench import EXPORT_DIR, RELEASE, results_filename, write_saebench
+from saerecover.report.saebench import EXPORT_DIR, RELEASE, results_filename, sae_id, write_saebench
 from saerecover.runs import collection
 from saerecover.runs.directory import open_run
 from saerecover.runs.stats import bootstrap_ci
@@ -204,7 +204,7 @@ def compare_saes(model: Any, clamps: Mapping[str, Clamp], task: Any, budgets: Se
                  **overrides: Any) -> CompareResult:
     """Attack the clamp of every SAE (``clamps``: member name -> Clamp built on that SAE) with
     the same budget sweep, and measure each one's collateral cost. saes: member name -> what
-    the summary and the SAEBench-layout export record of the SAE (hook_name, source, d_sae, cfg)."""
+    the summary and the SAEBench-layout export record of the SAE (id, hook_name, source, d_sae, cfg)."""
     grid = check_grid(budgets, "budgets", integer=False)
     modes = [projection] if isinstance(projection, str) else list(projection)
     if len(clamps) < 1:
@@ -221,7 +221,7 @@ def compare_saes(model: Any, clamps: Mapping[str, Clamp], task: Any, budgets: Se
         members.append(entry)
         sweeps[m.name] = sweep
     summary = _summary("saes", task, grid, modes, overrides, collateral)
-    summary["saebench_export"] = [f"{EXPORT_DIR}/{results_filename(RELEASE, m['name'])}" for m in members]
+    summary["saebench_export"] = [f"{EXPORT_DIR}/{results_filename(RELEASE, sae_id(m))}" for m in members]
     result = _finish(root, summary, members, sweeps)
     write_saebench(root, result.summary, sae_lens_version=_version("sae-lens"), saerecover_version=_version("saerecover"))
     return result

@@ -40,6 +40,11 @@ def results_filename(release: str, sae_id: str) -> str:
     return f"{release}_{sae_id}_eval_results.json".replace("/", "_")
 
 
+def sae_id(member: Mapping[str, Any]) -> str:
+    """The SAE's name in the export: its ``id`` (as given to ``compare saes``), else the member's."""
+    return str((member.get("sae") or {}).get("id") or member["name"])
+
+
 def _flat_metrics(member: Mapping[str, Any], summary: Mapping[str, Any]) -> dict[str, float | int | None]:
     mode = summary["score_mode"]
     rob = member["robustness"].get(mode) or {}
@@ -87,7 +92,7 @@ def saebench_result(member: Mapping[str, Any], summary: Mapping[str, Any], *, sa
         "eval_result_details": details,
         # SAEBench's field holds the commit of the code that ran the eval; no SAEBench code ran here
         "sae_bench_commit_hash": f"none: exported by saerecover {saerecover_version}".strip(),
-        "sae_lens_id": member["name"],
+        "sae_lens_id": sae_id(member),
         "sae_lens_release_id": RELEASE,
         "sae_lens_version": sae_lens_version,
         "sae_cfg_dict": sae.get("cfg"),
@@ -105,7 +110,7 @@ def write_saebench(root: str | Path, summary: Mapping[str, Any], *, sae_lens_ver
     root = Path(root)
     paths = []
     for member in summary["members"]:
-        path = root / EXPORT_DIR / results_filename(RELEASE, member["name"])
+        path = root / EXPORT_DIR / results_filename(RELEASE, sae_id(member))
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, saebench_result(member, summary, sae_lens_version=sae_lens_version,
                                                 saerecover_version=saerecover_version), root=root)

@@ -272,3 +272,53 @@ def test_the_saebench_export_reads_back(tmp_path):
         read_saebench(bad)
     with pytest.raises(ValueError, match="compare saes"):
         write_saebench(tmp_path, {**summary, "kind": "defenses"})
+
+
+class _Logits:
+    def __init__(self, logits):
+        self.logits = logits
+
+
+class _TwiceDefended:
+    """A defended model whose second application undoes the first: B absent after one
+    application, present again after two (a non-idempotent defense)."""
+
+    class model:
+        d_model = 3
+
+    def __init__(self):
+        self.calls = []
+
+    def forward(self, ex, deltas=None, *, reclamp=False, defended=True):
+        self.calls.append((deltas, reclamp, defended))
+        value = 1.0 if not defended or reclamp else -1.0
+        return _Logits(torch.full((len(ex.ids), 1), value))
+
+
+class _ScoreTask:
+    name = "t"
+
+    def score(self, logits, ex):
+        return logits[:, 0]
+
+    def describe(self):
+        return {"name": "t"}
+
+
+def test_reapplied_judges_the_defended_pass_at_the_attacks_starting_point():
+    from saerecover.core.defenses.reapplied import Reapplied
+
+    ids, mask = pad_right([[5, 6], [7, 8]], 0)
+    ex = Examples(input_ids=ids, attention_mask=mask, answer_pos=mask.sum(1) - 1, ids=["a", "b"])
+    defended = _TwiceDefended()
+    task = Reapplied(_ScoreTask(), [HOOK])
+    # one application flips B off; the attack starts from two, where B is back: not a valid flip
+    assert task.score(defended.forward(ex).logits, ex).tolist() == [-1.0, -1.0]
+    assert task.judge(defended, ex, with_clamp=True).tolist() == [1.0, 1.0]
+    deltas, reclamp, on = defended.calls[-1]
+    assert reclamp and on and list(deltas) == [HOOK] and deltas[HOOK].shape == (2, 2, 3) and not deltas[HOOK].any()
+    assert task.judge(defended, ex, with_clamp=False).tolist() == [1.0, 1.0]  # the base pass as the task's
+    given = {HOOK: torch.ones(2, 2, 3)}
+    task.judge(defended, ex, with_clamp=True, deltas=given, reclamp=False)
+    assert defended.calls[-1] == (given, False, True)
+    assert task.name == "t" and task.describe() == {"name": "t", "defended_pass": {"reapplied_at": [HOOK]}}

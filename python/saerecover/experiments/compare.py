@@ -11,6 +11,10 @@ scale), in its own directory of the collection, one run directory per budget:
                                  rate per budget (Wilson), robustness, collateral cost, rank
     OUT/report.md|html, plots/   ranked table and the robustness / collateral frontier
 
+A defense applied again after delta (``reclamp``) is judged, for its valid flips, at the attack's
+starting point: applied again after a zero delta (:class:`~saerecover.core.defenses.reapplied.Reapplied`),
+since a second application of a non-idempotent defense can undo a flip with no delta at all.
+
 The robustness score of a member (per mode) is the mean over its examples valid at every budget
 of the share of the budget grid below the example's smallest recovering budget (1 when never
 recovered): 0 when every example is recovered at the smallest budget, 1 when none is at any;
@@ -30,6 +34,7 @@ import torch
 
 from saerecover.core.clamp import Clamp
 from saerecover.core.defenses import Defense, DefenseContext
+from saerecover.core.defenses.reapplied import Reapplied
 from saerecover.experiments.collateral import Collateral
 from saerecover.experiments.sweeps import budget_sweep, check_grid
 from saerecover.report.collections import collection_table, write_collection_report
@@ -96,9 +101,11 @@ class _Member:
 
 def _run_member(m: _Member, model: Any, task: Any, grid: list[float], root: Path, modes: list[str],
                 collateral: Collateral | None, sweep_kw: dict[str, Any], overrides: dict[str, Any]) -> tuple[dict, Any]:
+    recovery = {**overrides, **m.recovery}
+    if recovery.get("reclamp"):  # the valid flips of the attack's starting point: the defense applied twice
+        task = Reapplied(task, [m.clamp.site_clamps[0].site.hook_name])
     sweep = budget_sweep(model, m.clamp, task, grid, out=root / m.name, projection=modes, relative=True,
-                         extra_config={**dict(sweep_kw.pop("extra_config", None) or {}), "compare": m.info},
-                         **sweep_kw, **{**overrides, **m.recovery})
+                         extra_config={"compare": m.info}, **sweep_kw, **recovery)
     s = sweep.summary
     rob = {mode: {k: v for k, v in r.items() if k != "per_example"} | robustness_score(r["per_example"], grid)
            for mode, r in s["robustness"].items()}
@@ -148,7 +155,7 @@ def _summary(kind: str, task: Any, grid: list[float], modes: list[str], override
         "relative": True,
         "modes": modes,
         "score_mode": modes[0],
-        "recovery": {k: v for k, v in overrides.items()},
+        "recovery": dict(overrides),
         "collateral": {"non_target": collateral.description if collateral is not None else None,
                        "kl": "KL(p_base || p_defended) of next-token distributions, mean over each reference "
                              "text's tokens, then over texts (bootstrap 95%)",

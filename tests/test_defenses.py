@@ -31,7 +31,7 @@ from saerecover.core.defenses.hardened import grow_subspace, principal_direction
 from saerecover.core.examples import Examples, pad_right
 from saerecover.core.sites import Site
 from saerecover.experiments.collateral import next_token_kl
-from saerecover.experiments.compare import robustness_score
+from saerecover.experiments.compare import frontier, robustness_score
 from saerecover.models import load_model
 from saerecover.report.saebench import read_saebench, results_filename, write_saebench
 from saerecover.testing import tiny_gpt2
@@ -230,6 +230,13 @@ def test_robustness_score_by_hand():
     lo, hi = r["score_ci95"]
     assert 0 <= lo <= r["score"] <= hi <= 1
     assert robustness_score({}, [1.0]) == {"score": None, "score_ci95": None, "n": 0}
+
+
+def test_frontier_by_hand():
+    points = {"a": (0.9, 0.5), "b": (0.5, 0.1), "c": (0.5, 0.3), "d": (0.9, 0.6), "e": (0.2, 0.1)}
+    # c: b is as robust and cheaper; d: a is as robust and cheaper; e: b is more robust at the same cost
+    assert frontier(points) == {"a", "b"}
+    assert frontier({"x": (0.3, 0.2), "y": (0.3, 0.2)}) == {"x", "y"}  # ties dominate neither
 
 
 def _member(name: str, score: float) -> dict:

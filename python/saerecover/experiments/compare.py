@@ -43,7 +43,7 @@ from saerecover.runs import collection
 from saerecover.runs.directory import open_run
 from saerecover.runs.stats import bootstrap_ci
 
-__all__ = ["CompareResult", "compare_defenses", "compare_saes", "recovered_deltas", "robustness_score"]
+__all__ = ["CompareResult", "compare_defenses", "compare_saes", "frontier", "recovered_deltas", "robustness_score"]
 
 #: Keys of a member's budget-sweep row kept in the compare summary.
 RATE_KEYS = ("mode", "budget", "n_valid", "recovered", "recovery_rate", "recovery_rate_ci95", "relative_delta_norm_mean")
@@ -122,6 +122,15 @@ def _run_member(m: _Member, model: Any, task: Any, grid: list[float], root: Path
     return entry, sweep
 
 
+def frontier(points: Mapping[str, tuple[float, float]]) -> set[str]:
+    """The names whose (robustness, cost) no other point dominates: none is at least as robust
+    at no more cost and strictly better in one of the two."""
+    def dominated(s: float, c: float) -> bool:
+        return any(so >= s and co <= c and (so > s or co < c) for so, co in points.values())
+
+    return {name for name, (s, c) in points.items() if not dominated(s, c)}
+
+
 def _finish(root: Path, summary: dict[str, Any], members: list[dict[str, Any]], sweeps: dict[str, Any]) -> CompareResult:
     mode = summary["score_mode"]
     headline = [m for m in members if m.get("headline", True)]
@@ -134,11 +143,10 @@ def _finish(root: Path, summary: dict[str, Any], members: list[dict[str, Any]], 
     ranked = sorted(headline, key=key)
     for i, m in enumerate(ranked):
         m["rank"] = i + 1
-    # the frontier: no other headline member is at least as robust and at most as costly, and better in one
+    placed = frontier({m["name"]: (-key(m)[0], key(m)[1]) for m in headline
+                       if m["robustness"].get(mode, {}).get("score") is not None})
     for m in headline:
-        s, c = -key(m)[0], key(m)[1]
-        m["pareto"] = not any((-key(o)[0] >= s and key(o)[1] <= c) and (-key(o)[0] > s or key(o)[1] < c)
-                              for o in headline if o is not m)
+        m["pareto"] = m["name"] in placed
     summary["members"] = members
     summary["ranking"] = [m["name"] for m in ranked]
     write_collection_report(root, summary)

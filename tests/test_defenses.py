@@ -144,7 +144,8 @@ def test_hardened_subspace_contains_the_previous_rounds_recovered_directions():
     g = torch.Generator().manual_seed(7)
     e = torch.eye(D, dtype=torch.float64)
     # round 0's recovered deltas: mostly along e2, a little along e3
-    deltas0 = (torch.randn(20, 1, generator=g).double() * 5) * e[2] + torch.randn(20, 1, generator=g).double() * 0.1 * e[3]
+    deltas0 = (torch.randn(20, 1, generator=g).double() * 5) * e[2] \
+        + torch.randn(20, 1, generator=g).double() * 0.1 * e[3]
     top = principal_directions(deltas0, 1)
     assert abs(abs(float(top[0, 2])) - 1.0) < 1e-3
     d1 = d0.harden({HOOK: deltas0.float()})
@@ -240,7 +241,8 @@ def test_frontier_by_hand():
 
 
 def _member(name: str, score: float) -> dict:
-    return {"name": name, "kind": "sae", "n_valid": 10, "sae": {"hook_name": name, "source": "/x", "cfg": {"d_sae": 48}},
+    return {"name": name, "kind": "sae", "n_valid": 10,
+            "sae": {"hook_name": name, "source": "/x", "cfg": {"d_sae": 48}},
             "rates": [{"mode": "encoder", "budget": 0.1, "n_valid": 10, "recovered": 3, "recovery_rate": 0.3,
                        "recovery_rate_ci95": [0.1, 0.6]},
                       {"mode": "encoder", "budget": 0.25, "n_valid": 10, "recovered": 8, "recovery_rate": 0.8,

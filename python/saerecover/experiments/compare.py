@@ -46,7 +46,8 @@ from saerecover.runs.stats import bootstrap_ci
 __all__ = ["CompareResult", "compare_defenses", "compare_saes", "frontier", "recovered_deltas", "robustness_score"]
 
 #: Keys of a member's budget-sweep row kept in the compare summary.
-RATE_KEYS = ("mode", "budget", "n_valid", "recovered", "recovery_rate", "recovery_rate_ci95", "relative_delta_norm_mean")
+RATE_KEYS = ("mode", "budget", "n_valid", "recovered", "recovery_rate", "recovery_rate_ci95",
+             "relative_delta_norm_mean")
 
 
 @dataclass
@@ -131,7 +132,8 @@ def frontier(points: Mapping[str, tuple[float, float]]) -> set[str]:
     return {name for name, (s, c) in points.items() if not dominated(s, c)}
 
 
-def _finish(root: Path, summary: dict[str, Any], members: list[dict[str, Any]], sweeps: dict[str, Any]) -> CompareResult:
+def _finish(root: Path, summary: dict[str, Any], members: list[dict[str, Any]],
+            sweeps: dict[str, Any]) -> CompareResult:
     mode = summary["score_mode"]
     headline = [m for m in members if m.get("headline", True)]
 
@@ -238,7 +240,8 @@ def compare_saes(model: Any, clamps: Mapping[str, Clamp], task: Any, budgets: Se
     summary = _summary("saes", task, grid, modes, overrides, collateral)
     summary["saebench_export"] = [f"{EXPORT_DIR}/{results_filename(RELEASE, sae_id(m))}" for m in members]
     result = _finish(root, summary, members, sweeps)
-    write_saebench(root, result.summary, sae_lens_version=_version("sae-lens"), saerecover_version=_version("saerecover"))
+    write_saebench(root, result.summary, sae_lens_version=_version("sae-lens"),
+                   saerecover_version=_version("saerecover"))
     return result
 
 

@@ -47,7 +47,10 @@ def _collateral_cells(m: Mapping[str, Any]) -> list[str]:
 
 
 def _label(m: Mapping[str, Any]) -> str:
-    return m["name"] if m.get("kind") == "sae" else m.get("defense", m["name"])
+    """A member's name in tables and plots: the SAE as given, or the defense's spec."""
+    if m.get("kind") == "sae":
+        return str((m.get("sae") or {}).get("id") or m["name"])
+    return m.get("defense", m["name"])
 
 
 def ranked_rows(summary: Mapping[str, Any]) -> Table:

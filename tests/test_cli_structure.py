@@ -262,8 +262,9 @@ def test_every_leaf_parser_sets_its_handler():
     leaves = _leaves(build_parser())
     assert sorted(p.prog for p in leaves) == sorted(
         f"saerecover {c}" for c in ("demo", "run ioi", "run tpp", "run unlearning", "run refusal", "report",
-                                    "sweep budget", "sweep features", "attribute", "analyze", "merge", "bench projection",
-                                    "bench recovery", "convert", "train-sae"))
+                                    "sweep budget", "sweep features", "compare defenses", "compare saes", "attribute",
+                                    "analyze", "merge", "bench projection", "bench recovery", "convert",
+                                    "train-sae"))
     assert all(callable(leaf.get_default("handler")) for leaf in leaves), [p.prog for p in leaves]
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from saerecover import __version__
 from saerecover.cli.attribute import add_attribute_parser
 from saerecover.cli.bench import add_bench_parser
+from saerecover.cli.compare import add_compare_parser
 from saerecover.cli.ioi import add_demo_parser, add_ioi_parser
 from saerecover.cli.model_tools import add_convert_parser, add_train_sae_parser
 from saerecover.cli.parsing import CLIError, OneLineParser, one_line
@@ -53,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     tasks = run.add_subparsers(dest="task", required=True, metavar="TASK", parser_class=OneLineParser)
     for add in (add_ioi_parser, add_tpp_parser, add_unlearning_parser, add_refusal_parser):
         add(tasks)
-    for add in (add_report_parser, add_sweep_parser, add_attribute_parser, add_analyze_parser, add_merge_parser,
+    for add in (add_report_parser, add_sweep_parser, add_compare_parser, add_attribute_parser, add_analyze_parser,
+                add_merge_parser,
                 add_bench_parser, add_convert_parser, add_train_sae_parser):
         add(sub)
     return parser

@@ -133,18 +133,22 @@ def budget_sweep(model: Any, clamp: Any, task: Any, budgets: Sequence[float], *,
                  projection: str | Sequence[str] = ("none", "encoder"), batch_size: int = 32,
                  progress: bool = False, overwrite: bool = False, report: bool = True,
                  extra_config: Mapping[str, Any] | None = None, protocol: str | Mapping[str, Any] | None = None,
-                 executor: Any = None, **overrides: Any) -> SweepResult:
+                 executor: Any = None, relative: bool = False, **overrides: Any) -> SweepResult:
     """Recover ``task`` under ``clamp`` at every budget of ``budgets`` (each > 0): one run
     directory ``OUT/budget-<b>/`` per budget, then the combined summary with a ``budget_sweep``
     list and a ``robustness`` entry (:func:`robustness`), a report and a plot.
 
-    overrides: other RecoveryConfig fields, the same for every budget. protocol: each run's
-    (:func:`saerecover.experiments.pipeline.recover`). executor: run the budgets (each a run, cut
-    into units) as one study on it (``recover``'s executor, docs/clusters.md).
+    relative: the budgets are ``budget_rel`` (C4 relative to the defended residual's scale)
+    instead of absolute. overrides: other RecoveryConfig fields, the same for every budget.
+    protocol: each run's (:func:`saerecover.experiments.pipeline.recover`). executor: run the
+    budgets (each a run, cut into units) as one study on it (``recover``'s executor,
+    docs/clusters.md).
     """
     grid = check_grid(budgets, "budgets", integer=False)
-    if "budget" in overrides:
-        raise TypeError("budget_sweep sets the budget itself; give the grid as budgets=[...]")
+    if "budget" in overrides or "budget_rel" in overrides and (relative or overrides["budget_rel"] is not None):
+        raise TypeError("budget_sweep sets the budget itself; give the grid as budgets=[...] (relative=True for "
+                        "budget_rel)")
+    key = "budget_rel" if relative else "budget"
     modes = _modes(projection)
     root = collection.prepare(out)
     study = _study(executor, root, progress)
@@ -152,8 +156,9 @@ def budget_sweep(model: Any, clamp: Any, task: Any, budgets: Sequence[float], *,
     for b in grid:
         runs[b] = recover(model, clamp, task, projection=modes, out=root / collection.member_name("budget", b),
                           batch_size=batch_size, progress=progress, overwrite=overwrite, report=report,
-                          extra_config={**(extra_config or {}), "sweep": {"kind": "budget", "budget": b}},
-                          protocol=protocol, executor=study, budget=b, **overrides)
+                          extra_config={**(extra_config or {}), "sweep": {"kind": "budget", "budget": b,
+                                                                           **({"relative": True} if relative else {})}},
+                          protocol=protocol, executor=study, **{**overrides, key: b})
     if study is not None:
         runs = study.run(runs)
     rows = [collection.mode_row(res.summary["modes"][m], mode=m, budget=b,
@@ -166,6 +171,7 @@ def budget_sweep(model: Any, clamp: Any, task: Any, budgets: Sequence[float], *,
         "task": getattr(task, "name", "task"),
         "clamp": clamp.describe(),
         "budgets": grid,
+        **({"relative": True} if relative else {}),
         "modes": modes,
         "n_examples": first.summary.get("n_examples"),
         "n_valid": first.summary.get("n_valid"),

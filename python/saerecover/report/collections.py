@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from saerecover.report.compare import compare_report, compare_table
 from saerecover.report.document import Page
 from saerecover.report.html import write_page
 from saerecover.report.sweeps import budget_report, feature_report, sweep_table
@@ -37,6 +38,7 @@ COLLECTION_REPORTS: dict[str, CollectionReport] = {
     "budget_sweep": CollectionReport(budget_report, sweep_table),
     "feature_sweep": CollectionReport(feature_report, sweep_table),
     "tpp": CollectionReport(tpp_report, tpp_table),
+    "compare": CollectionReport(compare_report, compare_table),
 }
 
 

@@ -51,7 +51,8 @@ def _plot_budget(summary: Mapping[str, Any], root: Path) -> str:
     ax3.set_ylim(-0.05, 1.05)
     ax3.set_title("Smallest recovering budget (CDF)")
     for ax in (ax1, ax2, ax3):
-        ax.set_xlabel("budget ||delta||_F <= eps (C4)")
+        ax.set_xlabel("relative budget ||delta||_F <= eps x ||h_def|| (C4)" if summary.get("relative")
+                      else "budget ||delta||_F <= eps (C4)")
         grid = summary["budgets"]
         if len(grid) > 1 and max(grid) / min(grid) >= 10:
             ax.set_xscale("log")

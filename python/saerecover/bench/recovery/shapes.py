@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from saerecover.core.clamp import Clamp
-from saerecover.core.examples import Examples, answer_logits
+from saerecover.core.examples import Examples
 from saerecover.core.sites import Site
+from saerecover.tasks.ioi import IOI
 
 
 @dataclass(frozen=True)
@@ -75,13 +76,8 @@ class LogitDifference:
     def examples(self) -> Examples:
         return self._examples
 
-    def score(self, logits: torch.Tensor, ex: Examples) -> torch.Tensor:
-        last = answer_logits(logits, ex).float()
-        rows = torch.arange(last.shape[0], device=last.device)
-        return last[rows, ex.targets["io"].to(last.device)] - last[rows, ex.targets["s"].to(last.device)]
-
-    def loss(self, logits: torch.Tensor, ex: Examples) -> torch.Tensor:
-        return -self.score(logits, ex)
+    score = IOI.score
+    loss = IOI.loss
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "n": len(self._examples)}

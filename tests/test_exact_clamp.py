@@ -95,6 +95,10 @@ def test_per_feature_clamp_sets_each_feature_to_its_value(site):
     assert (sc.mode, sc.where, sc.value.tolist()) == ("multiply", "active", [2.0])
     # z[:, 1] = [-1, 3]: only the active 3 is multiplied
     assert sc.apply(Z).tolist() == [[2.0, -1.0, 0.5], [0.0, 6.0, -2.0]]
+    # values and indices of other dtypes are stored as float32 and long
+    (sc,) = Clamp.per_feature(site, torch.tensor([1], dtype=torch.int32), torch.tensor([0.25], dtype=torch.float64)
+                              ).site_clamps
+    assert (sc.features.dtype, sc.value.dtype, sc.value.tolist()) == (torch.long, torch.float32, [0.25])
 
 
 @pytest.mark.parametrize("features, values, kw, match", [

@@ -22,8 +22,8 @@ from pathlib import Path
 
 DETECTED = {"killed", "timeout", "segfault", "caught by type check"}
 
-# A device expression: `dev`, `device`, or an attribute ending in `.device` (x.device, model.device).
-_DEVICE = r"(?:dev|device|[\w.\[\]\"']+\.device)"
+# A device expression: `dev`, `device`, an attribute ending in `.device` (x.device, model.device) or "cpu".
+_DEVICE = r"(?:dev|device|[\w.\[\]\"']+\.device|\"cpu\"|'cpu')"
 # Factories whose dtype defaults to float32, the dtype they were given.
 _F32_FACTORY = re.compile(r"torch\.(?:zeros|ones|empty|full|randn|rand)\(")
 
@@ -42,8 +42,8 @@ EQUIVALENT_LINES = {
 }
 
 RULES = {
-    "device": "a device argument (device=..., .to(<device>)) dropped or set to None: every tensor of a "
-              "CPU-only test run is on the CPU already, so no test here can tell (CUDA runs could)",
+    "device": "a device argument (device=..., .to(<device>), .to(\"cpu\", ...)) dropped or set to None: every "
+              "tensor of a CPU-only test run is on the CPU already, so no test here can tell (CUDA runs could)",
     "float32-default": "dtype=torch.float32 of a torch factory (zeros, ones, full, ...) dropped or set to "
                        "None: float32 is torch's default dtype",
     "most-common-first": "Counter.most_common(k)[0] is the most common element for every k >= 1 and None",

@@ -36,6 +36,7 @@ SCOPE=(
   "saerecover.linalg.xǁEncoderNullProjectorǁapply*"
   "saerecover.linalg.xǁEncoderNullProjectorǁ_apply_torch_device*"
   "saerecover.linalg.xǁEncoderNullProjectorǁ_device_basis*"
+  "saerecover.linalg.xǁBatchedJacobianNullǁ*"
   "saerecover.core.clamp.xǁSiteClampǁapply*"
   "saerecover.core.clamp.xǁSiteClampǁdefend*"
   "saerecover.core.clamp.xǁClampǁ__init__*"
@@ -46,6 +47,7 @@ SCOPE=(
   "saerecover.experiments.pipeline.x_behavior_scores*"
   "saerecover.experiments.pipeline.x__score_chunk*"
   "saerecover.experiments.pipeline.x_find_flips*"
+  "saerecover.models.memory.*"
   "saerecover.experiments.analysis.x_compare_value*"
   "saerecover.experiments.analysis.x__tensor_diff*"
   "saerecover.experiments.analysis.x__json_float*"
@@ -142,9 +144,10 @@ PY
 rust_mutants() {
   command -v cargo-mutants > /dev/null || { echo "cargo-mutants is missing: cargo install cargo-mutants --locked" >&2; exit 2; }
   # a copy of the crate, mutated in place there (the checkout is never touched); its target/
-  # persists between runs, so only the first run builds the optimised dependencies
+  # persists between runs, so only the first run builds the optimised dependencies; the copied
+  # files get the current time (tar -m), or cargo would keep a build newer than an older source
   mkdir -p "$WORK/rust"
-  (cd "$ROOT" && tar -cf - Cargo.toml Cargo.lock rust_core benches) | tar -xf - -C "$WORK/rust"
+  (cd "$ROOT" && tar -cf - Cargo.toml Cargo.lock rust_core benches) | tar -xmf - -C "$WORK/rust"
   cd "$WORK/rust"
   rm -rf mutants.out mutants.out.old
   local start=$SECONDS status=0

@@ -28,7 +28,7 @@ from saerecover.core.recovery import PROJECTIONS, ExampleOutcome, recover_batch
 from saerecover.core.shared import recover_shared
 from saerecover.experiments.baselines import Baseline
 from saerecover.models.base import ModelAdapter
-from saerecover.models.memory import is_out_of_memory, oom_label
+from saerecover.models.memory import first_line, free_cached_memory, is_out_of_memory, oom_label, run_in_chunks
 from saerecover.progress import progress_bar
 from saerecover.report.run import summary_table, write_report
 from saerecover.runs import RunDirectory, validate_name
@@ -103,29 +103,21 @@ def behavior_scores(defended: DefendedModel, task: Task, ex: Examples, *, with_c
 
     A task with a ``judge`` method (e.g. one that generates text and looks for a refusal)
     decides the behavior itself; otherwise B holds iff ``task.score(...) > 0``. On out of memory
-    (CUDA's or the CPU allocator's, saerecover.models.memory) a chunk is halved and retried, and the smaller size kept for the chunks after it;
-    one example that does not fit raises MemoryError. on_chunk: called with the number of
-    examples of each chunk scored (a progress bar's ``update``).
+    (CUDA's or the CPU allocator's) a chunk is halved and retried, and the smaller size kept
+    for the chunks after it (saerecover.models.memory.run_in_chunks); one example that does not
+    fit raises MemoryError naming it. on_chunk: called with the number of examples of each
+    chunk scored (a progress bar's ``update``).
     """
-    out: list[torch.Tensor] = []
-    size, start = max(1, int(batch_size)), 0
+    def score(start: int, stop: int) -> torch.Tensor:
+        scores = _score_chunk(defended, task, ex.select(list(range(start, stop))), with_clamp)
+        if on_chunk is not None:
+            on_chunk(stop - start)
+        return scores
+
     with torch.no_grad():
-        while start < len(ex):
-            stop = min(start + size, len(ex))
-            try:
-                out.append(_score_chunk(defended, task, ex.select(list(range(start, stop))), with_clamp))
-            except RuntimeError as err:  # out of memory (CUDA's or the CPU allocator's)
-                if not is_out_of_memory(err):
-                    raise
-                _free_cuda()
-                if stop - start == 1:
-                    raise MemoryError(f"{oom_label(err)} scoring one example ({ex.ids[start]!r}) "
-                                      f"{'with' if with_clamp else 'without'} the clamp: {_first_line(err)}") from err
-                size = (stop - start + 1) // 2
-                continue
-            if on_chunk is not None:
-                on_chunk(stop - start)
-            start = stop
+        out = run_in_chunks(len(ex), batch_size, score,
+                            what=f"scoring {'with' if with_clamp else 'without'} the clamp",
+                            name_item=lambda i: f"example {ex.ids[i]!r}")
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -135,11 +127,6 @@ def _score_chunk(defended: DefendedModel, task: Task, part: Examples, with_clamp
         return task.judge(defended, part, with_clamp=with_clamp).float().cpu()
     logits = defended.forward(part, defended=with_clamp).logits
     return task.score(logits, part).float().cpu()
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def find_flips(defended: DefendedModel, task: Task, ex: Examples, *, batch_size: int = 64,
@@ -257,11 +244,6 @@ def _next_chunk(todo: list[int], start: int, batch: int, lengths: torch.Tensor, 
     return chunk
 
 
-def _free_cuda() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _recover_fitting(run_chunk, chunk: list[int], emit, state: dict[str, int], retries: int = 0) -> None:
     """Run ``run_chunk(chunk)`` and pass ``emit(i, outcome, error, retries)`` each result. On an
     out-of-memory error (CUDA's or the CPU allocator's) the chunk is halved and each half
@@ -272,13 +254,12 @@ def _recover_fitting(run_chunk, chunk: list[int], emit, state: dict[str, int], r
     except RuntimeError as err:  # out of memory (CUDA's or the CPU allocator's)
         if not is_out_of_memory(err):
             raise
-        results, reason = None, str(err).strip().splitlines()[0] if str(err).strip() else oom_label(err)
-        label = oom_label(err)
+        results, reason, label = None, first_line(err), oom_label(err)
     if results is not None:
         for i, (oc, err_msg) in zip(chunk, results):
             emit(i, oc, err_msg, retries)
         return
-    _free_cuda()
+    free_cached_memory()
     if len(chunk) == 1:
         emit(chunk[0], None, f"{label} even with a batch of 1 ({reason})", retries)
         return

@@ -38,11 +38,13 @@ def first_line(err: BaseException) -> str:
 
 
 def run_in_chunks(n: int, batch_size: int, run: Callable[[int, int], T], *, what: str,
-                  on_halve: Callable[[int], None] | None = None) -> list[T]:
+                  on_halve: Callable[[int], None] | None = None,
+                  name_item: Callable[[int], str] | None = None) -> list[T]:
     """``run(start, stop)`` over ``[0, n)`` in chunks of at most ``batch_size``, in order; the
     results in order. On out of memory the chunk is halved and retried, and the smaller size
-    kept; a chunk of one that does not fit raises MemoryError naming ``what`` (the stage).
-    on_halve: called with the new size at each halving."""
+    kept; a chunk of one that does not fit raises MemoryError naming ``what`` (the stage) and
+    the item (``name_item(i)``, default ``"item i"``). on_halve: called with the new size at
+    each halving."""
     if isinstance(batch_size, bool) or int(batch_size) < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     out: list[T] = []
@@ -56,7 +58,8 @@ def run_in_chunks(n: int, batch_size: int, run: Callable[[int, int], T], *, what
                 raise
             free_cached_memory()
             if stop - start == 1:
-                raise MemoryError(f"{oom_label(err)} in {what} with a batch of 1 (item {start}): "
+                item = name_item(start) if name_item is not None else f"item {start}"
+                raise MemoryError(f"{oom_label(err)} in {what} with a batch of 1 ({item}): "
                                   f"{first_line(err)}") from err
             size = (stop - start + 1) // 2
             if on_halve is not None:

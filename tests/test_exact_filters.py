@@ -354,3 +354,98 @@ def test_tpp_pooled_stats_and_latent_selection():
     with pytest.raises(ValueError, match="top_n"):
         top_latents(s, 0)
     assert pooled_stats(model, site, tok, {"p": ["ta tb"]}, with_sae=False).z_class_mean == {}
+
+
+# --- the judge path of the pipeline, and the judge of a recovered response ----------------------
+
+
+def test_flips_of_a_judging_task_are_scored_in_halving_chunks():
+    # the scripted refusal task above (strict): base +1 -1 -1 +1 +1 +1, defended -1 -1 -1 +1 -1 -1.
+    # Its judge fails for more than 2 examples at once: batch 4 -> (0..4) fails, halves to
+    # (4 + 1) // 2 = 2, and 2 is kept: chunks (0, 2), (2, 4), (4, 6), in each pass.
+    from types import SimpleNamespace
+
+    from saerecover.experiments.pipeline import behavior_scores
+
+    task, ex = scripted(strict=True)
+    defended = SimpleNamespace(model=SimpleNamespace(device=torch.device("cpu")))  # no forward: must judge
+    judge, calls = task.judge, []
+
+    def judging(d, part, *, with_clamp):
+        assert d is defended
+        calls.append((list(part.ids), with_clamp))
+        if len(part) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return judge(d, part, with_clamp=with_clamp)
+
+    task.judge = judging
+    done: list[int] = []
+    base = behavior_scores(defended, task, ex, with_clamp=False, batch_size=4, on_chunk=done.append)
+    assert base.tolist() == [1.0, -1.0, -1.0, 1.0, 1.0, 1.0] and base.dtype == torch.float32
+    ids = list(ex.ids)
+    assert calls == [(ids[0:4], False), (ids[0:2], False), (ids[2:4], False), (ids[4:6], False)]
+    assert done == [2, 2, 2]
+    calls.clear()
+    flips = find_flips(defended, task, ex, batch_size=2)
+    assert flips.defended.tolist() == [-1.0, -1.0, -1.0, 1.0, -1.0, -1.0]
+    assert flips.valid.tolist() == [True, False, False, False, True, True]
+    assert [c[1] for c in calls] == [False] * 3 + [True] * 3
+    empty = behavior_scores(defended, task, ex.select([]), with_clamp=True)
+    assert empty.shape == (0,) and empty.dtype == torch.float32
+
+
+class RecordingRefusal(Refusal):
+    """The refusal task with generations chosen by the delta rows that act (``rows``)."""
+
+    by_rows: dict[str | None, list[str]] = {}
+
+    def generate_texts(self, defended, ex, *, with_clamp, deltas=None, reclamp=False, rows=None):
+        self.calls.append({"defended": defended, "ids": list(ex.ids), "with_clamp": with_clamp,
+                           "deltas": deltas, "reclamp": reclamp, "rows": rows})
+        return list(self.by_rows[rows][: len(ex)])
+
+
+@pytest.mark.parametrize("generation_deltas", ["prompt", "all"])
+def test_the_judge_of_a_recovery_notes_both_delta_row_choices(generation_deltas):
+    # two requests, prompt lengths 2 and 1, width 3. Delta rows after the prompt: example 0 has
+    # none (rows 0, 1 are its prompt), example 1 has row 2 non-zero -> some response row acts,
+    # so the judge generates twice: with its own rows (rows=None: the default) and the other.
+    #              default rows   other rows
+    # example 0    answer (+1)    refusal
+    # example 1    refusal (-1)   answer
+    tok = WordTokenizer()
+    task = RecordingRefusal(type("Stub", (), {"tokenizer": tok})(), ["r0", "r1"], strict=True,
+                            generation_deltas=generation_deltas)
+    task.calls = []
+    other = "all" if generation_deltas == "prompt" else "prompt"
+    task.by_rows = {None: [BASE_OK, REFUSAL], other: [REFUSAL, BASE_OK]}
+    task.base_texts = dict(zip(task.ids, [BASE_OK, BASE_OK]))
+    ex = examples([[1, 1, 1], [1, 1, 1]], prompt_len=torch.tensor([2, 1]))
+    ex.ids = list(task.ids)
+    delta = torch.zeros(2, 3, 4)
+    delta[1, 2, 0] = 0.5
+    defended = object()
+    got = task.judge(defended, ex, with_clamp=True, deltas={"site": delta}, reclamp=True)
+    assert got.tolist() == [1.0, -1.0]
+    assert [c["rows"] for c in task.calls] == [None, other]
+    for call in task.calls:
+        assert call["defended"] is defended and call["ids"] == ex.ids and call["with_clamp"] is True
+        assert call["deltas"]["site"] is delta and call["reclamp"] is True
+    first, second = (task.notes(eid)["recovered"] for eid in task.ids)
+    assert first[f"answered_{generation_deltas}_rows"] is True and first[f"answered_{other}_rows"] is False
+    assert second[f"answered_{generation_deltas}_rows"] is False and second[f"answered_{other}_rows"] is True
+    assert first[f"reference_non_refusal_{other}_rows"] is False
+    assert second[f"reference_non_refusal_{other}_rows"] is True
+    assert first["answered"] is True and second["answered"] is False
+
+    # a delta inside the prompts only: one generation, no per-rows notes, stage "recovered" still
+    task.calls = []
+    inside = torch.zeros(2, 3, 4)
+    inside[0, 1, 0] = inside[1, 0, 0] = 1.0
+    assert task.judge(defended, ex, with_clamp=True, deltas={"site": inside}).tolist() == [1.0, -1.0]
+    assert [c["rows"] for c in task.calls] == [None] and task.calls[0]["reclamp"] is False
+    assert not any(k.startswith("answered_") for k in task.notes(task.ids[0])["recovered"])
+    # no delta and no clamp: the stored base responses, no generation, stage "base"
+    task.calls = []
+    assert task.judge(defended, ex, with_clamp=False).tolist() == [1.0, 1.0] and task.calls == []
+    assert task.notes(task.ids[1])["base"]["answered"] is True

@@ -80,10 +80,3 @@ pub fn work_par(flops: f64) -> faer::Par {
         default_par()
     }
 }
-
-/// The extension module `saerecover._core`.
-#[cfg(feature = "python")]
-#[pyo3::pymodule]
-fn _core(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
-    python::register(m)
-}

@@ -18,7 +18,9 @@ use pyo3::prelude::*;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Mutex, Once};
 
-pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+/// The extension module `saerecover._core`.
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     quiet_panics();
     m.add_class::<EncoderNullBasis>()?;
     m.add_function(wrap_pyfunction!(jacobian_null_project, m)?)?;

@@ -174,6 +174,7 @@ pub(crate) mod tests {
         let (at, xt) = (cast::<T>(a.as_ref()), cast::<T>(x.as_ref()));
         let p = EncoderNullProjector::from_matrix(at.as_ref(), rcond, Par::Seq).unwrap();
         assert_eq!(p.rank(), q.ncols(), "rank ({} x {})", a.nrows(), a.ncols());
+        assert_eq!((p.d(), p.k()), a.shape());
         let mut y = Mat::<T>::zeros(x.nrows(), x.ncols());
         p.apply(y.as_mut(), xt.as_ref(), Par::Seq).unwrap();
         let ratio = orthogonality_ratio(widen(at.as_ref()).as_ref(), xt.as_ref(), y.as_ref());

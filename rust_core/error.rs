@@ -152,3 +152,50 @@ impl fmt::Display for ProjectionError {
 }
 
 impl std::error::Error for ProjectionError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn oom(call: &str) -> ProjectionError {
+        ProjectionError::OutOfMemory {
+            call: call.to_string(),
+            buffer: "the basis",
+            bytes: 3 << 20,
+        }
+    }
+
+    #[test]
+    fn the_first_call_named_is_kept() {
+        let named = oom("").during(|| "factoring A".to_string());
+        assert_eq!(named, oom("factoring A"));
+        assert_eq!(named.clone().during(|| "an outer call".to_string()), named);
+        let other = ProjectionError::InvalidRcond { value: -1.0 };
+        assert_eq!(other.clone().during(|| "x".to_string()), other);
+        assert_eq!(
+            named.to_string(),
+            "out of memory while factoring A: allocating 3145728 bytes (3.0 MiB) for the basis failed"
+        );
+        assert!(oom("")
+            .to_string()
+            .starts_with("out of memory while a projection: "));
+    }
+
+    #[test]
+    fn overflow_names_the_largest_value_of_its_type() {
+        let overflow = |dtype| ProjectionError::Overflow {
+            arg: "X",
+            shape: (2, 3),
+            at: (1, 2),
+            dtype,
+        };
+        assert_eq!(
+            overflow("float32").to_string(),
+            "the projection of X overflows float32 at [1, 2]: the exact result exceeds the largest \
+             float32, 3.4028235e38; X has shape (2, 3) (scale X down)"
+        );
+        assert!(overflow("float64")
+            .to_string()
+            .contains("the largest float64, 1.7976931348623157e308;"));
+    }
+}

@@ -212,7 +212,7 @@ fn svd_route<TJ: Real, T: Real>(
     check_finite("J", j)?;
     check_finite("G", batch.g())?;
     // faer's SVD loses time to threads when the smaller side is small (see `factor_par`)
-    let factor = if j.nrows().min(j.ncols()) <= 256 {
+    let factor = if crate::factor_on_one_thread(j.nrows(), j.ncols()) {
         Par::Seq
     } else {
         par
@@ -1234,6 +1234,192 @@ mod tests {
         let (_, info, r) = run_route::<f64, f64>(&j, &g, None, JacobianRoute::Auto);
         assert_eq!((info.route, info.rank), (JacobianRoute::Svd, 3));
         assert!(r < 1e-12);
+    }
+
+    fn diag(values: &[f64]) -> Mat<f64> {
+        Mat::from_fn(values.len(), values.len(), |i, k| {
+            if i == k {
+                values[i]
+            } else {
+                0.0
+            }
+        })
+    }
+
+    /// The float64, float32 and forced limits at a rank threshold far below round-off.
+    const F64: Limits = Limits {
+        threshold: 1e-30,
+        floor: 1e-6,
+    };
+    const F32: Limits = Limits {
+        threshold: 1e-30,
+        floor: 1e-12,
+    };
+    const FORCED: Limits = Limits {
+        threshold: 1e-30,
+        floor: 0.0,
+    };
+
+    fn verdict(values: &[f64], limits: Limits) -> &'static str {
+        let c = Mat::from_fn(values.len(), 2, |i, k| (1 + i + k) as f64);
+        match cholesky_coeffs(diag(values).as_ref(), c.as_ref(), limits, Par::Seq).unwrap() {
+            Cholesky::Solved(_) => "solved",
+            Cholesky::Undecided => "undecided",
+            Cholesky::Declines => "declines",
+        }
+    }
+
+    #[test]
+    fn cholesky_verdicts_on_hand_spectra() {
+        assert_eq!(
+            (F64.floor, F32.floor),
+            (
+                gram_max_cond::<f64>().powi(-2),
+                gram_max_cond::<f32>().powi(-2)
+            )
+        );
+        // M = diag(2, 3e-6): 1 / trace(M^-1) = 1 / (0.5 + 333333.3) = 3.0e-6 > 1e-6 * ||M||_inf = 2e-6
+        assert_eq!(verdict(&[2.0, 3e-6], F64), "solved");
+        // M = diag(2, 1.5e-6): the bound 1.5e-6 is not above 2e-6 (above 1e-6 / 2, the wrong way
+        // round, it would be); the Rayleigh quotient 1.5e-6 is below 1e-6 * 2: declines
+        assert_eq!(verdict(&[2.0, 1.5e-6], F64), "declines");
+        // three eigenvalues 2e-6: the bound 1 / (1 + 1.5e6) = 6.7e-7 settles nothing, the
+        // quotient 2e-6 is above the floor: the eigendecomposition decides
+        assert_eq!(verdict(&[1.0, 2e-6, 2e-6, 2e-6], F64), "undecided");
+        // 1e-14: too small for a bound to settle the float32 floor (1e-12, near round-off), and
+        // a forced route inverts what is above the noise level: both to the eigendecomposition
+        assert_eq!(verdict(&[1.0, 1e-14], F32), "undecided");
+        assert_eq!(verdict(&[1.0, 1e-14], FORCED), "undecided");
+        // not positive definite: shifted by a quarter of the floor (2.5e-7) the zero eigenvalue
+        // is found by three steps of inverse iteration (a shift of 0.25 would not find it)
+        assert_eq!(verdict(&[1.0, 0.5, 0.0], F64), "declines");
+        assert_eq!(verdict(&[1.0, 0.5, 0.0], F32), "undecided");
+    }
+
+    fn certainly(values: &[f64], floor: f64) -> bool {
+        let gram = diag(values);
+        let l = cholesky_factor(gram.as_ref(), 0.0, Par::Seq)
+            .unwrap()
+            .unwrap();
+        let top = values.iter().copied().fold(0.0, f64::max); // both bounds, for a diagonal M
+        let limits = Limits {
+            threshold: 1e-30,
+            floor,
+        };
+        certainly_declines(gram.as_ref(), l.as_ref(), (top, top), limits, Par::Seq).unwrap()
+    }
+
+    #[test]
+    fn certainly_declines_counts_the_round_off_of_its_quotient() {
+        // quotient 1e-6, round-off bound (1e-12 + 2 eps) * 2: 1e-6 + 2e-12 < 1e-6 * 2
+        assert!(certainly(&[2.0, 1e-6], 1e-6));
+        // 5e-13 below the floor is within the round-off bound (1.0004e-12): not certain
+        assert!(!certainly(&[1.0, 1e-6 - 5e-13], 1e-6));
+        // 2e-12 below it is beyond: certain
+        assert!(certainly(&[1.0, 1e-6 - 2e-12], 1e-6));
+        // the floor is relative to lambda_max (3): 4e-6 is above 3e-6, 2e-6 below
+        assert!(!certainly(&[1.0, 4e-6, 3.0], 1e-6));
+        assert!(certainly(&[1.0, 2e-6, 3.0], 1e-6));
+    }
+
+    fn eigen(
+        values: &[f64],
+        threshold: f64,
+        floor: f64,
+        forced: bool,
+    ) -> Option<(Vec<f64>, usize)> {
+        let c = Mat::from_fn(values.len(), 1, |i, _| 1.0 + i as f64);
+        let limits = Limits { threshold, floor };
+        eigen_coeffs(diag(values).as_ref(), c.as_ref(), limits, forced, Par::Seq)
+            .unwrap()
+            .map(|(w, rank)| ((0..values.len()).map(|i| w[(i, 0)]).collect(), rank))
+    }
+
+    #[test]
+    fn eigen_coeffs_keep_drop_and_decline_by_hand() {
+        // W = M^+ C on the kept eigenvalues: C = (1, 2, 3), M = diag(2, 0.5, 1e-30), the
+        // threshold 0.01 x 2 (far from every eigenvalue: nothing ambiguous)
+        let (w, rank) = eigen(&[2.0, 0.5, 1e-30], 0.01, 1e-6, false).unwrap();
+        assert_eq!(rank, 2);
+        let want = [0.5, 4.0, 0.0];
+        assert!(
+            w.iter().zip(want).all(|(x, y)| (x - y).abs() < 1e-15),
+            "{w:?}"
+        );
+        // a zero-ish eigenvalue near a tiny threshold is ambiguous (within 1e-12 x 2 of 2e-20)
+        assert_eq!(eigen(&[2.0, 0.5, 1e-30], 1e-20, 1e-6, false), None);
+        // forced: an eigenvalue exactly at the threshold (0.25 of 1) or below the noise level
+        // (1e-12 of 1) is dropped (the solver returns a diagonal 1e-12 as 1.00003e-12: round-off
+        // of the order of eps x lambda_max, so "exactly at the noise level" cannot be set up)
+        assert_eq!(eigen(&[1.0, 0.25], 0.25, 0.0, true).map(|e| e.1), Some(1));
+        assert_eq!(eigen(&[1.0, 0.9e-12], 0.0, 0.0, true).map(|e| e.1), Some(1));
+        assert_eq!(eigen(&[1.0, 1.1e-12], 0.0, 0.0, true).map(|e| e.1), Some(2));
+        // not forced: exactly at the threshold is ambiguous; kept below the floor is ill
+        assert_eq!(eigen(&[1.0, 1e-4], 1e-4, 0.0, false), None);
+        assert_eq!(eigen(&[1.0, 1e-8], 1e-30, 1e-6, false), None);
+        // the floor is relative to lambda_max: 1.5e-6 is below 1e-6 x 2
+        assert_eq!(eigen(&[2.0, 1.5e-6], 1e-30, 1e-6, false), None);
+        assert_eq!(
+            eigen(&[1.0, 2e-6], 1e-30, 1e-6, false).map(|e| e.1),
+            Some(2)
+        );
+        // the noise level scales with lambda_max: 1e-12 from the threshold 2e-4 is within
+        // 1e-12 * 2, ambiguous; 3e-12 from it is not
+        assert_eq!(eigen(&[2.0, 2e-4 + 1e-12], 1e-4, 0.0, false), None);
+        assert_eq!(
+            eigen(&[2.0, 2e-4 + 3e-12], 1e-4, 0.0, false).map(|e| e.1),
+            Some(2)
+        );
+    }
+
+    #[test]
+    fn column_blocks_and_thread_chunks() {
+        // 2^15 values of J per block row, between 256 and 8192 columns
+        assert_eq!(block_width(16, 5), 2048);
+        assert_eq!(block_width(5, 16), 2048);
+        assert_eq!((block_width(0, 0), block_width(1, 1)), (8192, 8192));
+        assert_eq!(block_width(1000, 3), 256);
+        // one contiguous range per thread, at least 4096 columns each, none empty
+        assert_eq!(column_chunks(0, Par::rayon(4)), vec![]);
+        assert_eq!(column_chunks(9000, Par::Seq), vec![(0, 9000)]);
+        assert_eq!(
+            column_chunks(9000, Par::rayon(4)),
+            vec![(0, 3000), (3000, 6000), (6000, 9000)]
+        );
+        assert_eq!(column_chunks(4096, Par::rayon(4)), vec![(0, 4096)]);
+    }
+
+    #[test]
+    fn gram_route_fast_paths_tolerance_and_range() {
+        let mut rng = rng(33);
+        let g = gaussian(&mut rng, 3, 20);
+        // a zero J is settled by the Gram pass: rank 0, G unchanged
+        let (y, info, _) = run_route::<f64, f64>(&Mat::zeros(4, 20), &g, None, JacobianRoute::Auto);
+        assert_eq!(
+            (y, info.rank, info.route),
+            (g.clone(), 0, JacobianRoute::Gram)
+        );
+        // rcond applies to singular values, i.e. rcond^2 to eigenvalues: sigma (1, 1e-5) keeps
+        // both with rcond 1e-6 (the SVD route: 1e-10 is below the float64 floor) ...
+        let j = with_singular_values(&mut rng, 20, &[1.0, 1e-5])
+            .transpose()
+            .to_owned();
+        let (_, info, r) = run_route::<f64, f64>(&j, &g, Some(1e-6), JacobianRoute::Auto);
+        assert_eq!((info.rank, info.route), (2, JacobianRoute::Svd));
+        assert!(r < 1e-12, "{r:e}");
+        // ... and drops the second with rcond 1e-4, on the Gram route
+        let (_, info, _) = run_route::<f64, f64>(&j, &g, Some(1e-4), JacobianRoute::Auto);
+        assert_eq!((info.rank, info.route), (1, JacobianRoute::Gram));
+        // J ~ 1e-100 and G ~ 1e110: W ~ 1e210, |W| ||J_i|| ~ 1e110 stays on the Gram route
+        let j = gaussian(&mut rng, 5, 20) * faer::Scale(1e-100);
+        let big = &g * faer::Scale(1e110);
+        let (y, info, _) = run_route::<f64, f64>(&j, &big, None, JacobianRoute::Auto);
+        let (reference, svd, _) = run_route::<f64, f64>(&j, &big, None, JacobianRoute::Svd);
+        assert_eq!(
+            (info.rank, info.route, svd.rank),
+            (5, JacobianRoute::Gram, 5)
+        );
+        assert!(max_abs_diff(y.as_ref(), reference.as_ref()) < 1e-12 * big.norm_max());
     }
 
     #[test]

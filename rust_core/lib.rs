@@ -62,11 +62,17 @@ fn global_pool_started() -> bool {
 /// most 256 (faer's SVD loses time to threads there: 768 x 64 took 4.8 ms on 4 threads and 7.0
 /// ms on 16, see docs/linalg.md), else [`default_par`].
 pub fn factor_par(nrows: usize, ncols: usize) -> faer::Par {
-    if nrows.min(ncols) <= 256 {
+    if factor_on_one_thread(nrows, ncols) {
         faer::Par::Seq
     } else {
         default_par()
     }
+}
+
+/// Whether factoring an `nrows x ncols` matrix is faster on one thread (the smaller side at
+/// most 256; see [`factor_par`]).
+pub(crate) fn factor_on_one_thread(nrows: usize, ncols: usize) -> bool {
+    nrows.min(ncols) <= 256
 }
 
 /// Parallelism for a call of about `flops` floating-point operations: `Par::Seq` below 1e7
@@ -78,5 +84,28 @@ pub fn work_par(flops: f64) -> faer::Par {
         faer::Par::Seq
     } else {
         default_par()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use faer::Par;
+
+    #[test]
+    fn parallelism_follows_the_documented_thresholds() {
+        // every thread of rayon's pool, or one when it has one
+        let all = default_par();
+        match rayon::current_num_threads() {
+            1 => assert_eq!(all, Par::Seq),
+            n => assert_eq!(all, Par::rayon(n)),
+        }
+        assert!(factor_on_one_thread(256, 100_000) && factor_on_one_thread(100_000, 256));
+        assert!(!factor_on_one_thread(257, 257));
+        assert_eq!(factor_par(256, 4096), Par::Seq);
+        assert_eq!(factor_par(257, 4096), all);
+        assert_eq!(work_par(9.99e6), Par::Seq);
+        assert_eq!(work_par(1e7), all);
+        assert_eq!(work_par(1e12), all);
     }
 }

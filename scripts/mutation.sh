@@ -6,6 +6,7 @@
 #   scripts/mutation.sh python-again  after new tests: rerun only the mutants the last `python` run
 #                                did not kill (and those of functions changed since), keeping the rest
 #   scripts/mutation.sh rust     cargo-mutants on rust_core with its own unit tests
+#   scripts/mutation.sh rust-again  after new Rust tests: only the mutants the last runs did not catch
 #   scripts/mutation.sh survivors  the hand-applied mutants of docs/mutation.md, each against its test
 #   scripts/mutation.sh all      all three (the default)
 #
@@ -142,19 +143,26 @@ PY
 }
 
 rust_mutants() {
+  # again=1: after new tests, only the mutants not caught before (cargo-mutants --iterate keeps
+  # the earlier outcomes in mutants.out and adds the new ones)
+  local again="${1:-0}"
   command -v cargo-mutants > /dev/null || { echo "cargo-mutants is missing: cargo install cargo-mutants --locked" >&2; exit 2; }
+  if [ "$again" = 1 ] && [ ! -d "$WORK/rust/mutants.out" ]; then
+    echo "no earlier run in $WORK/rust: run '$0 rust' first" >&2; exit 2
+  fi
   # a copy of the crate, mutated in place there (the checkout is never touched); its target/
   # persists between runs, so only the first run builds the optimised dependencies; the copied
   # files get the current time (tar -m), or cargo would keep a build newer than an older source
   mkdir -p "$WORK/rust"
   (cd "$ROOT" && tar -cf - Cargo.toml Cargo.lock rust_core benches) | tar -xmf - -C "$WORK/rust"
   cd "$WORK/rust"
-  rm -rf mutants.out mutants.out.old
+  local iterate=()
+  if [ "$again" = 1 ]; then iterate=(--iterate); else rm -rf mutants.out mutants.out.old; fi
   local start=$SECONDS status=0
   # python.rs is the pyo3 binding, compiled only with the "python" feature and tested through
   # the Python suite, so the Rust unit tests cannot see it (docs/mutation.md)
   cargo mutants --in-place --profile mutants --timeout "${MUTATION_RUST_TIMEOUT:-300}" \
-    --exclude rust_core/python.rs --cargo-test-arg=--lib || status=$?
+    --exclude rust_core/python.rs --cargo-test-arg=--lib "${iterate[@]}" || status=$?
   echo "cargo mutants: exit $status after $((SECONDS - start)) s (2 = some mutants missed, 3 = timeouts)"
   for f in caught missed timeout unviable; do
     printf '%-9s %5d\n' "$f" "$(wc -l < mutants.out/$f.txt)"
@@ -171,7 +179,8 @@ case "$WHAT" in
   python) python_mutants ;;
   python-again) python_again ;;
   rust) rust_mutants ;;
+  rust-again) rust_mutants 1 ;;
   survivors) survivors ;;
   all) (survivors); (python_mutants); (rust_mutants) ;;
-  *) echo "usage: $0 [python|python-again|rust|survivors|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [python|python-again|rust|rust-again|survivors|all]" >&2; exit 2 ;;
 esac

@@ -866,3 +866,66 @@ def test_checkpoints_fall_back_to_the_best_score_minus_weighted_drift():
     best.offer(3, torch.tensor([1.0, 1.0]), torch.tensor([0.1, 0.9]), torch.tensor([True, True]))
     assert best.restore({"s": d}) == [3, 0] and d.flatten().tolist() == [4.0, 0.0]
     assert best.fallback_weight is None and Checkpoints({"s": d}, 0.5, 1).fallback_weight == 1.0
+
+
+def test_checkpoint_candidates_are_the_first_every_kth_and_the_last_step():
+    # steps 0..9, every 4: the first (0), (step + 1) % 4 == 0 (3, 7), the last (9)
+    assert [s for s in range(10) if recovery._is_candidate(s, 10, 4)] == [0, 3, 7, 9]
+    assert [s for s in range(3) if recovery._is_candidate(s, 3, 10)] == [0, 2]
+    assert [s for s in range(1) if recovery._is_candidate(s, 1, 10)] == [0]
+
+
+class JudgingMargin(TokenMargin):
+    """The token margin as the loss, with the final behavior decided by a judge that records
+    what it was given and answers by hand."""
+
+    def __init__(self, verdicts):
+        super().__init__(0, 1)
+        self.verdicts, self.calls = verdicts, []
+
+    def judge(self, defended, ex, *, with_clamp, deltas=None, reclamp=False):
+        self.calls.append({"defended": defended, "ids": list(ex.ids), "with_clamp": with_clamp,
+                           "deltas": deltas, "reclamp": reclamp})
+        return torch.tensor(self.verdicts[: len(ex)])
+
+
+@pytest.mark.parametrize("reclamp", [False, True])
+def test_the_final_behavior_of_a_judging_task_is_its_judge(reclamp):
+    # one SGD step: delta = 0.1 u for both examples, a margin of 2.5 (1.6 with reclamp) that
+    # would count as recovered; the judge says -1 and 0, and 0 is not > 0: neither is recovered
+    dm, _ = linear_setup()
+    task = JudgingMargin([-1.0, 0.0])
+    ex = examples([[0, 0], [0, 0]])
+    cfg = RecoveryConfig(steps=1, lr=0.1, budget=2.0, optimizer="sgd", reclamp=reclamp)
+    outs = recover_batch(dm, task, ex, mode="none", cfg=cfg)
+    assert [(o.recovered, o.recovered_score) for o in outs] == [(False, -1.0), (False, 0.0)]
+    (call,) = task.calls
+    assert call["defended"] is dm and call["ids"] == ex.ids
+    assert call["with_clamp"] is True and call["reclamp"] is reclamp
+    (delta,) = call["deltas"].values()
+    assert list(call["deltas"]) == [HOOK] and not delta.requires_grad
+    torch.testing.assert_close(delta[:, 1], torch.tensor([[0.3, 0.4, 0.0]] * 2))
+    # a judge's +1 is recovered; a non-finite verdict is an error naming the example
+    task = JudgingMargin([1.0, math.nan])
+    outs = recover_batch(dm, task, examples([[0, 0]]), mode="none", cfg=cfg)
+    assert (outs[0].recovered, outs[0].recovered_score) == (True, 1.0)
+    with pytest.raises(FloatingPointError, match=r"non-finite final score for examples \['ex-1'\]"):
+        recover_batch(dm, task, ex, mode="none", cfg=cfg)
+
+
+def test_phi_relative_drift_and_floor_violation_of_hand_states():
+    # clamp feature 0 to 1: Phi_def = 1. One SGD step of lr 0.1 along -u (margin b - a):
+    # delta = [-0.3, -0.4, 0], Phi = relu(1 - 0.3) = 0.7: drift 0.3, all of it below the floor
+    dm, _ = linear_setup(value=1.0)
+    cfg = RecoveryConfig(steps=1, lr=0.1, budget=2.0, optimizer="sgd")
+    (out,) = recover_batch(dm, TokenMargin(1, 0), examples([[0, 0]]), mode="none", cfg=cfg)
+    assert out.metrics["phi_relative_drift"] == pytest.approx(0.3 / (1 + 1e-8), rel=1e-6)
+    assert out.metrics["phi_floor_violation"] == pytest.approx(0.3 / (1 + 1e-8), rel=1e-6)
+    # along +u (margin a - b): Phi = 1.3, drift 0.3, nothing below the floor
+    (out,) = recover_batch(dm, TokenMargin(0, 1), examples([[0, 0]]), mode="none", cfg=cfg)
+    assert out.metrics["phi_relative_drift"] == pytest.approx(0.3 / (1 + 1e-8), rel=1e-6)
+    assert out.metrics["phi_floor_violation"] == 0.0
+    # clamped to 0, Phi_def = 0: relative to nothing, both undefined
+    dm, _ = linear_setup(value=0.0)
+    (out,) = recover_batch(dm, TokenMargin(0, 1), examples([[0, 0]]), mode="none", cfg=cfg)
+    assert math.isnan(out.metrics["phi_relative_drift"]) and math.isnan(out.metrics["phi_floor_violation"])

@@ -14,7 +14,7 @@
 # compiled extension python/saerecover/_core*.so (maturin develop, or scripts/test.sh).
 # Environment: MUTATION_JOBS (parallel mutants, default: CPU count), MUTATION_DIR (work directory,
 # default .mutation/ in the repository; it is wiped first), MUTATION_RUST_TIMEOUT (seconds per
-# mutant's tests, default 300).
+# mutant's tests; default: cargo-mutants' own, from the unmutated tests' time).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 WHAT="${1:-all}"
@@ -161,7 +161,11 @@ rust_mutants() {
   local start=$SECONDS status=0
   # python.rs is the pyo3 binding, compiled only with the "python" feature and tested through
   # the Python suite, so the Rust unit tests cannot see it (docs/mutation.md)
-  cargo mutants --in-place --profile mutants --timeout "${MUTATION_RUST_TIMEOUT:-300}" \
+  # without MUTATION_RUST_TIMEOUT, cargo-mutants sets the limit from the unmutated tests' time
+  # (at least 20 s; they take about a second): a mutant that loops is given up on soon
+  local limit=()
+  [ -z "${MUTATION_RUST_TIMEOUT:-}" ] || limit=(--timeout "$MUTATION_RUST_TIMEOUT")
+  cargo mutants --in-place --profile mutants "${limit[@]}" \
     --exclude rust_core/python.rs --cargo-test-arg=--lib "${iterate[@]}" || status=$?
   echo "cargo mutants: exit $status after $((SECONDS - start)) s (2 = some mutants missed, 3 = timeouts)"
   for f in caught missed timeout unviable; do

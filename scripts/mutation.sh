@@ -116,12 +116,15 @@ python_again() {
   rm -rf saerecover tests pyproject.toml
   (cd "$ROOT/python" && tar --exclude=__pycache__ -cf - saerecover) | tar -xf -
   (cd "$ROOT" && tar --exclude=__pycache__ -cf - tests pyproject.toml) | tar -xf -
-  # a changed test selection makes mutmut discard every verdict; only added tests are wanted here
+  # a changed test selection makes mutmut discard every verdict; only added tests are wanted
+  # here. Which tests reach which function is collected again (the verdicts stay in the .meta
+  # files): changed code reaches other functions, and mutmut would trace only the new tests
   python3 - <<'PY'
 import hashlib, json, tomllib
 selection = tomllib.load(open("pyproject.toml", "rb"))["tool"]["mutmut"]["pytest_add_cli_args_test_selection"]
 state = json.load(open("mutants/mutmut-stats.json"))
 state["config_fingerprint"]["test_selection"] = hashlib.sha256(repr(tuple(selection)).encode()).hexdigest()[:12]
+state["tests_by_mangled_function_name"], state["duration_by_test"] = {}, {}
 json.dump(state, open("mutants/mutmut-stats.json", "w"))
 PY
   export PYTHONPATH="$WORK/python/mutants" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1

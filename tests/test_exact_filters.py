@@ -6,6 +6,7 @@ refusal strict valid set. Every case sits on a boundary that a weakened filter g
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -392,6 +393,16 @@ def test_flips_of_a_judging_task_are_scored_in_halving_chunks():
     assert [c[1] for c in calls] == [False] * 3 + [True] * 3
     empty = behavior_scores(defended, task, ex.select([]), with_clamp=True)
     assert empty.shape == (0,) and empty.dtype == torch.float32
+
+    def never(d, part, *, with_clamp):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    task.judge = never
+    for with_clamp, which in ((True, "with"), (False, "without")):
+        want = re.escape(f"CUDA out of memory in scoring {which} the clamp with a batch of 1 (example {ids[0]!r}): "
+                         "CUDA out of memory. Tried to allocate 9.00 GiB")
+        with pytest.raises(MemoryError, match=f"^{want}$"):
+            behavior_scores(defended, task, ex, with_clamp=with_clamp, batch_size=2)
 
 
 class RecordingRefusal(Refusal):

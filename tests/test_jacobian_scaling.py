@@ -253,3 +253,34 @@ def test_budget_steps_is_budget_step_for_every_example_at_once():
     for i in range(len(cases)):
         want = budget_step(old[i], step[i], null[i], float(budgets[i]))
         assert torch.allclose(got[i], want.double(), atol=1e-14, rtol=0), i
+
+
+@pytest.mark.parametrize("route", ["auto", "gram", "svd"])
+def test_batched_rows_near_the_ends_of_float64_keep_every_digit(route):
+    # problem 0: J = [[2, 0, 0]] removes e1; problem 1: J = [[0, 0, 0]] (zero) removes nothing;
+    # problem 2: J = [[0, 4, 0], [0, 0, 0]] removes e2 (its zero row changes nothing).
+    # G rows at 1e200, 1e-200, 3 and 0: scaled by a power of two and back, exact.
+    J = torch.tensor([[[2.0, 0, 0], [0, 0, 0]], [[0, 0, 0], [0, 0, 0]], [[0, 4.0, 0], [0, 0, 0]]],
+                     dtype=torch.float64)
+    J[0, 1] = J[0, 0]  # a repeated row: rank 1 all the same
+    rows = torch.tensor([[1e200, 3e200, -2e200], [1e-200, 3e-200, -2e-200], [1.0, 3.0, -2.0], [0.0, 0.0, 0.0]],
+                        dtype=torch.float64)
+    G = rows.expand(3, 4, 3).clone()
+    null = linalg.BatchedJacobianNull(J, route=route, dtype=torch.float64)
+    assert null.routes == {"auto": ["svd", "zero", "gram"], "gram": ["gram", "zero", "gram"],
+                           "svd": ["svd", "zero", "svd"]}[route]
+    y = null.apply(G)
+    want = G.clone()
+    want[0, :, 0] = 0.0
+    want[2, :, 1] = 0.0
+    assert y.dtype == torch.float64 and y.shape == (3, 4, 3)
+    scale = torch.tensor([1e200, 1e-200, 1.0, 1.0], dtype=torch.float64).view(1, 4, 1)
+    assert ((y - want).abs() / scale).max().item() <= 1e-15
+    assert torch.equal(y[1], G[1]) and bool((y[:, 3] == 0).all())
+    # the same factorization, another batch (two rows, float32): float64 out
+    y2 = null.apply(torch.ones(3, 2, 3))
+    assert y2.dtype == torch.float64
+    want2 = torch.tensor([[[0.0, 1.0, 1.0]] * 2, [[1.0, 1.0, 1.0]] * 2, [[1.0, 0.0, 1.0]] * 2], dtype=torch.float64)
+    assert (y2 - want2).abs().max().item() <= 1e-15
+    with pytest.raises(ValueError, match=r"J \(B, m, n\) and G \(B, r, n\) must agree"):
+        null.apply(torch.ones(2, 2, 3))

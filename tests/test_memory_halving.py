@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from saerecover.models.memory import is_out_of_memory, run_in_chunks
+from saerecover.models.memory import first_line, is_out_of_memory, oom_label, run_in_chunks
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -49,6 +49,21 @@ def test_other_errors_pass_and_one_item_that_does_not_fit_is_a_memory_error():
     assert is_out_of_memory(RuntimeError(CPU_OOM)) and not is_out_of_memory(RuntimeError("other"))
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         run_in_chunks(3, 0, run, what="a test")
+    # the caller names the item that does not fit
+    with pytest.raises(MemoryError, match=r"^CUDA out of memory in a test with a batch of 1 \(example 'b'\): "
+                                          r"CUDA out of memory\. Tried to allocate 2\.00 GiB$"):
+        run_in_chunks(3, 2, run, what="a test", name_item=lambda i: f"example {'abc'[i + 1]!r}")
+    run, _ = _failing_above(0, RuntimeError)
+    with pytest.raises(MemoryError, match=r"^out of memory in a test with a batch of 1 \(item 0\): DefaultCPUAllocator"):
+        run_in_chunks(3, 2, run, what="a test")
+
+
+def test_error_labels_and_first_lines():
+    assert oom_label(torch.cuda.OutOfMemoryError("x")) == "CUDA out of memory"
+    assert oom_label(RuntimeError(CPU_OOM)) == "out of memory"
+    assert first_line(RuntimeError("  first\nsecond  ")) == "first"
+    assert first_line(RuntimeError("   ")) == "RuntimeError"
+    assert first_line(MemoryError()) == "MemoryError"
 
 
 @pytest.fixture(scope="module")

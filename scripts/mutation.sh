@@ -146,11 +146,11 @@ PY
 }
 
 rust_mutants() {
-  # again=1: after new tests, only the mutants not caught before (cargo-mutants --iterate keeps
+  # rerun=1: after new tests, only the mutants not caught before (cargo-mutants --iterate keeps
   # the earlier outcomes in mutants.out and adds the new ones)
-  local again="${1:-0}"
+  local rerun="${1:-0}"
   command -v cargo-mutants > /dev/null || { echo "cargo-mutants is missing: cargo install cargo-mutants --locked" >&2; exit 2; }
-  if [ "$again" = 1 ] && [ ! -d "$WORK/rust/mutants.out" ]; then
+  if [ "$rerun" = 1 ] && [ ! -d "$WORK/rust/mutants.out" ]; then
     echo "no earlier run in $WORK/rust: run '$0 rust' first" >&2; exit 2
   fi
   # a copy of the crate, mutated in place there (the checkout is never touched); its target/
@@ -160,7 +160,7 @@ rust_mutants() {
   (cd "$ROOT" && tar -cf - Cargo.toml Cargo.lock rust_core benches) | tar -xmf - -C "$WORK/rust"
   cd "$WORK/rust"
   local iterate=()
-  if [ "$again" = 1 ]; then iterate=(--iterate); else rm -rf mutants.out mutants.out.old; fi
+  if [ "$rerun" = 1 ]; then iterate=(--iterate); else rm -rf mutants.out mutants.out.old; fi
   local start=$SECONDS status=0
   # python.rs is the pyo3 binding, compiled only with the "python" feature and tested through
   # the Python suite, so the Rust unit tests cannot see it (docs/mutation.md)

@@ -36,6 +36,18 @@ from saerecover.core.recovery import RecoveryConfig, recover_batch
 HOOK = "blocks.0.hook_resid_post"
 
 
+@pytest.fixture(params=["encoder blocks", "vjp blocks", "per example"])
+def jacobian_route(request, monkeypatch):
+    """Each way the Jacobian mode builds J (saerecover.core.projection.jacobian): blocks from the
+    encoder's constant derivative, blocks from one VJP per feature, or one dense J per example
+    (taken when Phi also covers a later site); the exact values are the same."""
+    if request.param == "vjp blocks":
+        monkeypatch.setattr(jacobian_mode.ExactJacobian, "_constant_derivative", lambda self, state: False)
+    elif request.param == "per example":
+        monkeypatch.setattr(jacobian_mode.ExactJacobian, "block_diagonal", property(lambda self: False))
+    return request.param
+
+
 # --- C4 in Jacobian mode: shortening a step, or pulling delta back along its null-space part ----
 
 
@@ -149,6 +161,7 @@ def test_encoder_mode_step_is_the_projected_gradient_then_the_budget():
     torch.testing.assert_close(out.tensors["delta"], torch.tensor([[0.0, 0.2, 0.0]]))
 
 
+@pytest.mark.usefixtures("jacobian_route")
 def test_jacobian_mode_step_and_budget():
     # clamp feature 0 to 1: z_0 = 1 at the answer row, the only Phi row (positions "answer"), so
     # J = e0^T there; the step is the projected gradient [0, 0.4, 0] as in encoder mode, and with
@@ -598,6 +611,7 @@ def test_best_checkpoint_under_a_drift_limit_in_the_loop():
     assert out.metrics["checkpoint_step"] == 0 and out.tensors["delta"].abs().sum() == 0
 
 
+@pytest.mark.usefixtures("jacobian_route")
 def test_jacobian_step_residual_of_a_step_along_a_dropped_direction():
     # Features 0 and 1 read e0 and 1e-3 e1 (W_enc columns), both set to 1: Phi = z at the answer
     # row, J = [[1, 0, 0], [0, 1e-3, 0]]. With rcond 1e-2 the second singular value (1e-3) counts as
@@ -618,6 +632,7 @@ def test_jacobian_step_residual_of_a_step_along_a_dropped_direction():
     assert out.tensors["delta"].abs().max() < 1e-6 and out.metrics["jacobian_step_residual"] == 0.0
 
 
+@pytest.mark.usefixtures("jacobian_route")
 def test_jacobian_mode_at_the_budget_takes_no_round_off_step():
     # step 0: 0.1 P u = [0, 0.4, 0] shortened to the budget 0.2 -> [0, 0.2, 0]. Step 1: the same
     # step from a delta on the budget sphere, along delta itself: pulled back along delta's null-space
@@ -734,6 +749,7 @@ def test_penalty_gradient_after_the_projection_in_sketch_mode():
     torch.testing.assert_close(outs[False].tensors["delta"], torch.tensor([[0.5, 0.4, 0.0]]))
 
 
+@pytest.mark.usefixtures("jacobian_route")
 def test_drift_corrections_follow_the_row_space_step_only():
     # clamp f0 to 1, start at [0.5, 0, 0]. Jacobian mode: the step is [0, 0.4, 0] (J = e0^T) ->
     # [0.5, 0.4, 0]; then 2 corrections of lr 0.05 on the penalty |relu(1 + d0) - 1| / (1 + 1e-8)
@@ -791,6 +807,7 @@ def test_early_stop_needs_a_score_above_the_margin():
     torch.testing.assert_close(out.tensors["delta"], torch.tensor([[0.6, 0.8, 0.0]]))
 
 
+@pytest.mark.usefixtures("jacobian_route")
 def test_jacobian_mode_per_example_budgets_and_a_second_step():
     # three examples, budgets 2, 0.2 and 0.3: the projected step [0, 0.4, 0] whole, shortened to
     # 0.2 and to 0.3; then a second step for the first, from delta = [0, 0.4, 0] in J's null space:
@@ -807,12 +824,14 @@ def test_jacobian_mode_per_example_budgets_and_a_second_step():
     assert [h["delta_norm"] for h in out.history] == pytest.approx([0.4, 0.8])
 
 
+@pytest.mark.usefixtures("jacobian_route")
 def test_jacobian_step_ratio_of_a_step_not_taken_is_zero():
     # at the budget the later steps are not taken (see above): their first-order drift is 0
     (out,) = run("jacobian", budget=0.2, steps=3, value=1.0)
     assert [h["first_order_drift"] for h in out.history] == [0.0, 0.0, 0.0]
 
 
+@pytest.mark.usefixtures("jacobian_route")
 def test_jacobian_step_residual_relative_to_a_small_jacobian():
     # as test_jacobian_step_residual_of_a_step_along_a_dropped_direction with W_enc columns
     # 0.5 e0 and 1e-3 e1 (features set to 1): ||J||_2 = 0.5, and the kept e1 part of the step moves

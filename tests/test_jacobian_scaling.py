@@ -284,3 +284,34 @@ def test_batched_rows_near_the_ends_of_float64_keep_every_digit(route):
     assert (y2 - want2).abs().max().item() <= 1e-15
     with pytest.raises(ValueError, match=r"J \(B, m, n\) and G \(B, r, n\) must agree"):
         null.apply(torch.ones(2, 2, 3))
+
+
+def test_the_torch_route_keeps_g_kind_and_names_what_is_wrong():
+    # J = [[2, 0, 0], [0, 0, 0]] (a zero row, left out): removes e1, by hand
+    J = np.array([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    g = torch.tensor([1.0, 2.0, 3.0])
+    y, route = linalg.jacobian_null_project_torch(J, g)
+    assert (y.tolist(), y.dtype, route) == ([0.0, 2.0, 3.0], torch.float32, "gram")
+    y, route = linalg.jacobian_null_project_torch(torch.from_numpy(J).float(), g.double().reshape(1, 3), route="svd")
+    assert (y.shape, y.dtype, route) == ((1, 3), torch.float64, "svd")
+    assert (y - torch.tensor([[0.0, 2.0, 3.0]], dtype=torch.float64)).abs().max() <= 1e-15
+    # rcond: singular values (1, 1e-3); 1e-2 drops the second, the default keeps it
+    J2 = np.diag([1.0, 1e-3, 0.0])[:2]
+    y, _ = linalg.jacobian_null_project_torch(J2, torch.ones(2, 3, dtype=torch.float64), rcond=1e-2)
+    assert y.tolist() == [[0.0, 1.0, 1.0]] * 2
+    y, _ = linalg.jacobian_null_project_torch(J2, torch.ones(2, 3, dtype=torch.float64))
+    assert (y - torch.tensor([[0.0, 0.0, 1.0]] * 2, dtype=torch.float64)).abs().max() <= 1e-12
+    # nothing to project: G itself, route "zero"
+    empty = torch.zeros(0, 3)
+    y, route = linalg.jacobian_null_project_torch(J, empty)
+    assert (y.shape, route) == ((0, 3), "zero")
+    # float16: v = (1, 1, 1, -1) / 2 takes 60000 v out of 60000 (1, 1, 1, 1): the last entry
+    # becomes 90000, beyond float16's largest value
+    with pytest.raises(ValueError, match=r"^the projection of G overflows float16 at \[0, 3\]"):
+        linalg.jacobian_null_project_torch(np.array([[1.0, 1.0, 1.0, -1.0]]), torch.full((1, 4), 6e4).half())
+    y, _ = linalg.jacobian_null_project_torch(np.array([[1.0, 1.0, 1.0, -1.0]]), torch.full((1, 4), 6.0).bfloat16())
+    assert (y.dtype, y.float().tolist()) == (torch.bfloat16, [[3.0, 3.0, 3.0, 9.0]])
+    with pytest.raises(TypeError, match="J must be a floating-point tensor, got torch.int64"):
+        linalg.jacobian_null_project_torch(torch.ones(1, 3, dtype=torch.long), g)
+    with pytest.raises(ValueError, match=r"J must be 2-D \(m, n\), got shape \(1, 1, 3\)"):
+        linalg.jacobian_null_project_torch(torch.ones(1, 1, 3), g)

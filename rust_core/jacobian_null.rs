@@ -1373,6 +1373,46 @@ mod tests {
     }
 
     #[test]
+    fn overflow_is_placed_in_the_column_of_its_block() {
+        // G 128 x 600 (blocks of 256 columns), row 5 = 3e38 at columns 300..304; J = (1, 1, 1, -1)
+        // there: g.v = 3e38 for v = J / 2, so column 303 becomes 3e38 + 1.5e38, beyond f32::MAX
+        let j = Mat::<f32>::from_fn(1, 600, |_, k| match k {
+            300..=302 => 1.0,
+            303 => -1.0,
+            _ => 0.0,
+        });
+        let g = Mat::<f32>::from_fn(128, 600, |i, k| {
+            if i == 5 && (300..304).contains(&k) {
+                3e38
+            } else {
+                0.0
+            }
+        });
+        assert_eq!(block_width(1, 128), 256);
+        for route in [JacobianRoute::Gram, JacobianRoute::Svd] {
+            let mut y = Mat::<f32>::zeros(128, 600);
+            let result = jacobian_null_project_with(
+                y.as_mut(),
+                j.as_ref(),
+                g.as_ref(),
+                None,
+                route,
+                Par::Seq,
+            );
+            assert_eq!(
+                result,
+                Err(ProjectionError::Overflow {
+                    arg: "G",
+                    shape: (128, 600),
+                    at: (5, 303),
+                    dtype: "float32"
+                }),
+                "{route:?}"
+            );
+        }
+    }
+
+    #[test]
     fn column_blocks_and_thread_chunks() {
         // 2^15 values of J per block row, between 256 and 8192 columns
         assert_eq!(block_width(16, 5), 2048);

@@ -150,9 +150,14 @@ fn gemm_buffer_bytes() -> usize {
 
 /// The sum of the sizes of the distinct level-3 caches listed under /sys/devices/system/cpu.
 fn total_l3_bytes() -> Option<usize> {
+    total_l3_bytes_in(std::path::Path::new("/sys/devices/system/cpu"))
+}
+
+/// [`total_l3_bytes`] of the `cpuN/cache/indexM/` entries under `root`.
+fn total_l3_bytes_in(root: &std::path::Path) -> Option<usize> {
     let mut seen = std::collections::HashSet::new();
     let mut total = 0usize;
-    for cpu in std::fs::read_dir("/sys/devices/system/cpu").ok()?.flatten() {
+    for cpu in std::fs::read_dir(root).ok()?.flatten() {
         let name = cpu.file_name();
         let name = name.to_str().unwrap_or("");
         if !(name.starts_with("cpu") && name[3..].bytes().all(|b| b.is_ascii_digit())) {
@@ -196,6 +201,7 @@ mod tests {
         assert_eq!(parse_size("32768K"), Some(32 << 20));
         assert_eq!(parse_size("2M"), Some(2 << 20));
         assert_eq!(parse_size("512"), Some(512));
+        assert_eq!(parse_size("1G"), Some(1 << 30));
         assert_eq!(parse_size("x"), None);
         assert!(gemm_buffer_bytes() >= 8 << 20);
         // an impossible size is an error, not an abort
@@ -211,5 +217,31 @@ mod tests {
         assert!(try_scratch("scratch", StackReq::new::<f64>(usize::MAX / 16)).is_err());
         prepare_threads(Par::rayon(2)).unwrap();
         assert!(GEMM_READY.with(Cell::get));
+    }
+
+    #[test]
+    fn level_3_caches_are_summed_once_per_sharing_set() {
+        let root = std::env::temp_dir().join(format!("saerecover-sysfs-{}", std::process::id()));
+        let cache = |cpu: &str, index: &str, level: &str, size: &str, shared: &str| {
+            let dir = root.join(cpu).join("cache").join(index);
+            std::fs::create_dir_all(&dir).unwrap();
+            for (file, text) in [
+                ("level", level),
+                ("size", size),
+                ("shared_cpu_list", shared),
+            ] {
+                std::fs::write(dir.join(file), format!("{text}\n")).unwrap();
+            }
+        };
+        assert_eq!(total_l3_bytes_in(&root), None); // no such directory
+        std::fs::create_dir_all(root.join("cpu3")).unwrap(); // no cache directory
+        assert_eq!(total_l3_bytes_in(&root), None); // nothing found: None, not Some(0)
+        cache("cpu0", "index3", "3", "32768K", "0-1");
+        cache("cpu0", "index2", "2", "1M", "0"); // level 2: not counted
+        cache("cpu1", "index3", "3", "32768K", "0-1"); // the same cache as cpu0's
+        cache("cpu2", "index3", "3", "16M", "2");
+        cache("cpufreq", "index3", "3", "1G", "9"); // not a cpuN directory
+        assert_eq!(total_l3_bytes_in(&root), Some(48 << 20));
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

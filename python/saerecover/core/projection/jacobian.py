@@ -149,15 +149,8 @@ def batched_vjp_jacobian(phi: torch.Tensor, deltas: Mapping[str, torch.Tensor], 
         return {nm: deltas[nm].new_zeros((0, *deltas[nm].shape)) for nm in names}
     seeds = torch.zeros((k, *phi.shape), dtype=phi.dtype, device=phi.device)
     seeds[torch.arange(k, device=phi.device), :, coords.to(phi.device)] = 1.0
-    try:
-        grads = torch.autograd.grad(phi, [deltas[nm] for nm in names], grad_outputs=seeds,
-                                    is_grads_batched=True, retain_graph=True, allow_unused=True)
-    except RuntimeError:  # an op without a batching rule: one product at a time
-        per = [torch.autograd.grad(phi, [deltas[nm] for nm in names], grad_outputs=seeds[j],
-                                   retain_graph=True, allow_unused=True) for j in range(k)]
-        grads = tuple(torch.stack([p[i] if p[i] is not None else torch.zeros_like(deltas[nm]) for p in per])
-                      for i, nm in enumerate(names))
-    return {nm: (g if g is not None else deltas[nm].new_zeros((k, *deltas[nm].shape))) for nm, g in zip(names, grads)}
+    grads = _batched_products(phi, [deltas[nm] for nm in names], names, deltas, seeds)
+    return dict(zip(names, grads))
 
 
 def example_jacobians(jac: Mapping[str, torch.Tensor], mask: torch.Tensor) -> list[torch.Tensor]:

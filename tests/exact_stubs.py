@@ -138,3 +138,21 @@ def examples(input_ids: Sequence[Sequence[int]], answer_pos: Sequence[int] | Non
                   targets=dict(targets))
     ex.validate()
     return ex
+
+
+class Scored:
+    """A generation-judged task's score and loss without its judge (no generation): recovery only."""
+
+    name = "scored"
+
+    def __init__(self, task):
+        self.task = task
+
+    def score(self, logits, ex):
+        return self.task.score(logits, ex)
+
+    def loss(self, logits, ex):
+        return self.task.loss(logits, ex)
+
+    def describe(self):
+        return {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from exact_stubs import Scored
 from saerecover import linalg
 from saerecover.core.config import RecoveryConfig
 from saerecover.core.defended import DefendedModel
@@ -25,21 +26,6 @@ from saerecover.core.recovery import RECTIFIED_ARCHITECTURES, recover_batch
 from saerecover.experiments.refusal import DEFAULT_TOY_SITES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-class Scored:
-    """The refusal task's score and loss without its judge (no generation): recovery only."""
-
-    name = "scored"
-
-    def __init__(self, task):
-        self.task = task
-
-    def score(self, logits, ex):
-        return self.task.score(logits, ex)
-
-    def loss(self, logits, ex):
-        return self.task.loss(logits, ex)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from exact_stubs import Scored
 from saerecover.core.checkpoints import Checkpoints
 from saerecover.core.config import RecoveryConfig
 from saerecover.core.defended import DefendedModel
@@ -33,24 +34,6 @@ def toy():
     world = toy_world.load(device="cpu")
     setting = toy_setting(world, n=8, n_contrast=24, max_new_tokens=12)
     return world, setting
-
-
-class Scored:
-    """The refusal task's score and loss without its judge (no generation): recovery only."""
-
-    name = "scored"
-
-    def __init__(self, task):
-        self.task = task
-
-    def score(self, logits, ex):
-        return self.task.score(logits, ex)
-
-    def loss(self, logits, ex):
-        return self.task.loss(logits, ex)
-
-    def describe(self):
-        return {}
 
 
 def _sites(setting):

@@ -97,11 +97,8 @@ impl SpanBasis {
     ) -> Result<Self, ProjectionError> {
         let (nrows, ncols) = m.shape();
         let rcond = rcond.unwrap_or_else(|| Self::default_rcond(nrows, ncols));
-        let max_abs = if nrows * ncols == 0 {
-            0.0
-        } else {
-            m.norm_max().to_f64()
-        };
+        // 0 for an empty matrix too (faer's norm_max)
+        let max_abs = m.norm_max().to_f64();
         if max_abs == 0.0 {
             return Ok(Self::from_parts(
                 Mat::zeros(nrows, 0),
@@ -272,9 +269,7 @@ impl SpanBasis {
             at,
             dtype: T::NAME,
         };
-        // threads share the rows; a share of fewer than 16 rows is not worth a thread (faer's
-        // own threads lose there too: d = 4096, k = 64, n = 1 took 92 us on two, 28 us on one)
-        let parts = par.degree().max(1).min(n / 16).max(1);
+        let parts = row_shares(par, n);
         let run = |(start, mut dst): (usize, MatMut<'_, T>)| -> Result<bool, ProjectionError> {
             let mut coeff = try_zeros::<T>(
                 "the coefficients of a block of rows",
@@ -328,6 +323,13 @@ impl SpanBasis {
             .collect::<Result<Vec<_>, _>>()
             .map(|_| true)
     }
+}
+
+/// How many threads share `n` rows: each takes a contiguous share, and a share of fewer than 16
+/// rows is not worth a thread (faer's own threads lose there too: d = 4096, k = 64, n = 1 took
+/// 92 us on two, 28 us on one).
+fn row_shares(par: Par, n: usize) -> usize {
+    par.degree().max(1).min(n / 16).max(1)
 }
 
 /// Rows whose largest entry is at most this cannot overflow in [`products`]: `|C_ik| <=
@@ -502,15 +504,6 @@ fn col_piv_qr_basis(
     }
     let diag: Vec<f64> = (0..size).map(|i| qr[(i, i)].abs()).collect();
     let rank = kept(&diag, rcond);
-    let householder = try_mat("the Householder vectors", nrows, size, |i, j| {
-        if i > j {
-            qr[(i, j)]
-        } else if i == j {
-            1.0
-        } else {
-            0.0
-        }
-    })?;
     let mut q = try_mat(
         "the basis",
         nrows,
@@ -519,8 +512,10 @@ fn col_piv_qr_basis(
     )?;
     let req = apply_block_householder_sequence_on_the_left_in_place_scratch::<f64>(nrows, bs, rank);
     let mut buf = try_scratch("the Householder application's workspace", req)?;
+    // the Householder vectors lie below the diagonal of the factored matrix; faer reads them as
+    // a unit lower-trapezoidal basis (neither the diagonal, which holds R's, nor above it)
     apply_block_householder_sequence_on_the_left_in_place_with_conj(
-        householder.as_ref(),
+        qr.as_ref().subcols(0, size),
         q_coeff.as_ref(),
         Conj::No,
         q.as_mut(),
@@ -618,6 +613,137 @@ mod tests {
                 assert_eq!((b.nrows(), b.ncols(), b.rank()), (d, k, 0));
                 assert_eq!(b.tolerance(), 0.0);
             }
+        }
+    }
+    #[test]
+    fn accessors_report_what_was_used() {
+        let a = gaussian(&mut rng(4), 9, 3);
+        for method in [Factorization::Svd, Factorization::ColPivQr] {
+            let b = SpanBasis::from_columns("A", a.as_ref(), None, method, Par::Seq).unwrap();
+            assert_eq!(b.method(), method);
+            assert_eq!(b.rcond(), SpanBasis::default_rcond(9, 3));
+            assert_eq!(b.rcond(), 9.0 * f64::EPSILON);
+            assert_eq!(b.tolerance(), b.rcond() * b.diag()[0]);
+            let given =
+                SpanBasis::from_columns("A", a.as_ref(), Some(0.25), method, Par::Seq).unwrap();
+            assert_eq!(given.rcond(), 0.25);
+        }
+    }
+
+    #[test]
+    fn blocks_stay_in_cache_and_amortize_the_basis() {
+        // 512 KiB of rows, at least min(r, 256) rows, at least 8
+        assert_eq!(block_rows::<f64>(4096, 4), 16);
+        assert_eq!(block_rows::<f32>(4096, 4), 32);
+        assert_eq!(block_rows::<f64>(3, 1), 21845);
+        assert_eq!(block_rows::<f64>(4096, 64), 64);
+        assert_eq!(block_rows::<f64>(4096, 1000), 256);
+        assert_eq!(block_rows::<f64>(1 << 20, 1), 8);
+        assert_eq!(block_rows::<f64>(0, 0), 1 << 19);
+    }
+
+    #[test]
+    fn threads_share_rows_sixteen_at_least() {
+        assert_eq!(row_shares(Par::Seq, 1000), 1);
+        assert_eq!(row_shares(Par::rayon(2), 0), 1);
+        assert_eq!(row_shares(Par::rayon(2), 31), 1);
+        assert_eq!(row_shares(Par::rayon(2), 32), 2);
+        assert_eq!(row_shares(Par::rayon(4), 40), 2);
+        assert_eq!(row_shares(Par::rayon(4), 64), 4);
+        assert_eq!(row_shares(Par::rayon(4), 100_000), 4);
+    }
+
+    /// `project_rows` says whether its check found a non-finite value, for a basis of lower
+    /// rank (the blocked products) and of full rank (a zero result without products).
+    #[test]
+    fn project_rows_reports_what_its_check_found() {
+        let mut rng = rng(5);
+        let x = gaussian(&mut rng, 40, 4);
+        let mut bad = x.clone();
+        bad[(33, 2)] = f64::NAN;
+        for k in [1, 4] {
+            let a = gaussian(&mut rng, 4, k);
+            let b = SpanBasis::from_columns("A", a.as_ref(), None, Factorization::Svd, Par::Seq)
+                .unwrap();
+            let run = |src: &Mat<f64>, check: bool| {
+                let mut y = Mat::<f64>::zeros(40, 4);
+                let clean = b
+                    .project_rows("X", y.as_mut(), Some(src.as_ref()), check, Par::Seq)
+                    .unwrap();
+                (clean, y)
+            };
+            let (clean, y) = run(&x, true);
+            assert!(clean, "k={k}");
+            assert_eq!(y, project(&b, x.as_ref()));
+            assert!(!run(&bad, true).0, "k={k}");
+            // unchecked: the caller vouched for the input; nothing is reported
+            assert!(run(&bad, false).0, "k={k}");
+            let mut z = x.clone();
+            assert!(b
+                .project_rows("X", z.as_mut(), None, true, Par::Seq)
+                .unwrap());
+            assert_eq!(z, y);
+        }
+    }
+
+    /// A row above [`overflow_free_limit`] is scaled by a power of two and back: a projection
+    /// that is exact unscaled stays exact (`[b, b, 0]` minus its first coordinate). A row within
+    /// the limit is not scaled, so a subnormal entry the projection leaves alone comes back.
+    fn scaling_case<T: Real>() {
+        let e1 = Mat::from_fn(3, 1, |i, _| if i == 0 { 1.0 } else { 0.0 });
+        let b =
+            SpanBasis::from_columns("A", e1.as_ref(), None, Factorization::Svd, Par::Seq).unwrap();
+        assert_eq!(b.basis()[(0, 0)].abs(), 1.0);
+        let big = T::from_f64(0.9 * T::MAX.to_f64());
+        // three times the smallest subnormal of the type
+        let tiny = T::from_f64(3.0 * 2f64.powi(if T::NAME == "float32" { -149 } else { -1074 }));
+        assert!(tiny.to_f64() > 0.0);
+        let zero = T::from_f64(0.0);
+        let x = Mat::from_fn(2, 3, |i, j| match (i, j) {
+            (0, 2) => zero,
+            (0, _) => big,
+            (1, 0) => T::from_f64(1000.0),
+            (1, 1) => tiny,
+            _ => zero,
+        });
+        let expected = Mat::from_fn(2, 3, |i, j| match (i, j) {
+            (0, 1) => big,
+            (1, 1) => tiny,
+            _ => zero,
+        });
+        assert_eq!(project(&b, x.as_ref()), expected, "{}", T::NAME);
+    }
+
+    #[test]
+    fn scaling_is_exact_and_only_for_rows_beyond_the_limit() {
+        scaling_case::<f32>();
+        scaling_case::<f64>();
+    }
+
+    /// An overflow is reported at its row of the whole batch: in a later block, and in the
+    /// second thread's share of the rows.
+    #[test]
+    fn an_overflow_is_placed_at_its_row_in_any_block_and_share() {
+        let ones = Mat::<f64>::ones(3, 1);
+        let b = SpanBasis::from_columns("A", ones.as_ref(), None, Factorization::Svd, Par::Seq)
+            .unwrap();
+        let n = 50_000;
+        assert!(block_rows::<f64>(3, 1) < 30_000);
+        let top = 0.9 * f64::MAX;
+        let mut x = Mat::<f64>::zeros(n, 3);
+        x.row_mut(30_000)
+            .copy_from(Mat::from_fn(1, 3, |_, j| if j == 0 { top } else { -top }).row(0));
+        for par in [Par::Seq, Par::rayon(2)] {
+            let mut y = Mat::<f64>::zeros(n, 3);
+            assert_eq!(
+                b.project_out("X", y.as_mut(), x.as_ref(), par),
+                Err(ProjectionError::Overflow {
+                    arg: "X",
+                    shape: (n, 3),
+                    at: (30_000, 0),
+                    dtype: "float64",
+                })
+            );
         }
     }
 }

@@ -18,6 +18,7 @@ from saerecover.core import recovery
 from saerecover.core.checkpoints import Checkpoints
 from saerecover.core.clamp import Clamp
 from saerecover.core.defended import DefendedModel, SiteState
+from saerecover.core.metrics import EPS
 from saerecover.core.projection import (
     EncoderNull,
     batched_vjp_jacobian,
@@ -731,6 +732,98 @@ def test_the_main_stage_adds_to_the_anchor_stage_delta():
     assert out.recovered_score == pytest.approx(5.0, rel=1e-6) and out.steps == 2
 
 
+def test_the_anchor_stage_has_its_own_lr_budget_and_start():
+    # anchor stage (1 step, lr 0.2): 0.2 u = [0.6, 0.8, 0] (norm 1) at the answer row, then fixed;
+    # the main stage (lr 0.1) adds 0.1 u (norm 0.5): 0.3 u is applied. on_step numbers the steps
+    # across both stages and sees the delta applied next.
+    seen = []
+    dm, task = linear_setup()
+    cfg = RecoveryConfig(steps=1, lr=0.1, budget=5.0, optimizer="sgd", anchor_steps=1, anchor_lr=0.2)
+    (out,) = recover_batch(dm, task, examples([[0, 0]]), mode="none", cfg=cfg,
+                           on_step=lambda step, deltas, mask: seen.append((step, deltas[HOOK][0, 1].clone())))
+    assert [step for step, _ in seen] == [0, 1]
+    torch.testing.assert_close(torch.stack([d for _, d in seen]), torch.tensor([[0.6, 0.8, 0.0], [0.9, 1.2, 0.0]]))
+    assert out.metrics["anchor_delta_norm"] == pytest.approx(1.0, rel=1e-6)
+    assert out.metrics["main_delta_norm"] == pytest.approx(0.5, rel=1e-6)
+    # an anchor budget of 0.25 binds the anchor stage alone: 0.2 u shrinks to [0.15, 0.2, 0], and
+    # the main stage's 0.1 u (within its budget of 5) is added: [0.45, 0.6, 0]
+    capped = RecoveryConfig(**{**cfg.to_dict(), "anchor_budget": 0.25})
+    (out,) = recover_batch(dm, task, examples([[0, 0]]), mode="none", cfg=capped)
+    torch.testing.assert_close(out.tensors["delta"], torch.tensor([[0.45, 0.6, 0.0]]))
+    assert out.metrics["anchor_delta_norm"] == pytest.approx(0.25, rel=1e-6)
+    assert out.metrics["budget"] == 5.0  # the main stage's
+    # a given start is the anchor stage's: [0.1, 0.2, 0] + 0.2 u = [0.7, 1, 0]; the main stage starts
+    # from 0 on top of it and adds 0.1 u: [1, 1.4, 0]
+    (out,) = recover_batch(dm, task, examples([[0, 0]]), mode="none", cfg=cfg, init=start_at(0.1, 0.2))
+    torch.testing.assert_close(out.tensors["delta"], torch.tensor([[1.0, 1.4, 0.0]]))
+
+
+def test_each_stage_keeps_its_own_best_checkpoint():
+    # clamp f0 to 2 (Phi_def = 2), max_drift 0.2. Anchor stage, 2 steps of 0.1 u: candidates 0
+    # (drift 0), 0.1 u (0.15), 0.2 u (0.3): it keeps 0.1 u (step 1). The main stage starts on top
+    # of it: candidates 0 (drift 0.15), 0.1 u (0.3), 0.2 u (0.45): it keeps 0 (step 0).
+    dm, task = linear_setup(value=2.0)
+    cfg = RecoveryConfig(steps=2, lr=0.1, budget=5.0, optimizer="sgd", anchor_steps=2, anchor_lr=0.1, max_drift=0.2)
+    (out,) = recover_batch(dm, task, examples([[0, 0]]), mode="none", cfg=cfg)
+    assert out.metrics["anchor_checkpoint_step"] == 1 and out.metrics["checkpoint_step"] == 0
+    assert out.metrics["anchor_delta_norm"] == pytest.approx(0.5, rel=1e-6) and out.metrics["main_delta_norm"] == 0.0
+    torch.testing.assert_close(out.tensors["delta"], torch.tensor([[0.3, 0.4, 0.0]]))
+
+
+def test_one_stage_reports_no_stage_and_c4_relative_to_the_residual():
+    # clamp f0 to 0.5: h_def = 0.5 e0 at the answer row (residual scale 0.5), Phi_def = 0.5; one step
+    # of 0.1 u
+    dm, task = linear_setup(value=0.5)
+    cfg = RecoveryConfig(steps=1, lr=0.1, budget=5.0, optimizer="sgd")
+    (out,) = recover_batch(dm, task, examples([[0, 0]]), mode="none", cfg=cfg)
+    assert "stage" not in out.history[0]
+    assert not {"anchor_delta_norm", "main_delta_norm", "anchor_checkpoint_step"} & set(out.metrics)
+    assert out.metrics["budget"] == 5.0 and out.metrics["relative_budget"] == 10.0
+    # the delta's norm against ||Phi_def||, as the reference reports it
+    norm = float(torch.sqrt(out.tensors["delta"].float().pow(2).sum()))
+    assert norm == pytest.approx(0.5, rel=1e-6)
+    assert out.metrics["relative_delta_norm_phi"] == pytest.approx(norm / (0.5 + EPS), rel=1e-12)
+
+
+def test_delta_sites_go_in_model_order_and_a_later_one_may_be_unclamped():
+    # resid_pre comes before resid_post in the model but not in the alphabet; only resid_pre is
+    # clamped, and the first delta site must be. The gradient at either site is -u (the clamp is
+    # before both deltas): one SGD step gives [0.3, 0.4, 0] at each.
+    pre = "blocks.0.hook_resid_pre"
+    dm = DefendedModel(LinearModel(torch.eye(3), U), Clamp({hand_site(torch.eye(3).tolist(), hook=pre): [0]}))
+    cfg = RecoveryConfig(steps=1, lr=0.1, budget=5.0, optimizer="sgd")
+    (out,) = recover_batch(dm, TokenMargin(0, 1), examples([[0, 0]]), mode="none", cfg=cfg, delta_site=[HOOK, pre])
+    torch.testing.assert_close(out.tensors["delta"], torch.tensor([[0.3, 0.4, 0.0]]))
+    torch.testing.assert_close(out.tensors[f"delta@{HOOK}"], torch.tensor([[0.3, 0.4, 0.0]]))
+    assert out.metrics["delta_norm"] == pytest.approx(math.sqrt(2) * 0.5, rel=1e-6)
+
+
+def test_examples_without_rows_for_the_positions_are_named():
+    # the answer at the last row leaves no response rows: the first five such examples are named
+    dm, task = linear_setup()
+    ex = examples([[0, 0]] * 7, answer_pos=[0] + [1] * 6)
+    cfg = RecoveryConfig(steps=1, lr=0.1, budget=1.0, optimizer="sgd", positions="response")
+    with pytest.raises(ValueError, match=r"examples \['ex-1', 'ex-2', 'ex-3', 'ex-4', 'ex-5'\] have no rows "
+                                         r"for positions='response'"):
+        recover_batch(dm, task, ex, mode="none", cfg=cfg)
+
+
+def test_response_rows_bound_the_optimized_rows_and_phi():
+    # three rows, the answer at row 0: the response rows are 1 and 2, response_rows=1 keeps row 1
+    dm, task = linear_setup(value=2.0)
+    ex = examples([[0, 0, 0]], answer_pos=[0])
+    cfg = RecoveryConfig(steps=1, lr=0.1, budget=5.0, optimizer="sgd", positions="response", response_rows=1)
+    (out,) = recover_batch(dm, task, ex, mode="none", cfg=cfg)
+    assert out.tensors["rows"].tolist() == [1]
+    # delta at the answer row (0.1 u, norm 0.5); Phi over the response rows (row 1: ||Phi_def|| = 2)
+    # or from the delta's first row on (rows 0 to 2: 2 sqrt(3))
+    for phi_positions, phi_norm in (("response", 2.0), ("from_delta", 2.0 * math.sqrt(3))):
+        cfg = RecoveryConfig(steps=1, lr=0.1, budget=5.0, optimizer="sgd", response_rows=1,
+                             phi_positions=phi_positions)
+        (out,) = recover_batch(dm, task, ex, mode="none", cfg=cfg)
+        assert out.metrics["relative_delta_norm_phi"] == pytest.approx(0.5 / phi_norm, rel=1e-6), phi_positions
+
+
 def test_penalty_gradient_after_the_projection_in_sketch_mode():
     # clamp f0 to 1 (Phi_def = 1), start at [0.5, 0, 0]: Phi = 1.5, penalty = |1.5 - 1| / (1 + 1e-8)
     # = 0.5 with gradient e0 (lambda_act 1). The sketch basis is the drift probe's VJP, e0.
@@ -747,6 +840,11 @@ def test_penalty_gradient_after_the_projection_in_sketch_mode():
         assert outs[after].history[0]["phi_relative_drift"] == pytest.approx(0.5, rel=1e-6)
     torch.testing.assert_close(outs[True].tensors["delta"], torch.tensor([[0.4, 0.4, 0.0]]))
     torch.testing.assert_close(outs[False].tensors["delta"], torch.tensor([[0.5, 0.4, 0.0]]))
+    # no penalty (lambda_act 0): nothing is added after the projection, the step is P(-u) alone
+    cfg = RecoveryConfig(steps=1, lr=0.1, budget=5.0, optimizer="sgd", lambda_act=0.0, sketch_probes=0,
+                         penalty_after_projection=True)
+    (out,) = recover_batch(dm, task, examples([[0, 0]]), mode="sketch", cfg=cfg, init=start_at(0.5))
+    torch.testing.assert_close(out.tensors["delta"], torch.tensor([[0.5, 0.4, 0.0]]))
 
 
 @pytest.mark.usefixtures("jacobian_route")

@@ -688,7 +688,8 @@ mod tests {
 
     /// A row above [`overflow_free_limit`] is scaled by a power of two and back: a projection
     /// that is exact unscaled stays exact (`[b, b, 0]` minus its first coordinate). A row within
-    /// the limit is not scaled, so a subnormal entry the projection leaves alone comes back.
+    /// the limit (at it, too) is not scaled, so a subnormal entry the projection leaves alone
+    /// comes back.
     fn scaling_case<T: Real>() {
         let e1 = Mat::from_fn(3, 1, |i, _| if i == 0 { 1.0 } else { 0.0 });
         let b =
@@ -699,16 +700,17 @@ mod tests {
         let tiny = T::from_f64(3.0 * 2f64.powi(if T::NAME == "float32" { -149 } else { -1074 }));
         assert!(tiny.to_f64() > 0.0);
         let zero = T::from_f64(0.0);
-        let x = Mat::from_fn(2, 3, |i, j| match (i, j) {
+        let x = Mat::from_fn(3, 3, |i, j| match (i, j) {
             (0, 2) => zero,
             (0, _) => big,
             (1, 0) => T::from_f64(1000.0),
-            (1, 1) => tiny,
+            (2, 0) => overflow_free_limit::<T>(3),
+            (1 | 2, 1) => tiny,
             _ => zero,
         });
-        let expected = Mat::from_fn(2, 3, |i, j| match (i, j) {
+        let expected = Mat::from_fn(3, 3, |i, j| match (i, j) {
             (0, 1) => big,
-            (1, 1) => tiny,
+            (1 | 2, 1) => tiny,
             _ => zero,
         });
         assert_eq!(project(&b, x.as_ref()), expected, "{}", T::NAME);

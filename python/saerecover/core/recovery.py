@@ -173,7 +173,7 @@ def recover_batch(
     with torch.no_grad():
         ref_states = defended.forward(ex, track=tuple(dict.fromkeys(phi_sites + sites))).sites
         ref_parts = defended_feature_parts(clamp, ref_states, phi_sites, phi_mask)
-    phi_ref = torch.cat(ref_parts, dim=1) if ref_parts else phi_mask.new_zeros((n, 0), dtype=torch.float32)
+    phi_ref = torch.cat(ref_parts, dim=1)  # never empty: phi_sites holds the first (clamped) delta site
     scales = residual_scales([ref_states[s].h_def for s in sites], mask)  # C4 relative to the residual
     if budget is None:
         budget = cfg.budget_rel * scales if cfg.budget_rel is not None else torch.full((n,), cfg.budget)
@@ -275,8 +275,7 @@ def _search(defended: DefendedModel, task: Task, ex: Examples, *, mode: str, cfg
                 break
         loss_vec = task.loss(out.logits, ex)
         phi_parts = defended_feature_parts(clamp, out.sites, phi_sites, phi_mask) if needs_phi else []
-        phi = (torch.cat(phi_parts, dim=1) if phi_parts else phi_mask.new_zeros((n, 0), dtype=torch.float32)) \
-            if needs_phi else None
+        phi = torch.cat(phi_parts, dim=1) if needs_phi else None
         penalty = (cfg.lambda_act * drift_penalty(phi_parts, ref_parts, phi_mask, cfg.drift_penalty)
                    if cfg.lambda_act > 0 else None)
         if penalty is not None and not split:

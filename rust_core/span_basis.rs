@@ -697,7 +697,11 @@ mod tests {
         assert_eq!(b.basis()[(0, 0)].abs(), 1.0);
         let big = T::from_f64(0.9 * T::MAX.to_f64());
         // three times the smallest subnormal of the type
-        let tiny = T::from_f64(3.0 * 2f64.powi(if T::NAME == "float32" { -149 } else { -1074 }));
+        let tiny = T::from_f64(if T::NAME == "float32" {
+            f32::from_bits(3) as f64
+        } else {
+            f64::from_bits(3)
+        });
         assert!(tiny.to_f64() > 0.0);
         let zero = T::from_f64(0.0);
         let x = Mat::from_fn(3, 3, |i, j| match (i, j) {

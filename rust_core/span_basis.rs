@@ -615,6 +615,7 @@ mod tests {
             }
         }
     }
+
     #[test]
     fn accessors_report_what_was_used() {
         let a = gaussian(&mut rng(4), 9, 3);

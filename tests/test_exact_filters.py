@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from exact_stubs import LinearModel, WordTokenizer, examples, hand_site
+from exact_stubs import LinearModel, TokenMargin, WordTokenizer, examples, hand_site
 from saerecover.core.clamp import Clamp
 from saerecover.core.defended import DefendedModel
 from saerecover.data.questions import MCQuestion
@@ -45,6 +45,20 @@ def test_valid_flips_of_hand_scores():
                   defended=torch.tensor([-3.0, 0.0, 0.3, 0.5, -1.0, -1.0, -1.0, NAN, -INF, -1.0, -1e-30]))
     assert flips.valid.tolist() == [True, True, False, False, False, False, False, False, False, False, True]
     assert flips.non_finite.tolist() == [False] * 6 + [True] * 4 + [False]
+
+
+def test_find_flips_warns_how_many_scores_are_not_finite():
+    # token 1 embeds to [inf, 0]: its logits are [inf, nan] (inf * 0 in the unembedding), so its
+    # margin logit(0) - logit(1) is NaN, with the clamp or without; token 0 gives 1 at base and 0
+    # with feature 0 clamped to 0 (a valid flip). Only the answer row (the last) counts.
+    model = LinearModel(torch.tensor([[1.0, 0.0], [INF, 0.0]]), torch.eye(2))
+    dm = DefendedModel(model, Clamp({hand_site([[1.0, 0.0], [0.0, 1.0]]): [0]}))
+    with pytest.warns(RuntimeWarning, match="^1 of 3 examples have a non-finite base or defended behavior score"):
+        flips = find_flips(dm, TokenMargin(0, 1), examples([[0, 0], [0, 1], [1, 0]]), batch_size=2)
+    assert flips.base[[0, 2]].tolist() == [1.0, 1.0] and math.isnan(flips.base[1])
+    assert flips.defended[[0, 2]].tolist() == [0.0, 0.0]
+    assert flips.non_finite.tolist() == [False, True, False]
+    assert flips.valid.tolist() == [True, False, True]
 
 
 def test_ioi_scores_and_flips_at_the_answer_position():
